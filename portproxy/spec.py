@@ -1,0 +1,425 @@
+"""The forward spec: ``[PROTO://][ADDRESS:]PORT=TARGET[,KEY=VALUE...]`` (DESIGN §1).
+
+Pure parsing into frozen dataclasses; no sockets, no DNS, no clock. Every error is a
+``ConfigError`` that quotes the spec and names the offending part, e.g.
+``invalid --forward 'tcp://:99999=x:1': port 99999 is out of range 1-65535``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Literal
+
+from portproxy.endpoints import BalancePolicy
+from portproxy.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class TargetMode(StrEnum):
+    """How a Service target is reached: its pods directly, or its ClusterIP via kube-proxy."""
+
+    ENDPOINTS = "endpoints"
+    CLUSTERIP = "clusterip"
+
+
+class ProxyProtocol(StrEnum):
+    V1 = "v1"
+    V2 = "v2"
+
+
+class _Invalid(Exception):
+    """A reason, without the spec around it; ``parse_forward`` adds the context."""
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``500ms``, ``30s``, ``5m``, ``1h`` or plain seconds → seconds (float, >= 0)."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(
+            f"invalid duration {text!r}: use a number with an optional unit ms, s, m or h "
+            "(e.g. 500ms, 30s, 5m, 1h)"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+DEFAULT_TCP_IDLE_TIMEOUT = 3600.0
+DEFAULT_UDP_IDLE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOptions:
+    """Per-forward options (``,key=value``); each also has a global ``--key`` default."""
+
+    mode: TargetMode = TargetMode.ENDPOINTS
+    """Service targets only: pods from EndpointSlices (default) or the ClusterIP."""
+    balance: BalancePolicy = BalancePolicy.ROUND_ROBIN
+    """How a new connection or UDP flow chooses its endpoint."""
+    connect_timeout: float = 5.0
+    """Seconds to wait for a backend's TCP handshake before trying the next endpoint.
+    5 s outlasts one SYN retransmission (1 s) twice over without hanging clients."""
+    idle_timeout: float | None = None
+    """Seconds without traffic after which a connection/flow is closed; 0 disables.
+    None means the protocol default: 1 h for TCP (HAProxy-like), 30 s for UDP (DNS-like)."""
+    max_conns: int = 0
+    """TCP connections open at once on this forward; 0 is unlimited. At the limit the
+    listener stops accepting (the kernel backlog holds new clients) until one closes."""
+    max_flows: int = 10000
+    """UDP flows at once; the least recently used one is evicted at the limit. Bounds
+    memory (one socket per flow) under a flood of spoofed sources."""
+    proxy_protocol: ProxyProtocol | None = None
+    """Send a PROXY protocol header (v1 text or v2 binary) first to the backend."""
+    allow: tuple[IPNetwork, ...] = ()
+    """Client allowlist; empty admits everyone."""
+    fin_timeout: float = 300.0
+    """Seconds a half-closed TCP connection may wait for its other direction; 0 disables."""
+    wait_interface: bool = False
+    """An interface listen address may be missing at start; wait for it instead of failing."""
+    name: str | None = None
+    """Label for logs and metrics; derived from the spec when unset."""
+
+    def idle_timeout_for(self, protocol: Protocol) -> float:
+        if self.idle_timeout is not None:
+            return self.idle_timeout
+        return DEFAULT_TCP_IDLE_TIMEOUT if protocol is Protocol.TCP else DEFAULT_UDP_IDLE_TIMEOUT
+
+
+OPTION_KEYS = tuple(f.name.replace("_", "-") for f in fields(ForwardOptions))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where a forward listens.
+
+    ``kind`` is ``any`` (all addresses, dual-stack), ``ip`` (one literal) or ``interface``
+    (every address of a named interface, optionally one family, following changes).
+    """
+
+    kind: Literal["any", "ip", "interface"]
+    host: str
+    port: int
+    family: Literal["any", "ipv4", "ipv6"] = "any"
+
+    def __str__(self) -> str:
+        if self.kind == "any":
+            return f"*:{self.port}"
+        if self.kind == "interface":
+            suffix = "" if self.family == "any" else f"/{self.family}"
+            return f"{self.host}{suffix}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    """A static IP literal or a DNS name (re-resolved periodically)."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTarget:
+    """A Kubernetes Service; ``port`` is the service port's number or name."""
+
+    namespace: str
+    name: str
+    port: int | str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}:{self.port}"
+
+
+Target = HostTarget | ServiceTarget
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One parsed ``--forward``: what to listen on, where to send it, and how."""
+
+    spec: str
+    protocols: tuple[Protocol, ...]
+    listen: ListenAddress
+    target: Target
+    options: ForwardOptions = field(default_factory=ForwardOptions)
+
+    @property
+    def name(self) -> str:
+        if self.options.name:
+            return self.options.name
+        protos = "+".join(p.value for p in self.protocols)
+        return f"{protos}/{self.listen}"
+
+
+_PROTOCOLS = {
+    "tcp": (Protocol.TCP,),
+    "udp": (Protocol.UDP,),
+    "tcp+udp": (Protocol.TCP, Protocol.UDP),
+    "udp+tcp": (Protocol.TCP, Protocol.UDP),
+}
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.\-@]{1,15}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:/\-+*\[\]]{1,100}$")
+
+
+def parse_port(text: str, what: str = "port") -> int:
+    if not text.isdigit():
+        raise _Invalid(f"{what} {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise _Invalid(f"{what} {port} is out of range 1-65535")
+    return port
+
+
+def _parse_listen(text: str) -> tuple[tuple[Protocol, ...], ListenAddress]:
+    protocols: tuple[Protocol, ...] = (Protocol.TCP,)
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme.lower() not in _PROTOCOLS:
+            raise _Invalid(f"protocol {scheme!r} is not one of tcp, udp, tcp+udp")
+        protocols = _PROTOCOLS[scheme.lower()]
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise _Invalid(f"listen address {text!r}: expected [IPv6]:PORT")
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"listen address {host!r} is not an IPv6 address") from None
+        return protocols, ListenAddress("ip", str(address), parse_port(rest[1:]))
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return protocols, ListenAddress("any", "", parse_port(port_text))
+    if host in ("", "*"):
+        return protocols, ListenAddress("any", "", parse_port(port_text))
+    if ":" in host:
+        raise _Invalid(f"listen address {host!r}: write IPv6 addresses in brackets, [{host}]")
+    if re.fullmatch(r"[\d.]+", host):
+        try:
+            return protocols, ListenAddress(
+                "ip", str(ipaddress.IPv4Address(host)), parse_port(port_text))
+        except ipaddress.AddressValueError:
+            raise _Invalid(f"listen address {host!r} is not an IPv4 address") from None
+    return protocols, _parse_interface(host, parse_port(port_text))
+
+
+def _parse_interface(text: str, port: int) -> ListenAddress:
+    name, _, family = text.partition("/")
+    if family not in ("", "ipv4", "ipv6"):
+        raise _Invalid(f"interface {text!r}: the family after '/' must be ipv4 or ipv6")
+    if not _INTERFACE.match(name):
+        raise _Invalid(
+            f"listen address {name!r} is neither an IP address nor an interface name "
+            "(1-15 characters of letters, digits, '-', '_', '.')"
+        )
+    fam: Literal["any", "ipv4", "ipv6"] = "ipv4" if family == "ipv4" else (
+        "ipv6" if family == "ipv6" else "any")
+    return ListenAddress("interface", name, port, fam)
+
+
+def _parse_target(text: str) -> Target:
+    if not text:
+        raise _Invalid("target is missing after '='")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise _Invalid(f"target {text!r}: expected [IPv6]:PORT")
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"target {host!r} is not an IPv6 address") from None
+        return HostTarget(str(address), parse_port(rest[1:], "target port"))
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise _Invalid(f"target {text!r} needs a port: HOST:PORT or NAMESPACE/NAME:PORT")
+    if "/" in host:
+        return _parse_service(host, port_text)
+    if ":" in host:
+        raise _Invalid(f"target {host!r}: write IPv6 addresses in brackets, [{host}]")
+    return HostTarget(_validate_host(host), parse_port(port_text, "target port"))
+
+
+def _parse_service(host: str, port_text: str) -> ServiceTarget:
+    namespace, _, name = host.partition("/")
+    if not _DNS_LABEL.match(namespace):
+        raise _Invalid(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
+    if not _DNS_1035.match(name):
+        raise _Invalid(f"service name {name!r} is not a valid Kubernetes Service name")
+    if port_text.isdigit():
+        return ServiceTarget(namespace, name, parse_port(port_text, "service port"))
+    if not _PORT_NAME.match(port_text) or not re.search("[a-z]", port_text):
+        raise _Invalid(
+            f"service port {port_text!r} is neither a number nor a valid port name "
+            "(lowercase letters, digits and '-', at most 15)"
+        )
+    return ServiceTarget(namespace, name, port_text)
+
+
+def _validate_host(host: str) -> str:
+    if re.fullmatch(r"[\d.]+", host):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ipaddress.AddressValueError:
+            raise _Invalid(f"target {host!r} is not a valid IPv4 address") from None
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise _Invalid(f"target host {host!r} is not a valid IP address or DNS name")
+    return host
+
+
+def _positive_duration(key: str, value: str, allow_zero: bool) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ConfigError as exc:
+        raise _Invalid(f"{key}: {exc}") from None
+    if seconds == 0 and not allow_zero:
+        raise _Invalid(f"{key} must be greater than 0")
+    return seconds
+
+
+def _count(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise _Invalid(f"{key}={value!r} is not a whole number")
+    return int(value)
+
+
+def _allowlist(value: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for part in value.split(";"):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise _Invalid(f"allow: {part!r} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8)") from None
+    return tuple(networks)
+
+
+def _enum_value(key: str, value: str, enum: type[StrEnum]) -> str:
+    allowed = [e.value for e in enum]
+    if value not in allowed:
+        raise _Invalid(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def option_values(pairs: Mapping[str, str]) -> dict[str, object]:
+    """Validate ``key -> text`` option pairs into ``ForwardOptions`` field values."""
+    values: dict[str, object] = {}
+    for key, value in pairs.items():
+        attr = key.replace("-", "_")
+        if key == "mode":
+            values[attr] = TargetMode(_enum_value(key, value, TargetMode))
+        elif key == "balance":
+            values[attr] = BalancePolicy(_enum_value(key, value, BalancePolicy))
+        elif key == "proxy-protocol":
+            values[attr] = ProxyProtocol(_enum_value(key, value, ProxyProtocol))
+        elif key == "connect-timeout":
+            values[attr] = _positive_duration(key, value, allow_zero=False)
+        elif key in ("idle-timeout", "fin-timeout"):
+            values[attr] = _positive_duration(key, value, allow_zero=True)
+        elif key in ("max-conns", "max-flows"):
+            values[attr] = _count(key, value)
+        elif key == "allow":
+            values[attr] = _allowlist(value)
+        elif key == "wait-interface":
+            if value.lower() not in ("", "true", "yes", "1", "false", "no", "0"):
+                raise _Invalid(f"wait-interface={value!r}: use true or false")
+            values[attr] = value.lower() in ("", "true", "yes", "1")
+        elif key == "name":
+            if not _NAME.match(value):
+                raise _Invalid(f"name={value!r}: use 1-100 letters, digits or . _ - : / + *")
+            values[attr] = value
+        else:
+            raise _Invalid(f"unknown option {key!r} (known: {', '.join(OPTION_KEYS)})")
+    return values
+
+
+def _split_options(parts: list[str]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not key:
+            raise _Invalid(f"option {part!r} has no key")
+        if not sep and key != "wait-interface":
+            raise _Invalid(f"option {key!r} needs a value: {key}=VALUE")
+        if key in pairs:
+            raise _Invalid(f"option {key!r} is given twice")
+        pairs[key] = value.strip()
+    return pairs
+
+
+def options_from_pairs(pairs: Mapping[str, str], base: ForwardOptions) -> ForwardOptions:
+    """Apply validated ``key=value`` options on top of ``base`` (raises ConfigError)."""
+    try:
+        return replace(base, **option_values(pairs))  # type: ignore[arg-type]
+    except _Invalid as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_forward(text: str, defaults: ForwardOptions | None = None) -> Forward:
+    """Parse one ``--forward`` spec; ``defaults`` carries the global ``--KEY`` options."""
+    try:
+        return _parse_forward(text, defaults or ForwardOptions())
+    except _Invalid as exc:
+        raise ConfigError(f"invalid --forward {text!r}: {exc}") from None
+
+
+def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
+    stripped = text.strip()
+    if not stripped:
+        raise _Invalid("the spec is empty; expected [PROTO://][ADDRESS:]PORT=TARGET")
+    if any(ch.isspace() for ch in stripped):
+        raise _Invalid("the spec contains whitespace")
+    listen_text, sep, rest = stripped.partition("=")
+    if not sep:
+        raise _Invalid("missing '=': expected [PROTO://][ADDRESS:]PORT=TARGET")
+    protocols, listen = _parse_listen(listen_text)
+    target_text, *option_parts = rest.split(",")
+    target = _parse_target(target_text)
+    options = replace(defaults, **option_values(_split_options(option_parts)))  # type: ignore[arg-type]
+    _check_consistency(protocols, listen, target, options)
+    return Forward(stripped, protocols, listen, target, options)
+
+
+def _check_consistency(
+    protocols: tuple[Protocol, ...], listen: ListenAddress, target: Target,
+    options: ForwardOptions,
+) -> None:
+    if options.proxy_protocol is ProxyProtocol.V1 and Protocol.UDP in protocols:
+        raise _Invalid("proxy-protocol=v1 is TCP only; UDP forwards can use v2")
+    if options.wait_interface and listen.kind != "interface":
+        raise _Invalid("wait-interface only applies to an interface listen address")
