@@ -1,0 +1,468 @@
+"""Node networking through rtnetlink: interface addresses, address-change events, dummy VIPs.
+
+This is the only module that imports pyroute2; everything it returns is a plain frozen
+dataclass or a string.  It always works on the network namespace of the calling process.
+
+Which addresses count as an interface's addresses (``interface_addresses``, snapshots):
+  * IPv6 link-local addresses (fe80::/10) are left out: binding one needs a scope id, and a
+    listener on them is almost never what "listen on eth0" means.  IPv4 link-local
+    (169.254.0.0/16) is kept: it is the NodeLocal DNSCache VIP range.
+  * IPv6 addresses that are still tentative (duplicate address detection running) or whose
+    DAD failed are left out: bind() on them fails with EADDRNOTAVAIL.  A tentative address
+    shows up in a later snapshot, when the kernel announces that DAD succeeded.
+
+pyroute2's asyncio core keeps per-thread state and wants a stock selector loop, so every
+pyroute2 call runs on a private event loop in a worker thread (a netlink request to the
+kernel takes microseconds); the caller's loop, maybe uvloop, only ever sees a plain stdlib
+netlink socket used as a wake-up for the watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_LINK,
+)
+
+from portproxy.errors import ConfigError, SetupError
+
+Family = Literal["any", "ipv4", "ipv6"]
+"""Which address families of an interface to use: both, or one of them."""
+
+_T = TypeVar("_T")
+_IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+# linux/if_addr.h and linux/if.h: a stable kernel ABI.
+_IFA_F_NODAD = 0x02
+_IFA_F_DADFAILED = 0x08
+_IFA_F_TENTATIVE = 0x40
+_IFF_UP = 0x1
+_IFNAMSIZ = 16
+_LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
+
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
+# ifinfomsg and ifaddrmsg both carry the interface index at offset 4 of their payload.
+_INDEX = struct.Struct("=i")
+_EVENT_BUFSIZE = 65536
+_EVENT_RCVBUF = 1 << 20
+"""Receive buffer of the event socket: room for a burst of a few thousand events."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSnapshot:
+    """The state of one interface at one moment, as the listener layer needs it."""
+
+    interface: str
+    exists: bool
+    """False while no interface has this name (not created yet, deleted, renamed away)."""
+    up: bool
+    """IFF_UP is set. Informational: addresses of a down interface can still be bound."""
+    index: int | None
+    """Kernel interface index; None when the interface does not exist."""
+    addresses: frozenset[str]
+    """Usable addresses (see the module docstring), as canonical strings without prefix."""
+
+    def sorted_addresses(self) -> list[str]:
+        """The addresses IPv4 first, each family in numeric order."""
+        return _sort_addresses(self.addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedInterface:
+    """What ``create_dummy_interface`` did, so that ``remove_created`` undoes only that."""
+
+    name: str
+    index: int
+    kind: str
+    created_link: bool
+    """True if the link was created here (removal deletes it); False if it was adopted."""
+    cidrs: tuple[str, ...]
+    """Every requested address as canonical ``ip/prefix``, whether added here or not."""
+    added_cidrs: tuple[str, ...]
+    """The addresses this call added; on an adopted link only these are removed again."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The requested addresses without prefix: what to listen on."""
+        return tuple(cidr.partition("/")[0] for cidr in self.cidrs)
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def interface_exists(name: str) -> bool:
+    """Whether an interface with this name exists in the current network namespace."""
+    _check_name(name)
+    return _blocking(lambda: _read_snapshot(name, "any")).exists
+
+
+def interface_addresses(name: str, family: Family = "any") -> list[str]:
+    """The usable addresses of ``name`` (IPv4 first); SetupError if it does not exist."""
+    _check_name(name)
+    snapshot = _blocking(lambda: _read_snapshot(name, family))
+    if not snapshot.exists:
+        raise SetupError(f"interface {name!r} does not exist")
+    return snapshot.sorted_addresses()
+
+
+async def read_snapshot(name: str, family: Family = "any") -> AddressSnapshot:
+    """The current state of ``name``, without blocking the caller's event loop."""
+    _check_name(name)
+    return await asyncio.to_thread(_run_private, lambda: _read_snapshot(name, family))
+
+
+async def watch_addresses(name: str, family: Family = "any") -> AsyncIterator[AddressSnapshot]:
+    """Yield the state of ``name`` now and again each time it changes.
+
+    The first snapshot comes at once (also when the interface does not exist); later ones
+    only when it differs from the one before.  Each snapshot is a full re-read of the
+    kernel's state, triggered by RTM_NEWADDR/DELADDR/NEWLINK/DELLINK events: the events
+    only say *when* to look, so a lost or coalesced event cannot leave a stale set behind.
+    Close it with ``contextlib.aclosing`` or by cancelling the task that iterates it; either
+    way the netlink socket is closed.
+    """
+    _check_name(name)
+    loop = asyncio.get_running_loop()
+    # Subscribe before the first read, so that no change can slip between read and watch.
+    sock = _open_event_socket(family)
+    try:
+        last: AddressSnapshot | None = None
+        while True:
+            snapshot = await read_snapshot(name, family)
+            if snapshot != last:
+                last = snapshot
+                yield snapshot
+            await _wait_relevant(loop, sock, snapshot.index)
+    finally:
+        sock.close()
+
+
+def create_dummy_interface(
+    name: str, cidrs: Sequence[str], *, kind: str = "dummy"
+) -> CreatedInterface:
+    """Create (or adopt) link ``name``, set it up and add ``cidrs`` to it.
+
+    An existing link of the same kind is adopted; an existing link of another kind is an
+    error (it is someone else's).  Addresses that are already there are fine and are not
+    removed later.  IPv6 addresses are added without DAD, so they can be bound at once.
+    A bare address means a host route (/32, /128).  ``kind`` is the rtnetlink link kind:
+    ``dummy`` for node-local VIPs; another kind is only for kernels built without the
+    dummy driver.  On failure, whatever was done is undone.  Needs NET_ADMIN.
+    """
+    _check_name(name)
+    wanted = _parse_cidrs(cidrs)
+    return _blocking(lambda: _create(name, wanted, kind))
+
+
+def remove_created(created: CreatedInterface) -> None:
+    """Undo ``create_dummy_interface``: delete the link if it was created, else the
+    addresses it added.  Things already gone are fine; other failures raise SetupError
+    after everything else was tried."""
+    _blocking(lambda: _remove(created))
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def _check_name(name: str) -> None:
+    # The kernel's dev_valid_name(): what it would refuse can never exist.
+    valid = (
+        0 < len(name.encode()) < _IFNAMSIZ
+        and name not in (".", "..")
+        and not any(ch == "/" or ch == ":" or ch.isspace() for ch in name)
+    )
+    if not valid:
+        raise ConfigError(f"invalid interface name {name!r}: 1-15 bytes, no '/', ':' or whitespace")
+
+
+def _parse_cidrs(cidrs: Sequence[str]) -> tuple[_IPInterface, ...]:
+    parsed = []
+    for cidr in cidrs:
+        try:
+            parsed.append(ipaddress.ip_interface(cidr))
+        except ValueError as exc:
+            raise ConfigError(f"invalid interface address {cidr!r}: {exc}") from None
+    return tuple(dict.fromkeys(parsed))
+
+
+def _sort_addresses(addresses: frozenset[str]) -> list[str]:
+    parsed = (ipaddress.ip_address(a) for a in addresses)
+    return [str(a) for a in sorted(parsed, key=lambda a: (a.version, int(a)))]
+
+
+def _usable_address(
+    family_number: int, address: str | None, flags: int, family: Family
+) -> str | None:
+    """The canonical address if a listener can bind it and ``family`` wants it, else None."""
+    if address is None:
+        return None
+    ip = ipaddress.ip_address(address)
+    if (family == "ipv4" and ip.version != 4) or (family == "ipv6" and ip.version != 6):
+        return None
+    if family_number == socket.AF_INET6 and (
+        ip in _LINK_LOCAL_V6 or flags & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED)
+    ):
+        return None
+    return str(ip)
+
+
+def _relevant(data: bytes, index: int | None) -> bool:
+    """Whether a buffer of rtnetlink event messages may change the watched interface.
+
+    Only headers are read (the kernel ABI of nlmsghdr, ifinfomsg and ifaddrmsg); this is a
+    filter for busy nodes, where other interfaces come and go all the time, not a parser
+    of state.  Anything unexpected counts as relevant.
+    """
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+        payload = offset + _NLMSGHDR.size
+        if length < _NLMSGHDR.size or payload + 8 > len(data):
+            return True  # truncated or malformed: look, to be safe
+        msg_index = _INDEX.unpack_from(data, payload + 4)[0]
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            # While the name is unknown any link may be it (created, renamed to it).
+            if index is None or msg_index == index:
+                return True
+        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+            if msg_index == index:
+                return True
+        else:
+            return True
+        offset += (length + 3) & ~3
+    return False
+
+
+# ---------------------------------------------------------------- event socket
+
+
+def _open_event_socket(family: Family) -> socket.socket:
+    groups = RTMGRP_LINK
+    if family != "ipv6":
+        groups |= RTMGRP_IPV4_IFADDR
+    if family != "ipv4":
+        groups |= RTMGRP_IPV6_IFADDR
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _EVENT_RCVBUF)
+        sock.bind((0, groups))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot subscribe to netlink address events: {exc.strerror}") from exc
+    return sock
+
+
+async def _wait_relevant(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, index: int | None
+) -> None:
+    """Return once events that may concern ``index`` arrived, having drained the socket,
+    so that a burst of events costs one re-read."""
+    while True:
+        try:
+            relevant = _relevant(await loop.sock_recv(sock, _EVENT_BUFSIZE), index)
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            relevant = True  # events were dropped: only a re-read can tell what changed
+        while True:
+            try:
+                relevant = _relevant(sock.recv(_EVENT_BUFSIZE), index) or relevant
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                relevant = True
+        if relevant:
+            return
+
+
+# ---------------------------------------------------------------- pyroute2 calls
+
+
+def _run_private(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a pyroute2 coroutine on a private stock event loop in this thread."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(factory())
+
+
+def _blocking(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a pyroute2 coroutine to completion from synchronous code.
+
+    A thread that already runs an event loop cannot start another one, so then the work
+    goes to a short-lived thread (and blocks the caller's loop for that netlink request).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_private(factory)
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(_run_private(factory))
+        except BaseException as exc:  # handed over to the calling thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=target, name="portproxy-netlink")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _setup_error(name: str, action: str, exc: NetlinkError | OSError, kind: str = "") -> SetupError:
+    code = exc.code if isinstance(exc, NetlinkError) else exc.errno
+    if code in (errno.EPERM, errno.EACCES):
+        reason = "operation not permitted (needs the NET_ADMIN capability)"
+    elif code == errno.EOPNOTSUPP and kind:
+        reason = f"the kernel has no {kind!r} link driver (module not loaded?)"
+    else:
+        reason = os.strerror(code) if isinstance(code, int) else str(exc)
+    return SetupError(f"cannot {action} interface {name!r}: {reason}")
+
+
+async def _get_link(ipr: Any, name: str) -> Any:
+    """The RTM_NEWLINK message of ``name``, or None if there is no such interface."""
+    try:
+        return (await ipr.link("get", ifname=name))[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+async def _read_snapshot(name: str, family: Family) -> AddressSnapshot:
+    try:
+        async with AsyncIPRoute(groups=0) as ipr:
+            link = await _get_link(ipr, name)
+            if link is None:
+                return AddressSnapshot(name, False, False, None, frozenset())
+            index = int(link["index"])
+            messages = [msg async for msg in await ipr.addr("dump", index=index)]
+    except (NetlinkError, OSError) as exc:
+        raise _setup_error(name, "read", exc) from exc
+    addresses = set()
+    for msg in messages:
+        if msg["index"] != index:
+            continue
+        flags = msg.get("IFA_FLAGS") or msg["flags"]  # IFA_FLAGS holds all 32 bits
+        # IFA_LOCAL is the local end on point-to-point links; IFA_ADDRESS the peer there.
+        address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        usable = _usable_address(msg["family"], address, flags, family)
+        if usable is not None:
+            addresses.add(usable)
+    up = bool(link["flags"] & _IFF_UP)
+    return AddressSnapshot(name, True, up, index, frozenset(addresses))
+
+
+async def _add_address(ipr: Any, index: int, iface: _IPInterface) -> bool:
+    """Add one address; False if it was already there."""
+    flags = _IFA_F_NODAD if iface.version == 6 else 0
+    try:
+        await ipr.addr(
+            "add",
+            index=index,
+            address=str(iface.ip),
+            prefixlen=iface.network.prefixlen,
+            flags=flags,
+        )
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+async def _create(
+    name: str,
+    wanted: tuple[_IPInterface, ...],
+    kind: str,
+) -> CreatedInterface:
+    try:
+        async with AsyncIPRoute(groups=0) as ipr:
+            link = await _get_link(ipr, name)
+            created_link = link is None
+            if link is None:
+                await ipr.link("add", ifname=name, kind=kind)
+                link = await _get_link(ipr, name)
+                if link is None:
+                    raise SetupError(f"interface {name!r} vanished right after its creation")
+            else:
+                existing = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+                if existing != kind:
+                    raise SetupError(
+                        f"interface {name!r} exists and is a {existing or 'physical'} link,"
+                        f" not a {kind}: refusing to adopt it"
+                    )
+            index = int(link["index"])
+            added: list[str] = []
+            try:
+                await ipr.link("set", index=index, state="up")
+                for iface in wanted:
+                    if await _add_address(ipr, index, iface):
+                        added.append(iface.with_prefixlen)
+            except BaseException:
+                partial = CreatedInterface(name, index, kind, created_link, (), tuple(added))
+                await _undo(ipr, partial)
+                raise
+    except (NetlinkError, OSError) as exc:
+        raise _setup_error(name, "create", exc, kind) from exc
+    cidrs = tuple(iface.with_prefixlen for iface in wanted)
+    return CreatedInterface(name, index, kind, created_link, cidrs, tuple(added))
+
+
+async def _undo(ipr: Any, created: CreatedInterface) -> list[NetlinkError]:
+    """Delete what ``created`` says was created; return the failures other than 'gone'."""
+    failures: list[NetlinkError] = []
+    gone = (errno.ENODEV, errno.EADDRNOTAVAIL)
+    if created.created_link:
+        try:
+            await ipr.link("del", index=created.index)
+        except NetlinkError as exc:
+            if exc.code not in gone:
+                failures.append(exc)
+        return failures
+    for cidr in created.added_cidrs:
+        iface = ipaddress.ip_interface(cidr)
+        try:
+            await ipr.addr(
+                "del", index=created.index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            )
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                break  # the link is gone and took every address with it
+            if exc.code not in gone:
+                failures.append(exc)
+    return failures
+
+
+async def _remove(created: CreatedInterface) -> None:
+    try:
+        async with AsyncIPRoute(groups=0) as ipr:
+            failures = await _undo(ipr, created)
+    except (NetlinkError, OSError) as exc:
+        raise _setup_error(created.name, "remove", exc) from exc
+    if failures:
+        raise _setup_error(created.name, "remove", failures[0])
