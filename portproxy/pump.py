@@ -1,0 +1,164 @@
+"""Moving bytes one way between two non-blocking sockets, driven by the event loop.
+
+A ``Direction`` reads from ``src`` and writes to ``dst`` with callbacks registered on the
+loop (no task and no buffer per idle connection). Backpressure: while bytes read from
+``src`` are not yet accepted by ``dst``, ``src`` is not read again, so each direction holds
+at most one chunk. End of stream on ``src`` becomes ``shutdown(SHUT_WR)`` on ``dst`` once
+every byte is delivered (half-close); any error aborts the whole relay.
+
+Two movers share this state machine so their behaviour is identical: ``CopyDirection``
+(``recv_into`` a buffer shared by the whole process, then ``send``) and, in ``splice.py``,
+``SpliceDirection`` (socket → pipe → socket inside the kernel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from portproxy.metrics import Counter
+
+if TYPE_CHECKING:
+    from portproxy.relay import Relay
+
+#: Reads per readiness callback: several reads per wake-up amortise the loop's overhead on
+#: bulk transfers, while a bound keeps one busy connection from starving the others.
+READS_PER_WAKEUP = 4
+
+#: The copy pump's buffer. One per process is enough because a chunk is written out in the
+#: same callback that read it; only an unsent remainder is copied (rare: a full send buffer).
+COPY_CHUNK = 256 * 1024
+_shared_buffer = bytearray(COPY_CHUNK)
+_shared_view = memoryview(_shared_buffer)
+
+
+class Direction:
+    """src → dst; subclasses implement ``_fill`` (read) and ``_flush`` (write)."""
+
+    __slots__ = (
+        "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "relay", "src", "src_fd",
+        "writing",
+    )
+
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
+    ) -> None:
+        self.relay = relay
+        self.loop: asyncio.AbstractEventLoop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.counter = counter
+        self.nbytes = 0
+        self.eof = False
+        self.done = False
+        self.writing = False
+
+    def start(self) -> None:
+        self.loop.add_reader(self.src_fd, self.on_readable)
+
+    def on_readable(self) -> None:
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                n = self._fill()
+                if n < 0:
+                    return
+                if n == 0:
+                    self.loop.remove_reader(self.src_fd)
+                    self.eof = True
+                    self._finish()
+                    return
+                self.nbytes += n
+                self.counter.value += n
+                self.relay.last_activity = self.loop.time()
+                if not self._flush():
+                    self.loop.remove_reader(self.src_fd)
+                    self.loop.add_writer(self.dst_fd, self.on_writable)
+                    self.writing = True
+                    return
+        except OSError as exc:
+            self.relay.abort(exc)
+
+    def on_writable(self) -> None:
+        try:
+            if not self._flush():
+                return
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+            self.relay.last_activity = self.loop.time()
+            self.loop.add_reader(self.src_fd, self.on_readable)
+        except OSError as exc:
+            self.relay.abort(exc)
+
+    def _finish(self) -> None:
+        """End of stream with nothing pending: pass the half-close on."""
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone; the other direction will notice
+        self.done = True
+        self.release()
+        self.relay.direction_done()
+
+    def stop(self) -> None:
+        """Unregister from the loop (idempotent)."""
+        if not self.eof and not self.writing:
+            self.loop.remove_reader(self.src_fd)
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        self.eof = True
+
+    def release(self) -> None:
+        """Give back per-transfer resources (pipes); called when finished or aborted."""
+
+    def _fill(self) -> int:
+        """Read a chunk: bytes read, 0 at end of stream, -1 if nothing is available."""
+        raise NotImplementedError
+
+    def _flush(self) -> bool:
+        """Write what is pending; True when nothing is left."""
+        raise NotImplementedError
+
+
+class CopyDirection(Direction):
+    """``recv_into``/``send`` through the process-wide buffer; copies only a remainder."""
+
+    __slots__ = ("pending", "pending_shared")
+
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
+    ) -> None:
+        super().__init__(relay, src, dst, counter)
+        self.pending: memoryview | None = None
+        self.pending_shared = False
+
+    def _fill(self) -> int:
+        try:
+            n = self.src.recv_into(_shared_buffer)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        if n:
+            self.pending = _shared_view[:n]
+            self.pending_shared = True
+        return n
+
+    def _flush(self) -> bool:
+        pending = self.pending
+        if pending is None:
+            return True
+        try:
+            sent = self.dst.send(pending)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(pending):
+            self.pending = None
+            self.pending_shared = False
+            return True
+        # The shared buffer is reused by the next read anywhere in the process: keep a copy.
+        rest = pending[sent:]
+        self.pending = memoryview(bytes(rest)) if self.pending_shared else rest
+        self.pending_shared = False
+        return False

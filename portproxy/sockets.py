@@ -1,0 +1,99 @@
+"""Listening and connecting sockets with the options a forwarder needs.
+
+Listeners: SO_REUSEADDR (restart without TIME_WAIT trouble), SO_REUSEPORT (a second
+instance — a worker or the next pod of a rolling DaemonSet — binds beside this one; the
+kernel still refuses a port held by another user's socket), optional IP_FREEBIND (bind an
+address that does not exist yet), dual-stack ``[::]`` for "all addresses".
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+from portproxy.errors import SetupError
+
+#: Listen backlog: the kernel caps it at net.core.somaxconn (4096 on current kernels); a deep
+#: queue absorbs connection bursts while max-conns pauses accepting.
+BACKLOG = 4096
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IPV6_FREEBIND = 78
+TCP_KEEPIDLE_SECONDS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class BindRequest:
+    host: str
+    """IP literal, or '' for all addresses (dual-stack when IPv6 exists)."""
+    port: int
+    kind: int = socket.SOCK_STREAM
+    freebind: bool = False
+    reuseport: bool = True
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_socket(request: BindRequest, forward: str) -> socket.socket:
+    """Bind (and for TCP, listen); errors become one clear ``SetupError`` line."""
+    host = request.host
+    if host == "":
+        host = "::" if _ipv6_available() else "0.0.0.0"
+    family = family_of(host)
+    sock = socket.socket(family, request.kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if request.reuseport and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if request.freebind:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind((host, request.port))
+        if request.kind == socket.SOCK_STREAM:
+            sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise SetupError(bind_error_message(forward, host, request.port, exc)) from None
+    return sock
+
+
+def bind_error_message(forward: str, host: str, port: int, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"forward {forward}: {where} is already in use by another program; stop it or "
+                "choose another port")
+    if exc.errno == errno.EACCES:
+        return (f"forward {forward}: permission denied binding {where}; ports below 1024 need "
+                "CAP_NET_BIND_SERVICE (or root)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"forward {forward}: {where} is not an address of this host; use an interface "
+                "name, '*' or the freebind option")
+    return f"forward {forward}: cannot bind {where}: {exc.strerror or exc}"
+
+
+def tune_stream(sock: socket.socket) -> None:
+    """TCP_NODELAY (we forward, we don't batch) and keepalive to notice dead peers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPIDLE_SECONDS)
+
+
+def sockaddr(host: str, port: int) -> tuple[str, int]:
+    return (host, port)

@@ -1,0 +1,144 @@
+"""Zero-copy pump: socket → pipe → socket with ``splice(2)``, never through user space.
+
+Pipes are pooled and held by a direction only while bytes are in flight, so an idle
+connection costs no pipe (two file descriptors and the pipe's pages each). The pipe's
+capacity bounds what a direction holds (backpressure), and is raised with ``F_SETPIPE_SZ``
+so a bulk transfer moves more per system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from portproxy.metrics import Counter
+from portproxy.pump import Direction
+
+if TYPE_CHECKING:
+    from portproxy.relay import Relay
+
+log = logging.getLogger("portproxy.pump")
+
+#: Pipe capacity. 64 KiB (the kernel default) costs a wake-up per 64 KiB; 256 KiB moved bulk
+#: transfers noticeably faster in the benchmark while staying far below pipe-max-size (1 MiB).
+PIPE_SIZE = 256 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+class Pipe:
+    __slots__ = ("r", "size", "w")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            # Over the per-user pipe quota the kernel refuses; the default size still works.
+            self.size = 65536
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class PipePool:
+    """Empty pipes ready for reuse; a pipe that may hold data is closed instead."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._free: list[Pipe] = []
+        self._keep = keep
+
+    def acquire(self) -> Pipe:
+        return self._free.pop() if self._free else Pipe()
+
+    def release(self, pipe: Pipe) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._free:
+            self._free.pop().close()
+
+
+POOL = PipePool()
+
+
+class SpliceDirection(Direction):
+    __slots__ = ("pending", "pipe")
+
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
+    ) -> None:
+        super().__init__(relay, src, dst, counter)
+        self.pipe: Pipe | None = None
+        self.pending = 0
+
+    def _fill(self) -> int:
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = POOL.acquire()
+        try:
+            n = os.splice(self.src_fd, pipe.w, pipe.size, flags=_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self._give_back()
+            return -1
+        if n == 0:
+            self._give_back()
+        self.pending = n
+        return n
+
+    def _flush(self) -> bool:
+        pipe = self.pipe
+        while self.pending:
+            assert pipe is not None
+            try:
+                self.pending -= os.splice(pipe.r, self.dst_fd, self.pending, flags=_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return False
+        self._give_back()
+        return True
+
+    def _give_back(self) -> None:
+        if self.pipe is not None and not self.pending:
+            POOL.release(self.pipe)
+            self.pipe = None
+
+    def release(self) -> None:
+        if self.pipe is not None:
+            if self.pending:
+                self.pipe.close()  # holds bytes that will never be delivered
+                self.pending = 0
+                self.pipe = None
+            else:
+                self._give_back()
+
+
+def splice_available() -> tuple[bool, str]:
+    """Probe once whether splice works here (Linux with os.splice, not blocked by seccomp)."""
+    if not hasattr(os, "splice"):
+        return False, "os.splice is not available on this platform"
+    a, b = socket.socketpair()
+    pipe = None
+    try:
+        pipe = Pipe()
+        a.send(b"x")
+        b.setblocking(False)
+        moved = os.splice(b.fileno(), pipe.w, 1, flags=_FLAGS)
+        if moved != 1:
+            return False, f"splice moved {moved} bytes in the probe"
+        return True, "splice"
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return False, f"splice probe failed: {reason}"
+    finally:
+        a.close()
+        b.close()
+        if pipe is not None:
+            pipe.close()

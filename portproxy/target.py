@@ -1,0 +1,76 @@
+"""The live state of one forward's target: the latest endpoints and how to choose one.
+
+Shared by the TCP and UDP engines of a ``tcp+udp`` forward, so both see the same endpoints,
+balancing cursor and passive-health record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from portproxy.endpoints import Balancer, Endpoint, EndpointSet, PassiveHealth
+from portproxy.metrics import Gauge
+from portproxy.resolve import Resolver
+
+log = logging.getLogger("portproxy.target")
+
+
+class TargetState:
+    def __init__(
+        self,
+        forward: str,
+        resolver: Resolver,
+        balancer: Balancer,
+        endpoints_gauge: Gauge | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.forward = forward
+        self.resolver = resolver
+        self.balancer = balancer
+        self.health = PassiveHealth(clock)
+        self.endpoints = EndpointSet()
+        self.resolved = False
+        self.active: dict[tuple[str, int], int] = {}
+        self._gauge = endpoints_gauge
+        self._listeners: list[Callable[[EndpointSet], None]] = []
+
+    def on_change(self, callback: Callable[[EndpointSet], None]) -> None:
+        self._listeners.append(callback)
+
+    def update(self, endpoints: EndpointSet) -> None:
+        added, removed = self.endpoints.diff(endpoints)
+        if added or removed or not self.resolved:
+            log.info(
+                "forward %s: endpoints %s (+%s -%s)", self.forward,
+                [str(e) for e in endpoints.endpoints] or "none",
+                [str(e) for e in added], [str(e) for e in removed],
+                extra={"forward": self.forward, "endpoints": [str(e) for e in endpoints.endpoints]},
+            )
+        self.endpoints = endpoints
+        self.resolved = True
+        self.health.forget_missing(endpoints)
+        if self._gauge is not None:
+            self._gauge.set(len(endpoints))
+        for callback in self._listeners:
+            callback(endpoints)
+
+    async def follow(self) -> None:
+        """Consume the resolver until cancelled (one task per target, owned by the daemon)."""
+        async for endpoints in self.resolver.watch():
+            self.update(endpoints)
+
+    def candidates(self, client_ip: str) -> list[Endpoint]:
+        ordered = self.balancer.order(self.endpoints, client_ip, self.active)
+        return self.health.apply(ordered)
+
+    def opened(self, endpoint: Endpoint) -> None:
+        self.active[endpoint.key] = self.active.get(endpoint.key, 0) + 1
+
+    def closed(self, endpoint: Endpoint) -> None:
+        left = self.active.get(endpoint.key, 1) - 1
+        if left:
+            self.active[endpoint.key] = left
+        else:
+            self.active.pop(endpoint.key, None)

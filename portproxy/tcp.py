@@ -1,0 +1,378 @@
+"""The TCP engine: listeners, admission, backend connect with retries, relays, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+from portproxy.endpoints import Endpoint
+from portproxy.limits import SharedLimit
+from portproxy.metrics import ProxyMetrics
+from portproxy.pump import Direction
+from portproxy.relay import Relay, RelayTimeouts
+from portproxy.sockets import BindRequest, bind_socket, family_of, tune_stream
+from portproxy.spec import Forward, Protocol
+from portproxy.target import TargetState
+
+log = logging.getLogger("portproxy.tcp")
+
+#: Connections accepted per readiness callback before yielding to other work.
+ACCEPT_BATCH = 64
+#: Endpoints tried for one client before giving up (the retry budget).
+CONNECT_ATTEMPTS = 3
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+Address = tuple[str, int]
+ProxyHeader = Callable[[Address, Address], bytes]
+AccessLog = Callable[[str, Address, str, int, int, float, str], None]
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with RST: the client learns at once that nothing will be served."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _client_ip(address: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class _Connect:
+    """Connecting one accepted client to a backend, trying endpoints in order."""
+
+    __slots__ = ("attempts", "client", "client_addr", "endpoint", "engine", "last_error", "sock",
+                 "started", "timer")
+
+    def __init__(
+        self, engine: TcpForwarder, client: socket.socket, client_addr: Address,
+        attempts: list[Endpoint],
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.client_addr = client_addr
+        self.attempts = attempts
+        self.sock: socket.socket | None = None
+        self.endpoint: Endpoint | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+        self.last_error = 0
+
+    def next(self) -> None:
+        engine = self.engine
+        if not self.attempts:
+            engine._connect_failed(self)
+            return
+        endpoint = self.endpoint = self.attempts.pop(0)
+        sock = self.sock = socket.socket(family_of(endpoint.host), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        tune_stream(sock)
+        self.started = engine.loop.time()
+        err = sock.connect_ex((endpoint.host, endpoint.port))
+        if err == 0:
+            engine._connected(self)
+        elif err == errno.EINPROGRESS:
+            engine.loop.add_writer(sock.fileno(), self._on_writable)
+            self.timer = engine.loop.call_later(engine.connect_timeout, self._on_timeout)
+        else:
+            self._failed(err)
+
+    def _on_writable(self) -> None:
+        assert self.sock is not None
+        self.engine.loop.remove_writer(self.sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(err)
+        else:
+            self.engine._connected(self)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        assert self.sock is not None
+        self.engine.loop.remove_writer(self.sock.fileno())
+        self._failed(errno.ETIMEDOUT)
+
+    def _failed(self, err: int) -> None:
+        assert self.sock is not None and self.endpoint is not None
+        self.sock.close()
+        self.sock = None
+        self.last_error = err
+        self.engine._attempt_failed(self, self.endpoint, err)
+        self.next()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.sock is not None:
+            self.engine.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+        reset_close(self.client)
+
+
+class TcpForwarder:
+    """Accepts on one or more listening sockets of a forward and relays to its target."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        target: TargetState,
+        metrics: ProxyMetrics,
+        direction_type: type[Direction],
+        global_limit: SharedLimit | None = None,
+        access_log: AccessLog | None = None,
+        proxy_header: ProxyHeader | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.forward = forward
+        self.name = forward.name
+        self.target = target
+        self.direction_type = direction_type
+        self.global_limit = global_limit or SharedLimit()
+        self.limit = SharedLimit(forward.options.max_conns)
+        self.access_log = access_log
+        self.proxy_header = proxy_header
+        options = forward.options
+        self.connect_timeout = options.connect_timeout
+        self.timeouts = RelayTimeouts(options.idle_timeout_for(Protocol.TCP), options.fin_timeout)
+        self.allow = options.allow
+        self.listeners: dict[str, socket.socket] = {}
+        self.relays: set[Relay] = set()
+        self.pending: set[_Connect] = set()
+        self.relay_endpoints: dict[Relay, Endpoint] = {}
+        self.relay_clients: dict[Relay, Address] = {}
+        self.accepting = True
+        self.paused = False
+        self._backoff = 0.0
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        name = self.name
+        self.c_ok = metrics.connections.labels(name, "ok")
+        self.c_refused = metrics.connections.labels(name, "refused")
+        self.c_timeout = metrics.connections.labels(name, "timeout")
+        self.c_denied = metrics.connections.labels(name, "denied")
+        self.c_no_endpoints = metrics.connections.labels(name, "no_endpoints")
+        self.c_limit = metrics.connections.labels(name, "limit")
+        self.g_active = metrics.active.labels(name)
+        self.bytes_up = metrics.bytes.labels(name, "upstream")
+        self.bytes_down = metrics.bytes.labels(name, "downstream")
+        self.h_connect = metrics.connect_seconds.labels(name)
+        self.c_accept_errors = metrics.accept_errors.labels(name)
+
+    # -- listeners ------------------------------------------------------------------------
+    def add_listener(self, host: str, freebind: bool = False) -> None:
+        """Bind ``host`` ('' = all addresses) on the forward's port and start accepting."""
+        if host in self.listeners:
+            return
+        sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind),
+                           self.name)
+        self.listeners[host] = sock
+        if self.accepting and not self.paused:
+            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+        log.info("forward %s: listening on tcp %s", self.name, _where(sock),
+                 extra={"forward": self.name})
+
+    def remove_listener(self, host: str) -> None:
+        sock = self.listeners.pop(host, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            log.info("forward %s: stopped listening on tcp %s", self.name, host or "*")
+
+    @property
+    def bound(self) -> bool:
+        return bool(self.listeners)
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.c_limit.inc()
+            for sock in self.listeners.values():
+                self.loop.remove_reader(sock.fileno())
+
+    def _resume(self) -> None:
+        if self.paused and self.accepting:
+            self.paused = False
+            for sock in self.listeners.values():
+                self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+
+    # -- accepting ------------------------------------------------------------------------
+    def _on_accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.limit.full or self.global_limit.full:
+                self._pause()
+                waiter = self.limit if self.limit.full else self.global_limit
+                waiter.wait(self, self._resume_if_possible)
+                return
+            try:
+                client, address = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._accept_backoff(exc)
+                    return
+                continue  # ECONNABORTED and friends concern one client only
+            self._backoff = 0.0
+            self._admit(client, address)
+
+    def _resume_if_possible(self) -> None:
+        if self.limit.full:
+            self.limit.wait(self, self._resume_if_possible)
+        elif self.global_limit.full:
+            self.global_limit.wait(self, self._resume_if_possible)
+        else:
+            self._resume()
+
+    def _accept_backoff(self, exc: OSError) -> None:
+        """Out of file descriptors: stop accepting briefly instead of spinning on accept()."""
+        self.c_accept_errors.inc()
+        self._backoff = min(1.0, max(0.05, self._backoff * 2))
+        log.error("forward %s: accept failed (%s); pausing %.2fs", self.name,
+                  os.strerror(exc.errno or 0), self._backoff, extra={"forward": self.name})
+        self._pause()
+        self._backoff_timer = self.loop.call_later(self._backoff, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        self._backoff_timer = None
+        self._resume_if_possible()
+
+    def _admit(self, client: socket.socket, address: Address) -> None:
+        if self.allow:
+            ip = _client_ip(address)
+            if not any(ip in network for network in self.allow):
+                self.c_denied.inc()
+                reset_close(client)
+                return
+        candidates = self.target.candidates(address[0])
+        if not candidates:
+            self.c_no_endpoints.inc()
+            reset_close(client)
+            return
+        client.setblocking(False)
+        tune_stream(client)
+        attempt = _Connect(self, client, address, candidates[:CONNECT_ATTEMPTS])
+        self.pending.add(attempt)
+        self.limit.acquire()
+        self.global_limit.acquire()
+        self._idle.clear()
+        attempt.next()
+
+    # -- connecting -----------------------------------------------------------------------
+    def _attempt_failed(self, attempt: _Connect, endpoint: Endpoint, err: int) -> None:
+        self.target.health.failed(endpoint)
+        reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
+        log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,
+                    attempt.client_addr[0], reason,
+                    extra={"forward": self.name, "endpoint": str(endpoint)})
+
+    def _connect_failed(self, attempt: _Connect) -> None:
+        self.pending.discard(attempt)
+        timed_out = attempt.last_error == errno.ETIMEDOUT
+        (self.c_timeout if timed_out else self.c_refused).inc()
+        reset_close(attempt.client)
+        self._release_slot()
+
+    def _connected(self, attempt: _Connect) -> None:
+        self.pending.discard(attempt)
+        upstream, endpoint = attempt.sock, attempt.endpoint
+        assert upstream is not None and endpoint is not None
+        self.h_connect.observe(self.loop.time() - attempt.started)
+        self.target.health.succeeded(endpoint)
+        client = attempt.client
+        if self.proxy_header is not None and not self._send_header(client, upstream,
+                                                                   attempt.client_addr):
+            reset_close(upstream)
+            reset_close(client)
+            self.c_refused.inc()
+            self._release_slot()
+            return
+        self.c_ok.inc()
+        relay = Relay(self.loop, client, upstream, self.direction_type,
+                      (self.bytes_up, self.bytes_down), self.timeouts, self._relay_closed)
+        self.relays.add(relay)
+        self.relay_endpoints[relay] = endpoint
+        self.relay_clients[relay] = attempt.client_addr
+        self.target.opened(endpoint)
+        self.g_active.inc()
+        relay.start()
+
+    def _send_header(self, client: socket.socket, upstream: socket.socket,
+                     client_addr: Address) -> bool:
+        assert self.proxy_header is not None
+        try:
+            header = self.proxy_header(client_addr, client.getsockname()[:2])
+            # A fresh connection's send buffer is empty, so the header goes out whole.
+            return upstream.send(header) == len(header)
+        except OSError:
+            return False
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        endpoint = self.relay_endpoints.pop(relay)
+        client = self.relay_clients.pop(relay)
+        self.target.closed(endpoint)
+        self.g_active.dec()
+        if self.access_log is not None:
+            self.access_log(self.name, client, str(endpoint), relay.bytes_up, relay.bytes_down,
+                            self.loop.time() - relay.started, relay.result)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        self.limit.release()
+        self.global_limit.release()
+        if not self.relays and not self.pending:
+            self._idle.set()
+
+    # -- stopping -------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self.limit.cancel(self)
+        self.global_limit.cancel(self)
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+        for host in list(self.listeners):
+            self.remove_listener(host)
+
+    @property
+    def active(self) -> int:
+        return len(self.relays) + len(self.pending)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for open connections to finish, then reset the rest."""
+        self.stop_accepting()
+        if self.active:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        self.abort_all()
+
+    def abort_all(self) -> None:
+        for attempt in list(self.pending):
+            attempt.cancel()
+            self.pending.discard(attempt)
+            self._release_slot()
+        for relay in list(self.relays):
+            relay.result = "drain_timeout"
+            relay.abort(None)
+
+
+def _where(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
