@@ -219,20 +219,24 @@ def encode_v2(
 
 
 def encode_header(
-    version: Literal[1, 2], src: SockAddr | None, dst: SockAddr | None, transport: Transport
+    version: Literal[1, 2] | str,
+    src: SockAddr | None,
+    dst: SockAddr | None,
+    transport: Transport,
 ) -> bytes:
-    """The header a forward configured with ``proxy-protocol=v<version>`` sends.
+    """The header a forward configured with ``proxy-protocol=<version>`` sends.
 
-    v1 exists for TCP only, so ``version=1`` with ``"dgram"`` is a ``ValueError`` (config
-    validation should have refused it already).
+    ``version`` is 1 or 2, or the option's text ``"v1"``/``"v2"`` (so the config's string
+    enum can be passed as it is). v1 exists for TCP only, so v1 with ``"dgram"`` is a
+    ``ValueError`` (config validation should have refused it already).
     """
-    if version == 1:
+    if version in (1, "v1"):
         if transport != "stream":
             raise ValueError("PROXY protocol v1 describes TCP only; use v2 for UDP")
         return encode_v1(src, dst)
-    if version == 2:
+    if version in (2, "v2"):
         return encode_v2(src, dst, transport)
-    raise ValueError(f"PROXY protocol version must be 1 or 2, not {version!r}")
+    raise ValueError(f"PROXY protocol version must be v1 or v2, not {version!r}")
 
 
 # ---------------------------------------------------------------------------- parsing

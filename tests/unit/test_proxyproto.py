@@ -205,10 +205,14 @@ def test_encode_header_dispatch() -> None:
     src, dst = ("1.2.3.4", 1), ("5.6.7.8", 2)
     assert encode_header(1, src, dst, "stream") == encode_v1(src, dst)
     assert encode_header(2, src, dst, "dgram") == encode_v2(src, dst, "dgram")
+    assert encode_header("v1", src, dst, "stream") == encode_v1(src, dst)
+    assert encode_header("v2", src, dst, "stream") == encode_v2(src, dst, "stream")
     with pytest.raises(ValueError):
         encode_header(1, src, dst, "dgram")
     with pytest.raises(ValueError):
         encode_header(3, src, dst, "stream")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        encode_header("v3", src, dst, "stream")
 
 
 # ------------------------------------------------------------------------------ v1 parse
