@@ -1,0 +1,85 @@
+"""A target given as a DNS name: re-resolved periodically, every address is an endpoint.
+
+``getaddrinfo`` runs in the loop's executor (it is the system resolver: /etc/hosts,
+nsswitch, search domains — the same answer the user's tools get). It exposes no TTL, so the
+name is re-resolved every ``interval`` seconds. A failed lookup keeps the last good
+snapshot serving (a DNS blip must not drop a working target) and is retried sooner, with a
+growing delay capped at ``interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from portproxy.endpoints import Endpoint, EndpointSet
+from portproxy.spec import HostTarget
+
+log = logging.getLogger("portproxy.dns")
+
+Lookup = Callable[[str], Awaitable[Sequence[str]]]
+"""host → IP addresses; raises ``OSError`` (e.g. ``socket.gaierror``) on failure."""
+
+FIRST_RETRY = 1.0
+"""Seconds before retrying a failed lookup; doubles per failure up to ``interval``."""
+
+
+async def system_lookup(host: str) -> list[str]:
+    """Every address ``getaddrinfo`` gives for ``host``, IPv4 and IPv6, without duplicates."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    addresses: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 scope id
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+class DnsResolver:
+    """Resolves a ``HostTarget`` whose host is a name, following its address changes."""
+
+    def __init__(
+        self, target: HostTarget, interval: float = 30.0, lookup: Lookup | None = None
+    ) -> None:
+        self.target = target
+        self.interval = interval
+        self._lookup: Lookup = lookup or system_lookup
+
+    def describe(self) -> str:
+        return str(self.target)
+
+    async def _resolve(self) -> EndpointSet:
+        addresses = await self._lookup(self.target.host)
+        return EndpointSet.of([Endpoint(a, self.target.port) for a in addresses])
+
+    async def watch(self) -> AsyncIterator[EndpointSet]:
+        last: EndpointSet | None = None
+        retry = FIRST_RETRY
+        failing = False
+        while True:
+            try:
+                current = await self._resolve()
+            except OSError as exc:
+                if not failing:
+                    keeping = f"keeping {len(last)} known endpoint(s)" if last else "no endpoints"
+                    log.warning("cannot resolve %s: %s; %s, retrying", self.target.host,
+                                exc, keeping)
+                failing = True
+                await asyncio.sleep(min(retry, self.interval))
+                retry = min(retry * 2, self.interval)
+                continue
+            if failing:
+                log.info("resolving %s works again", self.target.host)
+            failing, retry = False, FIRST_RETRY
+            if current != last:
+                if last is not None:
+                    added, removed = last.diff(current)
+                    log.info("%s changed: +%s -%s", self.target.host,
+                             [str(e) for e in added], [str(e) for e in removed])
+                last = current
+                yield current
+            await asyncio.sleep(self.interval)
