@@ -1,0 +1,3 @@
+from portproxy.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""Process-wide settings: the global flags of DESIGN §1 as one frozen object.
+
+The CLI builds it (flags > environment > config file > defaults); the daemon only reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portproxy.spec import Forward
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    forwards: tuple[Forward, ...]
+    drain_timeout: float = 30.0
+    """Seconds open connections may take to finish after SIGTERM before they are reset.
+    30 s matches Kubernetes' default terminationGracePeriodSeconds."""
+    use_splice: bool = True
+    """Use the zero-copy splice pump where the kernel allows it (``--no-splice`` turns it off)."""
+    admin_address: tuple[str, int] | None = ("", 9753)
+    """Where /metrics, /healthz, /readyz and /forwards are served; None disables."""
+    max_conns: int = 0
+    """TCP connections open at once across every forward; 0 is unlimited."""
+    access_log: bool = False
+    """Log one line per finished connection or expired flow."""
+    workers: int = 1
+    """Processes sharing every listener through SO_REUSEPORT."""
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    node_name: str | None = None
+    """This node's name (downward API NODE_NAME) to prefer node-local endpoints."""
+    create_interface: str | None = None
+    interface_addresses: tuple[str, ...] = ()
+    tcp_services_configmap: str | None = None
+    udp_services_configmap: str | None = None
+    config_file: str | None = None
