@@ -1,0 +1,156 @@
+"""Real sockets around an in-process engine: backends in threads, the proxy in its own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from portproxy.endpoints import Balancer, Endpoint, EndpointSet
+from portproxy.limits import SharedLimit
+from portproxy.metrics import ProxyMetrics
+from portproxy.relay import direction_type
+from portproxy.resolve.static import StaticResolver
+from portproxy.spec import Forward, ForwardOptions, HostTarget, ListenAddress, Protocol
+from portproxy.target import TargetState
+from portproxy.tcp import TcpForwarder
+
+T = TypeVar("T")
+
+
+class EchoServer:
+    """A threaded TCP backend: echoes every byte, then half-closes after the client does."""
+
+    def __init__(self, host: str = "127.0.0.1", handler: Callable[[socket.socket], None] | None
+                 = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(512)
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        self.handler = handler or echo
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def echo(conn: socket.socket) -> None:
+    while True:
+        data = conn.recv(1 << 20)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
+
+
+class ProxyThread:
+    """A ``TcpForwarder`` running in a private event loop on a background thread."""
+
+    def __init__(self, target_port: int, pump: str, target_host: str = "127.0.0.1",
+                 listen_host: str = "127.0.0.1", global_limit: int = 0, **options: Any) -> None:
+        self.metrics = ProxyMetrics()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        forward = Forward(
+            spec="test", protocols=(Protocol.TCP,),
+            listen=ListenAddress("ip" if listen_host else "any", listen_host, 0),
+            target=HostTarget(target_host, target_port),
+            options=ForwardOptions(name="test", **options),
+        )
+        self.forward = forward
+        self.endpoint = Endpoint(target_host, target_port)
+
+        async def build() -> TcpForwarder:
+            target = TargetState("test", StaticResolver(forward.target),  # type: ignore[arg-type]
+                                 Balancer(forward.options.balance))
+            target.update(EndpointSet.of([self.endpoint]))
+            engine = TcpForwarder(forward, target, self.metrics, direction_type(pump == "splice"),
+                                  SharedLimit(global_limit))
+            engine.add_listener(listen_host)
+            return engine
+
+        self.engine = self.call(build())
+        self.host = listen_host or "127.0.0.1"
+        self.port: int = self.engine.listeners[listen_host].getsockname()[1]
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+        return self.call(wrapper())
+
+    def counter(self, result: str) -> float:
+        return self.run(lambda: self.metrics.connections.labels("test", result).value)
+
+    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
+        self.run(lambda: self.engine.target.update(EndpointSet.of(endpoints)))
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=30)
+
+    def close(self) -> None:
+        try:
+            self.call(self.engine.drain(0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -1,0 +1,325 @@
+"""The TCP engine over real loopback sockets, against both pumps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from portproxy.endpoints import Endpoint
+from tests.conftest import wait_for
+from tests.net.harness import EchoServer, ProxyThread, free_port, recv_all, sha
+
+
+@pytest.fixture
+def proxy(echo_server: EchoServer, pump: str) -> Iterator[ProxyThread]:
+    p = ProxyThread(echo_server.port, pump)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_64_mib_each_way_at_once(proxy: ProxyThread) -> None:
+    size = 64 * 1024 * 1024
+    payload = os.urandom(1024 * 1024) * 64  # 64 MiB; random 1 MiB block repeated
+    received = bytearray()
+    with proxy.connect() as client:
+        reader = threading.Thread(target=lambda: received.extend(recv_all(client)))
+        reader.start()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(120)
+    assert len(received) == size
+    assert sha(received) == sha(payload)
+    wait_for(lambda: proxy.metrics.bytes.labels("test", "downstream").value == size,
+             what="downstream byte counter")
+    assert proxy.metrics.bytes.labels("test", "upstream").value == size
+
+
+def test_200_concurrent_connections_each_1_mib(proxy: ProxyThread) -> None:
+    async def one(index: int) -> bool:
+        payload = os.urandom(1024 * 1024)
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        echoed = await reader.read()
+        writer.close()
+        return sha(echoed) == sha(payload)
+
+    async def main() -> list[bool]:
+        return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(asyncio.wait_for(main(), 120))
+    assert results == [True] * 200
+    wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relays to close")
+    assert proxy.counter("ok") == 200
+
+
+def test_client_half_close_then_backend_replies(pump: str) -> None:
+    def handler(conn: socket.socket) -> None:
+        request = recv_all(conn)  # until the client's FIN arrives through the proxy
+        conn.sendall(b"got " + str(len(request)).encode())
+        conn.shutdown(socket.SHUT_WR)
+
+    server = EchoServer(handler=handler)
+    proxy = ProxyThread(server.port, pump)
+    try:
+        with proxy.connect() as client:
+            client.sendall(b"x" * 100_000)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"got 100000"
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_backend_half_close_then_client_sends(pump: str) -> None:
+    received: list[bytes] = []
+
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(b"hello")
+        conn.shutdown(socket.SHUT_WR)  # the backend is done talking, still listening
+        received.append(recv_all(conn))
+
+    server = EchoServer(handler=handler)
+    proxy = ProxyThread(server.port, pump)
+    try:
+        with proxy.connect() as client:
+            assert recv_all(client) == b"hello"  # EOF reaches the client...
+            client.sendall(b"late data after the backend's FIN")  # ...which can still send
+            client.shutdown(socket.SHUT_WR)
+            wait_for(lambda: received, what="backend to receive the client's bytes")
+        assert received == [b"late data after the backend's FIN"]
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_backend_refuses(pump: str) -> None:
+    proxy = ProxyThread(free_port(), pump)
+    try:
+        with proxy.connect() as client:
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert proxy.counter("refused") == 1
+        assert proxy.counter("ok") == 0
+    finally:
+        proxy.close()
+
+
+def test_next_endpoint_is_tried_after_a_refusal(echo_server: EchoServer, pump: str) -> None:
+    dead = free_port()
+    proxy = ProxyThread(echo_server.port, pump)
+    try:
+        proxy.set_endpoints([Endpoint("127.0.0.1", dead), Endpoint("127.0.0.1",
+                                                                     echo_server.port)])
+        for _ in range(4):  # round-robin starts on each endpoint at least once
+            with proxy.connect() as client:
+                client.sendall(b"ping")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"ping"
+        assert proxy.counter("ok") == 4
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A listener whose accept queue is full: the kernel drops further SYNs (no answer)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # backlog 0 still queues one or two; fill it for sure
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_connect_timeout(blackhole: int, pump: str) -> None:
+    proxy = ProxyThread(blackhole, pump, connect_timeout=0.3)
+    try:
+        with proxy.connect() as client:
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert proxy.counter("timeout") == 1
+    finally:
+        proxy.close()
+
+
+def test_idle_timeout_closes_both_sides(echo_server: EchoServer, pump: str) -> None:
+    proxy = ProxyThread(echo_server.port, pump, idle_timeout=0.3)
+    try:
+        with proxy.connect() as client:
+            client.sendall(b"a")
+            assert client.recv(1) == b"a"
+            try:
+                assert client.recv(1) == b""  # blocks until the proxy gives up on us
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+    finally:
+        proxy.close()
+
+
+def test_fin_timeout_bounds_a_half_closed_connection(pump: str) -> None:
+    def handler(conn: socket.socket) -> None:
+        recv_all(conn)  # sees the client's FIN, then never answers nor closes
+        threading.Event().wait(30)
+
+    server = EchoServer(handler=handler)
+    proxy = ProxyThread(server.port, pump, fin_timeout=0.3)
+    try:
+        with proxy.connect() as client:
+            client.shutdown(socket.SHUT_WR)
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_max_conns_pauses_accepting_and_resumes(echo_server: EchoServer, pump: str) -> None:
+    proxy = ProxyThread(echo_server.port, pump, max_conns=2)
+    try:
+        first, second = proxy.connect(), proxy.connect()
+        for c in (first, second):
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+        third = proxy.connect()  # completes in the kernel's accept queue
+        third.sendall(b"third")
+        wait_for(lambda: proxy.counter("limit") >= 1, what="the limit to pause accepting")
+        assert proxy.run(lambda: proxy.engine.active) == 2
+        assert echo_server.accepted == 2
+        first.close()
+        assert third.recv(5) == b"third"  # served as soon as a slot freed
+        assert echo_server.accepted == 3
+        second.close()
+        third.close()
+    finally:
+        proxy.close()
+
+
+def test_global_limit_is_shared(echo_server: EchoServer, pump: str) -> None:
+    proxy = ProxyThread(echo_server.port, pump, global_limit=1)
+    try:
+        first = proxy.connect()
+        first.sendall(b"1")
+        assert first.recv(1) == b"1"
+        second = proxy.connect()
+        second.sendall(b"2")
+        wait_for(lambda: proxy.counter("limit") >= 1, what="the global limit to bite")
+        first.close()
+        assert second.recv(1) == b"2"
+        second.close()
+    finally:
+        proxy.close()
+
+
+def test_no_endpoints_closes_quickly(echo_server: EchoServer, pump: str) -> None:
+    proxy = ProxyThread(echo_server.port, pump)
+    try:
+        proxy.set_endpoints([])
+        with proxy.connect() as client:
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert proxy.counter("no_endpoints") == 1
+    finally:
+        proxy.close()
+
+
+def test_allowlist_denies_other_clients(echo_server: EchoServer, pump: str) -> None:
+    import ipaddress
+
+    proxy = ProxyThread(echo_server.port, pump, listen_host="",
+                        allow=(ipaddress.ip_network("127.0.0.1/32"),))
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as ok:
+            ok.sendall(b"hi")
+            assert ok.recv(2) == b"hi"
+        denied = socket.socket()
+        denied.bind(("127.0.0.2", 0))
+        denied.settimeout(10)
+        denied.connect(("127.0.0.1", proxy.port))
+        try:
+            assert denied.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        denied.close()
+        assert proxy.counter("denied") == 1
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("listen_host,client_host", [("::1", "::1"), ("", "127.0.0.1"),
+                                                     ("", "::1")])
+def test_ipv6_and_dual_stack_listeners(echo_server: EchoServer, pump: str, listen_host: str,
+                                       client_host: str) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    proxy = ProxyThread(echo_server.port, pump, listen_host=listen_host)
+    try:
+        with socket.create_connection((client_host, proxy.port), timeout=10) as client:
+            client.sendall(b"dual")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"dual"
+    finally:
+        proxy.close()
+
+
+def test_ipv6_backend(pump: str) -> None:
+    server = EchoServer("::1")
+    proxy = ProxyThread(server.port, pump, target_host="::1")
+    try:
+        with proxy.connect() as client:
+            client.sendall(b"six")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"six"
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_backend_reset_resets_client(pump: str) -> None:
+    import struct
+
+    def handler(conn: socket.socket) -> None:
+        conn.recv(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    server = EchoServer(handler=handler)
+    proxy = ProxyThread(server.port, pump)
+    try:
+        with proxy.connect() as client:
+            client.sendall(b"boom")
+            with pytest.raises(ConnectionResetError):
+                while client.recv(1024):
+                    pass
+        wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+    finally:
+        proxy.close()
+        server.close()
