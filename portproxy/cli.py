@@ -1,7 +1,9 @@
 """Command line: the only place that turns errors into exit codes.
 
 Exit codes: 0 clean stop, 2 invalid usage or config, 3 could not set up (bind, permission,
-API access), 1 anything unexpected.
+API access), 1 anything unexpected. Every flag also reads ``PORTPROXY_<FLAG>`` from the
+environment; ``--config`` supplies defaults, so precedence is flags > environment > file >
+built-in defaults.
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ import click
 
 from portproxy import __version__
 from portproxy.config import Settings
+from portproxy.endpoints import BalancePolicy
 from portproxy.errors import ConfigError, SetupError
-from portproxy.spec import ForwardOptions, parse_duration, parse_forward
+from portproxy.spec import (
+    Forward,
+    ForwardOptions,
+    ProxyProtocol,
+    TargetMode,
+    options_from_pairs,
+    parse_duration,
+    parse_forward,
+)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SETUP = 0, 1, 2, 3
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,7 +39,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> float:
-        if isinstance(value, int | float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         try:
             return parse_duration(str(value))
@@ -43,45 +54,97 @@ def env(flag: str) -> str:
     return "PORTPROXY_" + flag.upper().replace("-", "_")
 
 
-def forward_options(command: F) -> F:
-    """The flags shared by ``run`` and ``check`` (declared once, applied to both)."""
-    decorators = [
-        click.option("-f", "--forward", "forwards", multiple=True, envvar=env("forward"),
-                     metavar="SPEC",
-                     help="[PROTO://][ADDRESS:]PORT=TARGET[,KEY=VALUE...]; repeat per port. "
-                          "PORTPROXY_FORWARD takes several, separated by whitespace."),
-        click.option("--connect-timeout", type=DURATION, envvar=env("connect-timeout"),
-                     default="5s", show_default=True,
-                     help="Default backend connect timeout per endpoint."),
-        click.option("--idle-timeout", type=DURATION, envvar=env("idle-timeout"), default=None,
-                     help="Default idle timeout [TCP 1h, UDP 30s]; 0 disables."),
-        click.option("--fin-timeout", type=DURATION, envvar=env("fin-timeout"), default="5m",
-                     show_default=True,
-                     help="Default bound on a half-closed TCP connection; 0 disables."),
-    ]
-    for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager ``--config``: the file's values become defaults for every other flag."""
+    if value is None:
+        return None
+    from portproxy.configfile import load_config_file
+
+    command = ctx.command
+    allowed = [p.name.replace("_", "-") for p in command.params
+               if isinstance(p, click.Option) and p.name not in ("config", "forwards")
+               and p.name is not None]
+    try:
+        loaded = load_config_file(value, allowed)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    defaults: dict[str, Any] = {k.replace("-", "_"): v for k, v in loaded.settings.items()}
+    if loaded.forwards:
+        defaults["forwards"] = list(loaded.forwards)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
-def daemon_options(command: F) -> F:
-    decorators = [
-        click.option("--drain-timeout", type=DURATION, envvar=env("drain-timeout"),
-                     default="30s", show_default=True,
-                     help="How long open connections may finish after SIGTERM/SIGINT."),
-        click.option("--no-splice", is_flag=True, envvar=env("no-splice"),
-                     help="Use the copy pump instead of zero-copy splice(2)."),
-        click.option("--log-level", envvar=env("log-level"), default="info", show_default=True,
-                     type=click.Choice(["debug", "info", "warning", "error"],
-                                       case_sensitive=False),
-                     help="Log verbosity."),
-        click.option("--log-format", envvar=env("log-format"), default="text",
-                     show_default=True, type=click.Choice(["text", "json"]),
-                     help="Log line format."),
-    ]
-    for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(command: F) -> F:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+forward_options = _options(
+    click.option("-f", "--forward", "forwards", multiple=True, envvar=env("forward"),
+                 metavar="SPEC",
+                 help="[PROTO://][ADDRESS:]PORT=TARGET[,KEY=VALUE...]; repeat per port. "
+                      "PORTPROXY_FORWARD takes several, separated by whitespace."),
+    click.option("--config", type=click.Path(dir_okay=False), envvar=env("config"),
+                 is_eager=True, callback=_load_config, expose_value=True,
+                 help="TOML file with the same settings and a list of forwards."),
+    click.option("--mode", type=click.Choice([m.value for m in TargetMode]),
+                 envvar=env("mode"), default="endpoints", show_default=True,
+                 help="Default for Service targets: pods from EndpointSlices, or the "
+                      "ClusterIP."),
+    click.option("--balance", type=click.Choice([b.value for b in BalancePolicy]),
+                 envvar=env("balance"), default="round-robin", show_default=True,
+                 help="Default balancing policy across endpoints."),
+    click.option("--connect-timeout", type=DURATION, envvar=env("connect-timeout"),
+                 default="5s", show_default=True,
+                 help="Default backend connect timeout per endpoint."),
+    click.option("--idle-timeout", type=DURATION, envvar=env("idle-timeout"), default=None,
+                 help="Default idle timeout [TCP 1h, UDP 30s]; 0 disables."),
+    click.option("--fin-timeout", type=DURATION, envvar=env("fin-timeout"), default="5m",
+                 show_default=True,
+                 help="Default bound on a half-closed TCP connection; 0 disables."),
+    click.option("--max-flows", type=click.IntRange(0), envvar=env("max-flows"),
+                 default=10000, show_default=True,
+                 help="Default UDP flows per forward (least recently used evicted)."),
+    click.option("--proxy-protocol", type=click.Choice([p.value for p in ProxyProtocol]),
+                 envvar=env("proxy-protocol"), default=None,
+                 help="Default PROXY protocol header sent to backends."),
+    click.option("--allow", envvar=env("allow"), default=None, metavar="CIDR[;CIDR...]",
+                 help="Default client allowlist (empty admits everyone)."),
+    click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar=env("kubeconfig"),
+                 help="kubeconfig file when not running in a cluster [KUBECONFIG, "
+                      "~/.kube/config]."),
+    click.option("--context", "kube_context", envvar=env("context"),
+                 help="kubeconfig context to use."),
+    click.option("--node-name", envvar=[env("node-name"), "NODE_NAME"],
+                 help="This node's name, to prefer its endpoints [NODE_NAME]."),
+)
+
+daemon_options = _options(
+    click.option("--admin-address", envvar=env("admin-address"), default=":9753",
+                 show_default=True,
+                 help="Serve /metrics /healthz /readyz /forwards here; 'none' disables."),
+    click.option("--drain-timeout", type=DURATION, envvar=env("drain-timeout"),
+                 default="30s", show_default=True,
+                 help="How long open connections may finish after SIGTERM/SIGINT."),
+    click.option("--no-splice", is_flag=True, envvar=env("no-splice"),
+                 help="Use the copy pump instead of zero-copy splice(2)."),
+    click.option("--max-conns", type=click.IntRange(0), envvar=env("max-conns"), default=0,
+                 show_default=True,
+                 help="TCP connections open at once across all forwards; 0 = unlimited."),
+    click.option("--log-level", envvar=env("log-level"), default="info", show_default=True,
+                 type=click.Choice(["debug", "info", "warning", "error"],
+                                   case_sensitive=False),
+                 help="Log verbosity."),
+    click.option("--log-format", envvar=env("log-format"), default="text",
+                 show_default=True, type=click.Choice(["text", "json"]),
+                 help="Log line format."),
+    click.option("--access-log", is_flag=True, envvar=env("access-log"),
+                 help="Log one line per finished TCP connection / expired UDP flow."),
+)
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -89,7 +152,26 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def build_forwards(specs: Sequence[str], defaults: ForwardOptions) -> tuple[Any, ...]:
+def default_options(params: dict[str, Any]) -> ForwardOptions:
+    pairs = {"mode": params["mode"], "balance": params["balance"],
+             "max-flows": str(params["max_flows"])}
+    if params["proxy_protocol"]:
+        pairs["proxy-protocol"] = params["proxy_protocol"]
+    if params["allow"]:
+        pairs["allow"] = params["allow"]
+    try:
+        base = options_from_pairs(pairs, ForwardOptions())
+    except ConfigError as exc:
+        raise ConfigError(f"invalid global option: {exc}") from None
+    return ForwardOptions(
+        mode=base.mode, balance=base.balance, max_flows=base.max_flows,
+        proxy_protocol=base.proxy_protocol, allow=base.allow,
+        connect_timeout=params["connect_timeout"], idle_timeout=params["idle_timeout"],
+        fin_timeout=params["fin_timeout"],
+    )
+
+
+def build_forwards(specs: Sequence[str], defaults: ForwardOptions) -> tuple[Forward, ...]:
     if not specs:
         raise ConfigError("no forwards given: use -f/--forward SPEC (or PORTPROXY_FORWARD)")
     forwards = tuple(parse_forward(spec, defaults) for spec in specs)
@@ -108,17 +190,21 @@ def build_forwards(specs: Sequence[str], defaults: ForwardOptions) -> tuple[Any,
     return forwards
 
 
-def default_options(params: dict[str, Any]) -> ForwardOptions:
-    return ForwardOptions(
-        connect_timeout=params["connect_timeout"],
-        idle_timeout=params["idle_timeout"],
-        fin_timeout=params["fin_timeout"],
+def settings_from(params: dict[str, Any]) -> Settings:
+    from portproxy.admin import parse_admin_address
+
+    return Settings(
+        forwards=build_forwards(params["forwards"], default_options(params)),
+        drain_timeout=params.get("drain_timeout", 30.0),
+        use_splice=not params.get("no_splice", False),
+        admin_address=parse_admin_address(params.get("admin_address") or "none"),
+        max_conns=params.get("max_conns", 0),
+        access_log=params.get("access_log", False),
+        kubeconfig=params["kubeconfig"],
+        kube_context=params["kube_context"],
+        node_name=params["node_name"] or None,
+        config_file=params["config"],
     )
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_guarded(body: Callable[[], None]) -> NoReturn:
@@ -137,6 +223,15 @@ def run_guarded(body: Callable[[], None]) -> NoReturn:
     sys.exit(EXIT_OK)
 
 
+def _event_loop_policy() -> None:
+    """uvloop when installed (the ``fast`` extra): a cheaper loop for the same code."""
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="portproxy",
@@ -149,19 +244,31 @@ def main() -> None:
 @main.command()
 @forward_options
 @daemon_options
-def run(**params: Any) -> None:
-    """Run the forwarder until SIGTERM/SIGINT."""
+@click.pass_context
+def run(ctx: click.Context, /, **params: Any) -> None:
+    """Run the forwarder until SIGTERM/SIGINT (SIGHUP re-reads --config)."""
+    args = list(sys.argv[2:]) if ctx.parent is not None else []
+    info_name = ctx.info_name or "run"
+
+    def reload() -> Settings:
+        """Re-read the config file under the same flags and environment."""
+        try:
+            with run.make_context(info_name, list(args), parent=ctx.parent) as fresh:
+                return settings_from(fresh.params)
+        except click.ClickException as exc:
+            raise ConfigError(exc.format_message()) from None
 
     def body() -> None:
         from portproxy.daemon import Daemon
+        from portproxy.logs import setup_logging
 
-        forwards = build_forwards(params["forwards"], default_options(params))
-        settings = Settings(
-            forwards=forwards,
-            drain_timeout=params["drain_timeout"],
-            use_splice=not params["no_splice"],
-        )
+        settings = settings_from(params)
         setup_logging(params["log_level"], params["log_format"])
-        asyncio.run(Daemon(settings).run())
+        _event_loop_policy()
+        reloader = reload if settings.config_file else None
+
+        async def main_async() -> None:
+            await Daemon(settings, reloader=reloader).run()
+        asyncio.run(main_async())
 
     run_guarded(body)

@@ -1,40 +1,66 @@
-"""Composition root: settings → resolvers, engines and admin in one task group; signals."""
+"""Composition root: settings → resolvers, engines and admin in one task group; signals.
+
+Each forward gets a ``ForwardRuntime``: its target state (one resolver task) and its TCP
+and/or UDP engine. Reload (SIGHUP) diffs the new forwards against the running ones: an
+unchanged forward keeps its listeners and connections; a removed one stops accepting and
+drains in the background; a new one is bound and started.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.endpoints import Balancer
-from portproxy.errors import SetupError
+from portproxy.errors import PortproxyError
 from portproxy.limits import SharedLimit
+from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
+from portproxy.proxyproto import encode_header
 from portproxy.relay import direction_type
 from portproxy.resolve import Resolver
 from portproxy.resolve.dns import DnsResolver
 from portproxy.resolve.static import StaticResolver
 from portproxy.spec import Forward, HostTarget, Protocol, ServiceTarget
 from portproxy.splice import splice_available
+from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
-from portproxy.tcp import TcpForwarder
+from portproxy.tcp import Address, ProxyHeader, TcpForwarder
 
 log = logging.getLogger("portproxy")
 
+Reloader = Callable[[], Settings]
 
-@dataclass
+
+@dataclass(eq=False)
 class ForwardRuntime:
     """Everything running for one forward."""
 
     forward: Forward
     target: TargetState
     tcp: TcpForwarder | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    udp: Any = None
+    task: asyncio.Task[None] | None = None
+    detail: str = ""
+
+    @property
+    def engines(self) -> list[Any]:
+        return [e for e in (self.tcp, self.udp) if e is not None]
+
+    def stop_accepting(self) -> None:
+        for engine in self.engines:
+            engine.stop_accepting()
+
+    async def drain(self, timeout: float) -> None:
+        await asyncio.gather(*(engine.drain(timeout) for engine in self.engines))
+        if self.task is not None:
+            self.task.cancel()
 
 
 def choose_pump(use_splice: bool) -> str:
@@ -46,31 +72,44 @@ def choose_pump(use_splice: bool) -> str:
     return "splice" if ok else "copy"
 
 
+def _target_mode(forward: Forward) -> str:
+    target = forward.target
+    if isinstance(target, ServiceTarget):
+        return forward.options.mode.value
+    return "static" if target.is_ip else "dns"
+
+
 class Daemon:
-    def __init__(self, settings: Settings, metrics: ProxyMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: ProxyMetrics | None = None,
+                 reloader: Reloader | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ProxyMetrics()
+        self.reloader = reloader
         self.pump = choose_pump(settings.use_splice)
         self.metrics.set_build(self.pump)
         self.direction_type = direction_type(self.pump == "splice")
         self.global_limit = SharedLimit(settings.max_conns)
-        self.forwards: dict[str, ForwardRuntime] = {}
+        self.access_log = AccessLog(settings.access_log)
+        self.forwards: dict[Forward, ForwardRuntime] = {}
+        self.admin: AdminServer | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._signals = 0
         self._kube: Any = None
+        self._draining: set[asyncio.Task[None]] = set()
 
     # -- building -------------------------------------------------------------------------
     def _resolver(self, forward: Forward) -> Resolver:
         target = forward.target
         if isinstance(target, ServiceTarget):
-            resolver: Resolver = self._kube_resolvers().resolver(target, forward.options.mode)
+            resolver: Resolver = self.kube_resolvers().resolver(target, forward.options.mode)
             return resolver
         assert isinstance(target, HostTarget)
         return StaticResolver(target) if target.is_ip else DnsResolver(target)
 
-    def _kube_resolvers(self) -> Any:
+    def kube_resolvers(self) -> Any:
         # Imported on first use: processes without Service targets never load the client.
-        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings  # type: ignore
+        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
 
         if self._kube is None:
             self._kube = KubeResolvers(
@@ -80,31 +119,76 @@ class Daemon:
                 self.metrics)
         return self._kube
 
+    def _tcp_access(self, forward: str, client: Address, endpoint: str, up: int, down: int,
+                    duration: float, result: str) -> None:
+        self.access_log.record(AccessRecord("tcp", forward, format_address(client), endpoint,
+                                            up, down, duration, result))
+
+    def _udp_access(self, forward: str, client: Address, endpoint: str, up: int, down: int,
+                    duration: float, result: str) -> None:
+        self.access_log.record(AccessRecord("udp", forward, format_address(client), endpoint,
+                                            up, down, duration, result))
+
     def build(self, forward: Forward) -> ForwardRuntime:
         """Create and bind everything for ``forward`` (raises SetupError on bind failure)."""
         balancer = Balancer(forward.options.balance, self.settings.node_name)
         target = TargetState(forward.name, self._resolver(forward), balancer,
                              self.metrics.endpoints.labels(forward.name))
         runtime = ForwardRuntime(forward, target)
-        if Protocol.TCP in forward.protocols:
-            runtime.tcp = TcpForwarder(forward, target, self.metrics, self.direction_type,
-                                       self.global_limit)
-            listen = forward.listen
-            if listen.kind == "interface":
-                raise SetupError(f"forward {forward.name}: interface listen addresses are not "
-                                 "supported yet")
-            runtime.tcp.add_listener(listen.host)
-        if Protocol.UDP in forward.protocols:
-            raise SetupError(f"forward {forward.name}: UDP forwarding is not supported yet")
+        access = self.access_log.enabled
+        try:
+            if Protocol.TCP in forward.protocols:
+                runtime.tcp = TcpForwarder(
+                    forward, target, self.metrics, self.direction_type, self.global_limit,
+                    self._tcp_access if access else None, _proxy_header(forward))
+            if Protocol.UDP in forward.protocols:
+                from portproxy.udp import UdpForwarder
+
+                runtime.udp = UdpForwarder(forward, target, self.metrics,
+                                           self._udp_access if access else None)
+            self._bind(runtime)
+        except BaseException:
+            runtime.stop_accepting()
+            raise
         return runtime
 
-    def start(self, runtime: ForwardRuntime, group: asyncio.TaskGroup) -> None:
-        name = runtime.forward.name
-        runtime.tasks.append(group.create_task(runtime.target.follow(),
-                                               name=f"resolve {name}"))
-        self.forwards[name] = runtime
+    def _bind(self, runtime: ForwardRuntime) -> None:
+        listen = runtime.forward.listen
+        if listen.kind == "interface":
+            from portproxy.errors import SetupError
 
-    # -- running --------------------------------------------------------------------------
+            raise SetupError(f"forward {runtime.forward.name}: interface listen addresses are "
+                             "not supported yet")
+        for engine in runtime.engines:
+            engine.add_listener(listen.host)
+
+    def start(self, runtime: ForwardRuntime) -> None:
+        assert self._group is not None
+        runtime.task = self._group.create_task(
+            runtime.target.follow(), name=f"resolve {runtime.forward.name}")
+        self.forwards[runtime.forward] = runtime
+
+    # -- status (admin) -------------------------------------------------------------------
+    def forward_statuses(self) -> list[ForwardStatus]:
+        statuses = []
+        for runtime in self.forwards.values():
+            forward = runtime.forward
+            statuses.append(ForwardStatus(
+                name=forward.name,
+                protocols=tuple(p.value for p in forward.protocols),
+                listen=str(forward.listen),
+                target=str(forward.target),
+                mode=_target_mode(forward),
+                endpoints=tuple(str(e) for e in runtime.target.endpoints.endpoints),
+                bound=all(engine.bound for engine in runtime.engines),
+                resolved=runtime.target.resolved,
+                active_connections=runtime.tcp.active if runtime.tcp is not None else 0,
+                udp_flows=runtime.udp.flows if runtime.udp is not None else 0,
+                detail=runtime.detail,
+            ))
+        return statuses
+
+    # -- signals --------------------------------------------------------------------------
     def request_stop(self) -> None:
         self._signals += 1
         if self._signals == 1:
@@ -114,57 +198,130 @@ class Daemon:
         else:
             log.warning("second signal: closing every connection now")
             for runtime in self.forwards.values():
-                if runtime.tcp is not None:
-                    runtime.tcp.abort_all()
+                for engine in runtime.engines:
+                    engine.abort_all()
 
     def install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
+        handled = [signal.SIGTERM, signal.SIGINT]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            handled.append(signal.SIGHUP)
 
         def remove() -> None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
         return remove
 
+    # -- reload ---------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        assert self.reloader is not None
+        try:
+            new = self.reloader()
+        except PortproxyError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return
+        self.apply(new)
+
+    def apply(self, new: Settings) -> None:
+        """Move to ``new`` forwards without touching unchanged ones.
+
+        New listeners are bound before removed ones close: SO_REUSEPORT lets a changed forward
+        bind its port beside the old listener, so the port never refuses a client.
+        """
+        wanted = set(new.forwards)
+        removed = [r for f, r in self.forwards.items() if f not in wanted]
+        added = [f for f in new.forwards if f not in self.forwards]
+        started: list[ForwardRuntime] = []
+        try:
+            for forward in added:
+                started.append(self.build(forward))
+        except PortproxyError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            for runtime in started:
+                runtime.stop_accepting()
+            return
+        for runtime in started:
+            self.start(runtime)
+        for runtime in removed:
+            del self.forwards[runtime.forward]
+            self._drain_in_background(runtime)
+        self.settings = new
+        log.info("reloaded: %d unchanged, %d added, %d removed",
+                 len(self.forwards) - len(started), len(started), len(removed))
+
+    def _drain_in_background(self, runtime: ForwardRuntime) -> None:
+        assert self._group is not None
+        runtime.stop_accepting()
+        name = runtime.forward.name
+        log.info("forward %s removed: draining", name, extra={"forward": name})
+        task = self._group.create_task(runtime.drain(self.settings.drain_timeout),
+                                       name=f"drain {name}")
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    # -- running --------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         runtimes: list[ForwardRuntime] = []
         try:
             for forward in self.settings.forwards:
                 runtimes.append(self.build(forward))
+            await self._start_admin()
         except BaseException:
             for runtime in runtimes:
-                if runtime.tcp is not None:
-                    runtime.tcp.stop_accepting()
+                runtime.stop_accepting()
+            await self.close_resolvers()
             raise
         log.info("portproxy running %d forward(s) with the %s pump", len(runtimes), self.pump)
         remove_signals = self.install_signals()
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 for runtime in runtimes:
-                    self.start(runtime, group)
+                    self.start(runtime)
                 if ready is not None:
                     ready()
                 await self._stop.wait()
                 await self.drain()
-                for runtime in self.forwards.values():
-                    for task in runtime.tasks:
-                        task.cancel()
         finally:
             remove_signals()
+            if self.admin is not None:
+                await self.admin.stop()
             await self.close_resolvers()
         log.info("stopped")
 
+    async def _start_admin(self) -> None:
+        address = self.settings.admin_address
+        if address is None:
+            return
+        self.admin = AdminServer(address[0], address[1], self.metrics.registry, self)
+        await self.admin.start()
+        log.info("admin endpoint on %s (/metrics /healthz /readyz /forwards)",
+                 self.admin.address)
+
     async def drain(self) -> None:
-        engines = [r.tcp for r in self.forwards.values() if r.tcp is not None]
-        for engine in engines:
-            engine.stop_accepting()
-        active = sum(e.active for e in engines)
-        log.info("draining %d open connection(s)", active)
-        await asyncio.gather(*(e.drain(self.settings.drain_timeout) for e in engines))
+        runtimes = list(self.forwards.values())
+        for runtime in runtimes:
+            runtime.stop_accepting()
+        active = sum(r.tcp.active for r in runtimes if r.tcp is not None)
+        flows = sum(r.udp.flows for r in runtimes if r.udp is not None)
+        log.info("draining %d open connection(s) and %d UDP flow(s)", active, flows)
+        await asyncio.gather(*(r.drain(self.settings.drain_timeout) for r in runtimes),
+                             *self._draining)
         log.info("drain finished")
 
     async def close_resolvers(self) -> None:
         if self._kube is not None:
-            with contextlib.suppress(Exception):
-                await self._kube.close()
+            await self._kube.close()
+
+
+def _proxy_header(forward: Forward) -> ProxyHeader | None:
+    version = forward.options.proxy_protocol
+    if version is None:
+        return None
+
+    def header(client: Address, local: Address) -> bytes:
+        return encode_header(version.value, client, local, "stream")
+    return header
