@@ -166,8 +166,6 @@ class AdminServer:
             raise
         self._last_beat = self._clock()
         self._heartbeat = asyncio.create_task(self._beat(), name="admin-heartbeat")
-        log.info("admin endpoint listening on %s", self.address,
-                 extra={"admin_address": self.address})
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from portproxy.admin import AdminServer, AdminSettings, parse_admin_address
 from portproxy.errors import ConfigError, SetupError
 from portproxy.metrics import ProxyMetrics, Registry
-from portproxy.status import ForwardStatus, StatusSource
+from portproxy.status import ForwardStatus, StatusSource, is_ready, not_ready_lines
 
 TIMEOUT = 10.0
 
@@ -398,3 +398,17 @@ def test_connections_beyond_max_clients_are_closed_unanswered(
         if answer:
             break
     assert answer.endswith(b"\r\n\r\nok\n")
+
+
+def test_readiness_rule_and_default_reasons() -> None:
+    assert is_ready([])
+    assert is_ready([status("a"), status("b")])
+    assert not is_ready([status("a"), status("b", resolved=False)])
+    assert not_ready_lines([
+        status("a", bound=False), status("b", resolved=False), status("c"),
+        status("d", bound=False, resolved=False, detail="waiting for interface eth0"),
+    ]) == [
+        "forward a not ready: listener not bound",
+        "forward b not ready: target not resolved yet",
+        "forward d not ready: waiting for interface eth0",
+    ]
