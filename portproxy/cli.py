@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -263,12 +264,104 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         from portproxy.logs import setup_logging
 
         settings = settings_from(params)
-        setup_logging(params["log_level"], params["log_format"])
+        limiter = setup_logging(params["log_level"], params["log_format"])
         _event_loop_policy()
         reloader = reload if settings.config_file else None
 
         async def main_async() -> None:
             await Daemon(settings, reloader=reloader).run()
-        asyncio.run(main_async())
+        try:
+            asyncio.run(main_async())
+        finally:
+            limiter.flush(everything=True)  # say what the rate limit held back
 
     run_guarded(body)
+
+
+@main.command()
+@forward_options
+@click.option("--offline", is_flag=True, help="Parse and bind-test only; resolve nothing.")
+def check(**params: Any) -> None:
+    """Parse, bind-test and resolve every forward once; print a table.
+
+    Exits 0 when everything would work at `run`, 2 for invalid input, 3 otherwise.
+    """
+
+    def body() -> None:
+        settings = settings_from(params)
+        rows = asyncio.run(_check_all(settings, params["offline"]))
+        from portproxy.check import render
+
+        click.echo(render(rows))
+        if not all(row.ok for row in rows):
+            raise SetupError("some forwards would fail at run (see STATUS above)")
+
+    run_guarded(body)
+
+
+async def _check_all(settings: Settings, offline: bool) -> list[Any]:
+    from portproxy.check import check_forward
+    from portproxy.spec import ServiceTarget
+
+    kube = None
+    if not offline and any(isinstance(f.target, ServiceTarget) for f in settings.forwards):
+        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
+
+        kube = KubeResolvers(KubeSettings(kubeconfig=settings.kubeconfig,
+                                          context=settings.kube_context))
+    try:
+        return [await check_forward(f, offline, kube) for f in settings.forwards]
+    finally:
+        if kube is not None:
+            await kube.close()
+
+
+def legacy_spec(protocol: str, port: int, service: str, timeout: float | None,
+                cluster: bool) -> str:
+    """The old proxy-to-service image's argv as a forward spec.
+
+    SERVICE is ``name.namespace[.svc[.cluster.local]]``: with a cluster config available it
+    becomes the Service through the API (port matched by number), otherwise a DNS name.
+    """
+    parts = service.rstrip(".").split(".")
+    is_service = cluster and len(parts) >= 2 and (len(parts) == 2 or parts[2] == "svc")
+    target = f"{parts[1]}/{parts[0]}" if is_service else service
+    spec = f"{protocol}://:{port}={target}:{port}"
+    if timeout is not None:
+        spec += f",idle-timeout={timeout:g}"
+    if is_service:
+        spec += ",mode=clusterip"
+    return spec
+
+
+def _cluster_config_available(kubeconfig: str | None) -> bool:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    return os.path.exists(path)
+
+
+def _legacy(protocol: str) -> click.Command:
+    @click.command(name=protocol, context_settings={"ignore_unknown_options": False})
+    @click.argument("port", type=click.IntRange(1, 65535))
+    @click.argument("service")
+    @click.argument("timeout", type=click.FloatRange(0), required=False)
+    @click.pass_context
+    def legacy(ctx: click.Context, /, port: int, service: str, timeout: float | None) -> None:
+        spec = legacy_spec(protocol, port, service, timeout,
+                           _cluster_config_available(os.environ.get("KUBECONFIG")))
+        args = ["-f", spec]
+        ctx.invoke(run, **_run_defaults(args))
+
+    legacy.help = (f"Drop-in for the proxy-to-service image: forward {protocol} PORT to "
+                   "SERVICE:PORT (TIMEOUT = idle timeout in seconds).")
+    return legacy
+
+
+def _run_defaults(args: list[str]) -> dict[str, Any]:
+    with run.make_context("run", args) as ctx:
+        return dict(ctx.params)
+
+
+main.add_command(_legacy("tcp"))
+main.add_command(_legacy("udp"))
