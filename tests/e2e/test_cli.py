@@ -1,0 +1,137 @@
+"""The CLI as users run it: exit codes, messages, environment, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from portproxy import __version__
+from tests.conftest import wait_for
+from tests.e2e.cli import PortproxyProcess, run_cli
+from tests.net.harness import EchoServer, free_port, recv_all
+
+
+@pytest.fixture
+def backend() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_version() -> None:
+    result = run_cli(["--version"])
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"portproxy {__version__}"
+
+
+def test_invalid_spec_exits_2_naming_the_part() -> None:
+    result = run_cli(["run", "-f", "tcp://:99999=x:1"])
+    assert result.returncode == 2
+    assert ("invalid --forward 'tcp://:99999=x:1': port 99999 is out of range 1-65535"
+            in result.stderr)
+
+
+def test_invalid_flag_value_exits_2() -> None:
+    result = run_cli(["run", "-f", "80=a:1", "--drain-timeout", "forever"])
+    assert result.returncode == 2
+    assert "--drain-timeout" in result.stderr
+
+
+def test_no_forward_exits_2() -> None:
+    result = run_cli(["run"], env={"PORTPROXY_FORWARD": ""})
+    assert result.returncode == 2
+    assert "no forwards given" in result.stderr
+
+
+def test_duplicate_listen_exits_2() -> None:
+    result = run_cli(["run", "-f", "tcp://:8080=a:1", "-f", "tcp+udp://:8080=b:1"])
+    assert result.returncode == 2
+    assert "is already used by 'tcp://:8080=a:1'" in result.stderr
+
+
+def test_port_in_use_exits_3_naming_the_forward() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: nobody may share it
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = run_cli(["run", "-f", f"tcp://127.0.0.1:{port}=127.0.0.1:9", "--admin-address",
+                          "none"])
+    finally:
+        holder.close()
+    assert result.returncode == 3
+    assert f"forward tcp/127.0.0.1:{port}: 127.0.0.1:{port} is already in use" in result.stderr
+
+
+def test_env_forwards_and_sigterm_drain(backend: EchoServer) -> None:
+    port_a, port_b = free_port(), free_port()
+    specs = (f"tcp://127.0.0.1:{port_a}=127.0.0.1:{backend.port}\n"
+             f"  tcp://127.0.0.1:{port_b}=127.0.0.1:{backend.port}")
+    proc = PortproxyProcess(["run", "--drain-timeout", "20s", "--admin-address", "none"],
+                            env={"PORTPROXY_FORWARD": specs})
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port_b}")
+        held = socket.create_connection(("127.0.0.1", port_a), timeout=10)
+        held.sendall(b"before")
+        assert held.recv(6) == b"before"
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("draining 1 open connection")
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port_a), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        wait_for(refused, what="the listener to close")
+        held.sendall(b"during the drain")  # the open connection keeps working
+        held.shutdown(socket.SHUT_WR)
+        assert recv_all(held) == b"during the drain"
+        held.close()
+        assert proc.wait(15) == 0
+        assert "drain finished" in proc.output
+    finally:
+        proc.stop()
+
+
+def test_drain_timeout_resets_what_is_left(backend: EchoServer) -> None:
+    port = free_port()
+    proc = PortproxyProcess(["run", "-f", f"127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--drain-timeout", "300ms", "--admin-address", "none"])
+    try:
+        proc.wait_for_line("listening on tcp")
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        proc.signal(signal.SIGTERM)
+        try:
+            assert held.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        assert proc.wait(15) == 0
+    finally:
+        proc.stop()
+
+
+def test_second_signal_stops_at_once(backend: EchoServer) -> None:
+    port = free_port()
+    proc = PortproxyProcess(["run", "-f", f"127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--drain-timeout", "1h", "--admin-address", "none"])
+    try:
+        proc.wait_for_line("listening on tcp")
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("draining 1 open connection")
+        proc.signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        assert "second signal" in proc.output
+        held.close()
+    finally:
+        proc.stop()
