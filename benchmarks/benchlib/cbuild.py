@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,10 @@ def build(build_dir: Path) -> dict[str, Path]:
         src = SOURCES / f"{name}.c"
         binary = build_dir / name
         if not binary.exists() or binary.stat().st_mtime < src.stat().st_mtime:
-            subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(src)],
+            # Build beside and rename: a concurrent run never executes a half-written binary.
+            partial = build_dir / f".{name}.{os.getpid()}"
+            subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(partial), str(src)],
                            check=True, timeout=120)
+            os.replace(partial, binary)
         out[name] = binary
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import resource
 import subprocess
 import sys
@@ -31,7 +33,16 @@ class Ports:
 
 BACKEND_PORTS = Ports(BACKEND_TCP_PORT, IPERF_PORT, BACKEND_UDP_PORT)
 
-Commands = Callable[[Ports, Path], list[list[str]]]
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """One program of a forwarder."""
+
+    argv: list[str]
+    udp_only: bool = False
+    """Serves only the UDP port: if it cannot start, the TCP figures are still measured."""
+
+
+Commands = Callable[[Ports, Path], list[Launch]]
 """Given the listen ports and a private temp dir (for config files), the programs to start."""
 
 
@@ -60,7 +71,12 @@ class Running:
     """ok | failed | skipped | unsupported"""
     reason: str | None = None
     procs: list[Proc] = field(default_factory=list)
+    tcp_procs: list[Proc] = field(default_factory=list)
+    """The programs serving the TCP ports (the ones that must start)."""
     udp_ok: bool = False
+    """A probe datagram came back through the UDP port."""
+    udp_missing: str | None = None
+    """Why this forwarder has no UDP port at all (then the UDP workload is not applicable)."""
 
     @property
     def pids(self) -> list[int]:
@@ -71,16 +87,36 @@ class Running:
             proc.stop()
 
 
+PORTPROXY = [sys.executable, "-m", "portproxy"]
+
+
+@functools.cache
+def _portproxy_run_flags() -> frozenset[str]:
+    """The flags ``portproxy run`` knows, so optional ones are passed only when they exist."""
+    try:
+        proc = subprocess.run([*PORTPROXY, "run", "--help"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(re.findall(r"--[a-z][a-z-]*", proc.stdout))
+
+
 def _portproxy(*extra: str) -> Commands:
-    def commands(ports: Ports, _tmp: Path) -> list[list[str]]:
+    """portproxy with ``extra`` flags; a build without them exits 2 and the row says so."""
+
+    def commands(ports: Ports, _tmp: Path) -> list[Launch]:
         assert ports.udp is not None
-        return [[
-            sys.executable, "-m", "portproxy", "run",
-            "-f", f"tcp://{HOST}:{ports.echo}={HOST}:{BACKEND_TCP_PORT}",
-            "-f", f"tcp://{HOST}:{ports.iperf}={HOST}:{IPERF_PORT}",
-            "-f", f"udp://{HOST}:{ports.udp}={HOST}:{BACKEND_UDP_PORT}",
-            "--admin-address", "none", "--log-level", "warning", *extra,
-        ]]
+        optional = [arg for flag, value in (("--admin-address", "none"),
+                                            ("--log-level", "warning"))
+                    if flag in _portproxy_run_flags() for arg in (flag, value)]
+        run = [*PORTPROXY, "run", *optional, *extra]
+        # UDP in a process of its own, so a build without UDP still gets its TCP figures.
+        return [
+            Launch([*run, "-f", f"tcp://{HOST}:{ports.echo}={HOST}:{BACKEND_TCP_PORT}",
+                    "-f", f"tcp://{HOST}:{ports.iperf}={HOST}:{IPERF_PORT}"]),
+            Launch([*run, "-f", f"udp://{HOST}:{ports.udp}={HOST}:{BACKEND_UDP_PORT}"],
+                   udp_only=True),
+        ]
     return commands
 
 
@@ -97,7 +133,7 @@ def _max_conns(fds_per_conn: float) -> int:
     return min(40000, int((hard - 500) / fds_per_conn))
 
 
-def _haproxy(ports: Ports, tmp: Path) -> list[list[str]]:
+def _haproxy(ports: Ports, tmp: Path) -> list[Launch]:
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(f"""\
 global
@@ -116,10 +152,10 @@ listen iperf
     bind {HOST}:{ports.iperf}
     server s1 {HOST}:{IPERF_PORT}
 """)
-    return [["haproxy", "-db", "-f", str(cfg)]]
+    return [Launch(["haproxy", "-db", "-f", str(cfg)])]
 
 
-def _nginx(ports: Ports, tmp: Path) -> list[list[str]]:
+def _nginx(ports: Ports, tmp: Path) -> list[Launch]:
     assert ports.udp is not None
     module = nginx_stream_module()
     load = f"load_module {module};\n" if isinstance(module, Path) else ""
@@ -142,19 +178,20 @@ stream {{
              proxy_pass {HOST}:{BACKEND_UDP_PORT}; }}
 }}
 """)
-    return [["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(cfg)]]
+    return [Launch(["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"),
+                    "-c", str(cfg)])]
 
 
-def _socat(ports: Ports, _tmp: Path) -> list[list[str]]:
+def _socat(ports: Ports, _tmp: Path) -> list[Launch]:
     assert ports.udp is not None
     return [
-        ["socat", f"TCP-LISTEN:{ports.echo},bind={HOST},fork,reuseaddr,backlog=4096",
-         f"TCP:{HOST}:{BACKEND_TCP_PORT}"],
-        ["socat", f"TCP-LISTEN:{ports.iperf},bind={HOST},fork,reuseaddr",
-         f"TCP:{HOST}:{IPERF_PORT}"],
+        Launch(["socat", f"TCP-LISTEN:{ports.echo},bind={HOST},fork,reuseaddr,backlog=4096",
+                f"TCP:{HOST}:{BACKEND_TCP_PORT}"]),
+        Launch(["socat", f"TCP-LISTEN:{ports.iperf},bind={HOST},fork,reuseaddr",
+                f"TCP:{HOST}:{IPERF_PORT}"]),
         # -T: a forked UDP child ends once its client is quiet, or they would pile up.
-        ["socat", "-T", "5", f"UDP-LISTEN:{ports.udp},bind={HOST},fork,reuseaddr",
-         f"UDP:{HOST}:{BACKEND_UDP_PORT}"],
+        Launch(["socat", "-T", "5", f"UDP-LISTEN:{ports.udp},bind={HOST},fork,reuseaddr",
+                f"UDP:{HOST}:{BACKEND_UDP_PORT}"], udp_only=True),
     ]
 
 
@@ -175,7 +212,7 @@ PEERS: tuple[Peer, ...] = (
 def portproxy_unavailable() -> str | None:
     """None when ``python -m portproxy`` runs here, else why not."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "portproxy", "--version"], cwd=REPO,
+        proc = subprocess.run([*PORTPROXY, "--version"], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"portproxy not available: {exc}"
@@ -185,35 +222,46 @@ def portproxy_unavailable() -> str | None:
     return None
 
 
-def start(peer: Peer, ports: Ports, tmp: Path, unavailable: dict[str, str],
-          cpu: int | None) -> Running:
-    """Start a peer, wait until it accepts, and gate it on the 1 MiB half-close check."""
+def launch(peer: Peer, ports: Ports, tmp: Path, unavailable: dict[str, str],
+           cpu: int | None) -> Running:
+    """Start a peer's programs without waiting for them (all peers start up in parallel)."""
     if peer.commands is None:
-        running = Running(peer, BACKEND_PORTS, "ok")
-    elif peer.needs in unavailable:
+        return Running(peer, BACKEND_PORTS, "ok")
+    if peer.needs in unavailable:
         return Running(peer, ports, "skipped", unavailable[peer.needs])
-    else:
-        workdir = tmp / peer.name
-        workdir.mkdir()
-        procs = [Proc(f"{peer.name}-{i}", argv, workdir, cpu=cpu, cwd=peer.cwd)
-                 for i, argv in enumerate(peer.commands(ports, workdir))]
-        running = Running(peer, ports if peer.udp else Ports(ports.echo, ports.iperf, None),
-                          "ok", procs=procs)
-        deadline = time.monotonic() + START_TIMEOUT
-        for port in (ports.echo, ports.iperf):
-            error = wait_tcp(HOST, port, deadline, procs)
-            if error:
-                # Exit code 2 is "invalid usage": a flag this build does not know yet.
-                unsupported = any(p.exited() == 2 for p in procs)
-                running.status, running.reason = ("unsupported" if unsupported else "failed",
-                                                  error)
-                running.stop()
-                return running
+    workdir = tmp / peer.name
+    workdir.mkdir()
+    launches = peer.commands(ports, workdir)
+    procs = [Proc(f"{peer.name}-{i}", launch.argv, workdir, cpu=cpu, cwd=peer.cwd)
+             for i, launch in enumerate(launches)]
+    return Running(peer, ports if peer.udp else Ports(ports.echo, ports.iperf, None), "ok",
+                   procs=procs,
+                   tcp_procs=[p for p, la in zip(procs, launches, strict=True) if not la.udp_only])
+
+
+def settle(running: Running) -> None:
+    """Wait until a launched peer accepts, and gate it on the 1 MiB half-close check."""
+    if running.status != "ok":
+        return
+    deadline = time.monotonic() + START_TIMEOUT
+    for port in (running.ports.echo, running.ports.iperf):
+        error = wait_tcp(HOST, port, deadline, running.tcp_procs)
+        if error:
+            # Exit code 2 is "invalid usage": a flag this build does not know yet.
+            unsupported = any(p.exited() == 2 for p in running.procs)
+            running.status = "unsupported" if unsupported else "failed"
+            running.reason = error
+            running.stop()
+            return
     error = half_close_check(HOST, running.ports.echo)
     if error:
         running.status, running.reason = "failed", f"1 MiB half-close check: {error}"
         running.stop()
-        return running
-    if running.ports.udp is not None:
-        running.udp_ok = udp_echoes(HOST, running.ports.udp, time.monotonic() + 5)
-    return running
+        return
+    if running.ports.udp is None:
+        running.udp_missing = f"{running.peer.name} does not forward UDP"
+        return
+    running.udp_ok = udp_echoes(HOST, running.ports.udp, deadline, running.procs)
+    dead = [p for p in running.procs if p.exited() is not None]
+    if not running.udp_ok and dead:
+        running.udp_missing = f"UDP forward did not start: {dead[0].log_tail(2)}"

@@ -130,11 +130,13 @@ def wait_tcp(host: str, port: int, deadline: float, alive: Sequence[Proc] = ()) 
     return f"nothing accepted on {host}:{port} before the deadline"
 
 
-def udp_echoes(host: str, port: int, deadline: float) -> bool:
-    """Send probes until one comes back or the deadline passes."""
+def udp_echoes(host: str, port: int, deadline: float, alive: Sequence[Proc] = ()) -> bool:
+    """Send probes until one comes back, the deadline passes, or one of ``alive`` exits."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect((host, port))
         while time.monotonic() < deadline:
+            if any(proc.exited() is not None for proc in alive):
+                return False
             with contextlib.suppress(ConnectionRefusedError):
                 sock.send(b"probe")
             sock.settimeout(0.2)

@@ -27,9 +27,7 @@ Raw = dict[str, dict[str, Cell]]
 
 
 def not_applicable(fwd: Running, workload: Workload) -> str | None:
-    if workload.udp and fwd.ports.udp is None:
-        return f"{fwd.peer.name} does not forward UDP"
-    return None
+    return fwd.udp_missing if workload.udp else None
 
 
 def _median(cell: Cell, metric: Metric) -> float | None:
@@ -123,6 +121,9 @@ def markdown(summary: dict[str, Any]) -> str:
              for name, entry in summary["forwarders"].items() if entry["status"] != "ok"]
     errors = [f"- {name} / {wl}: {err}" for name, entry in summary["forwarders"].items()
               for wl, result in entry["results"].items() for err in result["errors"]]
+    notes += [f"- {name} / {wl}: not applicable — {result['not_applicable']}"
+              for name, entry in summary["forwarders"].items()
+              for wl, result in entry["results"].items() if result["not_applicable"]]
     if notes:
         lines += ["### Not measured", "", *notes, ""]
     if errors:

@@ -40,7 +40,7 @@ def _start_backends(echo_server: Path, tmp: Path) -> list[Proc]:
     return procs
 
 
-def _start_peers(tmp: Path, settings: Settings) -> list[Running]:
+def _launch_peers(tmp: Path, settings: Settings) -> list[Running]:
     unavailable = ensure_installed(allow_install=False)
     reason = forwarders.portproxy_unavailable()
     if reason:
@@ -49,11 +49,16 @@ def _start_peers(tmp: Path, settings: Settings) -> list[Running]:
     started = []
     for i, peer in enumerate(PEERS):
         base = FORWARDER_BASE_PORT + 10 * i
-        running = forwarders.start(peer, Ports(base, base + 1, base + 2), tmp, unavailable, cpu)
-        shown = f"{running.status}" + (f" ({running.reason})" if running.reason else "")
-        print(f"  {peer.name:15} {shown}", flush=True)
-        started.append(running)
+        started.append(forwarders.launch(peer, Ports(base, base + 1, base + 2), tmp,
+                                         unavailable, cpu))
     return started
+
+
+def _settle_peers(peers: list[Running]) -> None:
+    for running in peers:
+        forwarders.settle(running)
+        shown = f"{running.status}" + (f" ({running.reason})" if running.reason else "")
+        print(f"  {running.peer.name:15} {shown}", flush=True)
 
 
 def _measure(peers: list[Running], tools: Tools) -> report.Raw:
@@ -79,6 +84,7 @@ def _measure(peers: list[Running], tools: Tools) -> report.Raw:
 
 
 def run(settings: Settings, repo: Path) -> dict[str, Any]:
+    began = time.monotonic()
     binaries = cbuild.build(settings.build_dir)
     # HAProxy refuses to start unless it can raise its own limit to fit maxconn; nginx and
     # portproxy simply inherit ours. Thousands of idle connections need it too.
@@ -91,10 +97,12 @@ def run(settings: Settings, repo: Path) -> dict[str, Any]:
         backends = _start_backends(binaries["echo_server"], tmp)
         for proc in backends:
             stack.callback(proc.stop)
-        print("starting forwarders:", flush=True)
-        peers = _start_peers(tmp, settings)
+        print(f"starting forwarders ({time.monotonic() - began:.1f} s):", flush=True)
+        peers = _launch_peers(tmp, settings)
         for fwd in peers:
             stack.callback(fwd.stop)
+        _settle_peers(peers)
+        print(f"measuring ({time.monotonic() - began:.1f} s):", flush=True)
         raw = _measure(peers, Tools(binaries["loadgen"], settings))
         for fwd in peers:
             if fwd.status == "ok" and any(p.exited() is not None for p in fwd.procs):
