@@ -1,0 +1,89 @@
+"""IP_PKTINFO / IPV6_PKTINFO: which local address a datagram was sent to, and replying from it.
+
+A UDP listener bound to a wildcard address on a host with several addresses would, left to
+itself, send replies from whatever source address routing picks; DNS resolvers and most
+other clients drop a reply that does not come from the address they asked. With PKTINFO on,
+each received datagram carries its destination address as ancillary data, and the reply is
+sent with the same ancillary data type, which makes the kernel use that address as source.
+
+Linux details this relies on (checked on the kernels we support):
+
+- A dual-stack ``AF_INET6`` socket with ``IPV6_RECVPKTINFO`` reports IPv4 datagrams as
+  ``IPV6_PKTINFO`` with the IPv4-mapped address, and accepts ``IPV6_PKTINFO`` with a mapped
+  source when sending to a mapped client, so one code path serves both families.
+- ``struct in_pktinfo`` is ``{ifindex, spec_dst, addr}``: ``addr`` is the header destination
+  (what the client sent to), ``spec_dst`` the local address to answer from (they differ for
+  broadcast). Sending with ``spec_dst`` set and ``ifindex`` 0 chooses the source address and
+  leaves the outgoing interface to routing, so asymmetric routing keeps working.
+- IPv6 keeps the interface index only for link-local addresses, which need it to mean
+  anything; a multicast destination cannot be a source, so replies then go without PKTINFO.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+# Python 3.11 does not export IP_PKTINFO; 8 is its value in Linux's <linux/in.h>.
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
+IPV6_PKTINFO: int = socket.IPV6_PKTINFO
+IPV6_RECVPKTINFO: int = socket.IPV6_RECVPKTINFO
+#: Ancillary buffer for recvmsg: room for one pktinfo of either family, with slack.
+ANCILLARY_SIZE = socket.CMSG_SPACE(20) * 2
+
+Ancillary = tuple[int, int, bytes]
+_NO_IFINDEX = bytes(4)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAddress:
+    """Where one client's datagrams arrived, and the ancillary data to answer from there."""
+
+    raw: bytes
+    """The pktinfo bytes as received; compared per datagram to notice a change cheaply."""
+    host: str
+    """The address the client sent to (IPv4-mapped text on a dual-stack socket)."""
+    reply: tuple[Ancillary, ...]
+    """Ancillary data for ``sendmsg`` of every reply (empty: let the kernel choose)."""
+
+
+def enable(sock: socket.socket) -> None:
+    """Ask the kernel to report each datagram's destination address on ``sock``."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def pktinfo_of(ancdata: list[Ancillary]) -> bytes:
+    """The raw pktinfo bytes among ``ancdata`` (b"" when absent)."""
+    for level, kind, data in ancdata:
+        if (level, kind) in ((socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, IPV6_PKTINFO)):
+            return data
+    return b""
+
+
+def local_address(ancdata: list[Ancillary], sock: socket.socket) -> LocalAddress:
+    """Decode the pktinfo in ``ancdata``; the address ``sock`` is bound to when there is none."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return _from_in_pktinfo(data)
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            return _from_in6_pktinfo(data)
+    return LocalAddress(b"", str(sock.getsockname()[0]), ())
+
+
+def _from_in_pktinfo(data: bytes) -> LocalAddress:
+    spec_dst, destination = data[4:8], data[8:12]
+    reply = (socket.IPPROTO_IP, IP_PKTINFO, _NO_IFINDEX + spec_dst + bytes(4))
+    return LocalAddress(data, socket.inet_ntop(socket.AF_INET, destination), (reply,))
+
+
+def _from_in6_pktinfo(data: bytes) -> LocalAddress:
+    address = data[:16]
+    host = socket.inet_ntop(socket.AF_INET6, address)
+    if address[0] == 0xFF:  # multicast: not a valid source, let the kernel pick one
+        return LocalAddress(data, host, ())
+    link_local = address[0] == 0xFE and address[1] & 0xC0 == 0x80
+    ifindex = data[16:20] if link_local else _NO_IFINDEX
+    return LocalAddress(data, host, ((socket.IPPROTO_IPV6, IPV6_PKTINFO, address + ifindex),))

@@ -1,0 +1,360 @@
+"""The UDP engine over real loopback sockets: integrity, flows, expiry, ICMP, reply source."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from portproxy.endpoints import Endpoint
+from portproxy.proxyproto import parse_v2
+from portproxy.spec import ProxyProtocol
+from tests.conftest import wait_for
+from tests.net.udp_harness import (
+    UdpBackend,
+    UdpProxy,
+    client,
+    ipv6_loopback_available,
+)
+
+MakeProxy = Callable[..., UdpProxy]
+MakeBackend = Callable[..., UdpBackend]
+
+
+@pytest.fixture
+def make_backend() -> Iterator[MakeBackend]:
+    backends: list[UdpBackend] = []
+
+    def make(*args: Any, **kwargs: Any) -> UdpBackend:
+        backend = UdpBackend(*args, **kwargs)
+        backends.append(backend)
+        return backend
+    try:
+        yield make
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[MakeProxy]:
+    proxies: list[UdpProxy] = []
+
+    def make(*args: Any, **kwargs: Any) -> UdpProxy:
+        proxy = UdpProxy(*args, **kwargs)
+        proxies.append(proxy)
+        return proxy
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+@pytest.fixture
+def backend(make_backend: MakeBackend) -> UdpBackend:
+    return make_backend()
+
+
+SIZES_V4 = [1, 2, 100, 512, 1472, 1473, 4096, 9000, 32768, 65000, 65507]
+
+
+def test_sizes_1_byte_to_ipv4_maximum_intact(backend: UdpBackend, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    with client() as sock:
+        for size in SIZES_V4:
+            payload = os.urandom(size)
+            sock.sendto(payload, ("127.0.0.1", proxy.port))
+            reply, source = sock.recvfrom(70000)
+            assert len(reply) == size
+            assert reply == payload
+            assert source == ("127.0.0.1", proxy.port)
+    assert [len(data) for data, _ in backend.received] == SIZES_V4
+    assert proxy.datagrams("upstream") == len(SIZES_V4)
+    assert proxy.datagrams("downstream") == len(SIZES_V4)
+    assert proxy.flows == 1
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
+def test_ipv6_maximum_datagram_intact(make_backend: MakeBackend, make_proxy: MakeProxy) -> None:
+    backend = make_backend("::1")
+    proxy = make_proxy([backend.endpoint], listen_host="::1")
+    with client("::1") as sock:
+        for size in (1, 1452, 65507, 65527):
+            payload = os.urandom(size)
+            sock.sendto(payload, ("::1", proxy.port))
+            reply, source = sock.recvfrom(70000)
+            assert reply == payload
+            assert source[:2] == ("::1", proxy.port)
+
+
+def test_a_datagram_too_big_for_the_header_is_counted(backend: UdpBackend,
+                                                      make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], proxy_protocol=ProxyProtocol.V2)
+    with client() as sock:
+        sock.sendto(os.urandom(65507), ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.dropped("too_big") == 1, what="too_big drop")
+        sock.sendto(b"small", ("127.0.0.1", proxy.port))
+        echoed = sock.recvfrom(70000)[0]  # the flow is fine after the drop
+    assert echoed[parse_v2(echoed).header_len:] == b"small"
+
+
+def test_1000_clients_interleaved_each_get_only_their_own_replies(
+        backend: UdpBackend, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    clients = [client() for _ in range(1000)]
+    try:
+        for round_ in range(2):
+            for start in range(0, len(clients), 100):  # waves bound what sits in buffers
+                wave = clients[start:start + 100]
+                payloads = [f"{round_}:{start + i}:".encode() + os.urandom(16)
+                            for i in range(len(wave))]
+                for sock, payload in zip(wave, payloads, strict=True):
+                    sock.sendto(payload, ("127.0.0.1", proxy.port))
+                for sock, payload in zip(wave, payloads, strict=True):
+                    assert sock.recvfrom(2048)[0] == payload
+        assert proxy.flows == 1000
+        assert proxy.datagrams("upstream") == 2000
+        assert proxy.datagrams("downstream") == 2000
+        # Each client's two datagrams reached the backend from one flow socket, its own.
+        sources: dict[bytes, set[Any]] = {}
+        for data, source in backend.received:
+            sources.setdefault(data.split(b":")[1], set()).add(source)
+        assert len(sources) == 1000
+        assert all(len(s) == 1 for s in sources.values())
+        assert len({next(iter(s)) for s in sources.values()}) == 1000
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_many_replies_to_one_request(make_backend: MakeBackend, make_proxy: MakeProxy) -> None:
+    backend = make_backend(handler=lambda data, _: [data + b"#%d" % i for i in range(5)])
+    proxy = make_proxy([backend.endpoint])
+    with client() as sock:
+        sock.sendto(b"ask", ("127.0.0.1", proxy.port))
+        replies = [sock.recvfrom(2048)[0] for _ in range(5)]
+    assert replies == [b"ask#%d" % i for i in range(5)]
+    assert proxy.datagrams("downstream") == 5
+
+
+def test_idle_flow_expires_then_a_new_flow_serves(backend: UdpBackend,
+                                                  make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], idle_timeout=0.3)
+    with client() as sock:
+        sock.sendto(b"one", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"one"
+        assert proxy.flows == 1
+        wait_for(lambda: proxy.flows == 0, what="the idle flow to expire")
+        assert [result for _, _, result in proxy.closed_flows] == ["expired"]
+        assert proxy.closed_flows[0][0] == sock.getsockname()
+        sock.sendto(b"two", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"two"
+        assert proxy.flows == 1
+    first, second = (source for _, source in backend.received)
+    assert first != second  # a new flow socket
+
+
+def test_replies_keep_a_flow_alive(make_backend: MakeBackend, make_proxy: MakeProxy) -> None:
+    """Traffic in the backend → client direction alone refreshes the idle timeout."""
+    backend = make_backend(handler=lambda data, _: [data])
+    proxy = make_proxy([backend.endpoint], idle_timeout=1.0)
+    with client() as sock:
+        sock.sendto(b"hello", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"hello"
+        flow_source = backend.received[0][1]
+        # Push replies directly from the backend to the flow socket, never from the client,
+        # one every 0.1 s of the proxy's clock for three idle timeouts.
+        start = proxy.run(proxy.loop.time)
+        for count in range(30):
+            backend.sock.sendto(b"push%d" % count, flow_source)
+            assert sock.recvfrom(2048)[0] == b"push%d" % count
+            assert proxy.flows == 1, f"flow expired despite replies after {count} pushes"
+            due = start + (count + 1) * 0.1
+            wait_for(lambda due=due: proxy.run(proxy.loop.time) >= due,
+                     what="the proxy clock to advance")
+    assert proxy.closed_flows == []
+
+
+def test_max_flows_evicts_the_least_recently_active(backend: UdpBackend,
+                                                    make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], max_flows=3)
+    clients = [client() for _ in range(5)]
+    try:
+        for i, sock in enumerate(clients):
+            sock.sendto(b"c%d" % i, ("127.0.0.1", proxy.port))
+            assert sock.recvfrom(2048)[0] == b"c%d" % i
+        assert proxy.flows == 3
+        assert proxy.dropped("evicted") == 2
+        evicted = [c for c, _, result in proxy.closed_flows if result == "evicted"]
+        assert evicted == [clients[0].getsockname(), clients[1].getsockname()]
+        # Client 2 is now the oldest; client 0 comes back and evicts it.
+        clients[0].sendto(b"again", ("127.0.0.1", proxy.port))
+        assert clients[0].recvfrom(2048)[0] == b"again"
+        assert proxy.closed_flows[-1][0] == clients[2].getsockname()
+        assert proxy.flows == 3
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_a_flood_of_clients_stays_within_max_flows(backend: UdpBackend,
+                                                   make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], max_flows=50)
+    flood = [client() for _ in range(500)]
+    try:
+        for sock in flood:
+            sock.sendto(b"x", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.datagrams("upstream") + proxy.dropped("overload") >= 500,
+                 what="the flood to be processed")
+        assert proxy.flows <= 50
+        assert proxy.dropped("evicted") >= 450 - proxy.dropped("overload")
+        with client() as sock:  # the listener still serves
+            sock.sendto(b"after", ("127.0.0.1", proxy.port))
+            assert sock.recvfrom(2048)[0] == b"after"
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_icmp_refused_keeps_the_flow_and_the_listener(make_backend: MakeBackend,
+                                                      make_proxy: MakeProxy) -> None:
+    backend = make_backend()
+    port = backend.port
+    proxy = make_proxy([backend.endpoint])
+    with client() as sock:
+        sock.sendto(b"before", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"before"
+        flow_source = backend.received[0][1]
+        backend.close()
+        sock.sendto(b"into the void", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.dropped("refused") >= 1, what="the ICMP refusal to be counted")
+        assert proxy.flows == 1
+        restarted = make_backend(port=port)
+        sock.sendto(b"after", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"after"
+    assert restarted.received == [(b"after", flow_source)]  # the same flow socket
+    assert proxy.flows == 1
+
+
+@pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])
+def test_replies_leave_from_the_address_the_client_sent_to(
+        backend: UdpBackend, make_proxy: MakeProxy, listen_host: str) -> None:
+    proxy = make_proxy([backend.endpoint], listen_host=listen_host)
+    for local in ("127.0.0.2", "127.0.0.1", "127.0.0.3"):
+        with client("127.0.0.1") as sock:
+            sock.sendto(local.encode(), (local, proxy.port))
+            reply, source = sock.recvfrom(2048)
+            assert reply == local.encode()
+            assert source == (local, proxy.port)
+
+
+def test_one_client_moving_between_local_addresses(backend: UdpBackend,
+                                                   make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], listen_host="0.0.0.0")
+    with client("127.0.0.1") as sock:
+        for local in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+            sock.sendto(b"hi", (local, proxy.port))
+            assert sock.recvfrom(2048)[1] == (local, proxy.port)
+    assert proxy.flows == 1
+
+
+@pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])
+def test_allowlist_drops_and_counts_other_clients(
+        backend: UdpBackend, make_proxy: MakeProxy, listen_host: str) -> None:
+    import ipaddress
+
+    proxy = make_proxy([backend.endpoint], listen_host=listen_host,
+                       allow=(ipaddress.ip_network("127.0.0.1/32"),))
+    with client("127.0.0.2") as denied, client("127.0.0.1") as allowed:
+        for i in range(3):
+            denied.sendto(b"no%d" % i, ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.dropped("denied") == 3, what="three denied datagrams")
+        allowed.sendto(b"yes", ("127.0.0.1", proxy.port))
+        assert allowed.recvfrom(2048)[0] == b"yes"
+        denied.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            denied.recvfrom(2048)
+    assert [data for data, _ in backend.received] == [b"yes"]
+    assert proxy.flows == 1
+
+
+def test_no_endpoints_drops_and_counts(backend: UdpBackend, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([])
+    with client() as sock:
+        sock.sendto(b"nobody", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.dropped("no_endpoints") == 1, what="no_endpoints drop")
+        proxy.set_endpoints([backend.endpoint])
+        sock.sendto(b"somebody", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"somebody"
+    assert proxy.flows == 1
+
+
+def test_a_flow_moves_when_its_endpoint_disappears(make_backend: MakeBackend,
+                                                   make_proxy: MakeProxy) -> None:
+    first = make_backend(handler=lambda data, _: [b"first:" + data])
+    second = make_backend(handler=lambda data, _: [b"second:" + data])
+    proxy = make_proxy([first.endpoint])
+    with client() as sock:
+        sock.sendto(b"a", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"first:a"
+        proxy.set_endpoints([first.endpoint, second.endpoint])  # still there: flow stays
+        sock.sendto(b"b", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"first:b"
+        proxy.set_endpoints([second.endpoint])
+        sock.sendto(b"c", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"second:c"
+    assert proxy.flows == 1
+    assert proxy.run(lambda: dict(proxy.engine.target.active)) == {second.endpoint.key: 1}
+
+
+def test_flow_closed_when_no_endpoint_is_left(backend: UdpBackend,
+                                              make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    with client() as sock:
+        sock.sendto(b"a", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"a"
+        proxy.set_endpoints([])
+        sock.sendto(b"b", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.flows == 0, what="the flow to close")
+    assert proxy.closed_flows[-1][2] == "no_endpoints"
+    assert proxy.run(lambda: dict(proxy.engine.target.active)) == {}
+
+
+def test_metrics_and_endpoint_accounting(backend: UdpBackend, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    with client() as sock:
+        sock.sendto(b"12345", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"12345"
+    text = proxy.run(proxy.metrics.registry.render)
+    assert 'portproxy_udp_flows_active{forward="test"} 1' in text
+    assert 'portproxy_udp_datagrams_total{forward="test",direction="upstream"} 1' in text
+    assert 'portproxy_bytes_total{forward="test",direction="downstream"} 5' in text
+    assert proxy.run(lambda: dict(proxy.engine.target.active)) == {backend.endpoint.key: 1}
+
+
+def test_tcp_listener_on_the_same_port_is_unaffected(backend: UdpBackend,
+                                                     make_proxy: MakeProxy) -> None:
+    """tcp+udp: the UDP socket binds beside a TCP listener on the same port."""
+    proxy = make_proxy([backend.endpoint])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", proxy.port))
+        tcp.listen()
+        with client() as sock:
+            sock.sendto(b"both", ("127.0.0.1", proxy.port))
+            assert sock.recvfrom(2048)[0] == b"both"
+
+
+def test_endpoint_is_an_ipv6_backend_behind_an_ipv4_listener(
+        make_backend: MakeBackend, make_proxy: MakeProxy) -> None:
+    if not ipv6_loopback_available():
+        pytest.skip("no IPv6 loopback here")
+    backend = make_backend("::1")
+    proxy = make_proxy([Endpoint("::1", backend.port)])
+    with client() as sock:
+        sock.sendto(b"six", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"six"
