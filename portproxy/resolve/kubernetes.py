@@ -1,0 +1,444 @@
+"""Kubernetes Services through the API — the only module that imports ``kubernetes``.
+
+The official client is synchronous, so every watch runs in its own daemon thread (see
+``kube_informer``) and hands results to the event loop with ``call_soon_threadsafe``. The
+client's ``Watch`` helper is deliberately not used: it deserialises BOOKMARK events into
+typed models (which fails: a bookmark has only a resourceVersion), retries a 410 once with
+the same stale resourceVersion, and ends silently when a stream without resourceVersion
+ends. Instead the typed API functions are called with ``_preload_content=False`` and the
+raw JSON lines are read here. Every request carries ``_request_timeout``: without it a dead
+connection hangs a thread forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+from kubernetes import client
+from kubernetes.config.incluster_config import InClusterConfigLoader
+from kubernetes.config.kube_config import load_kube_config
+
+from portproxy.endpoints import Endpoint, EndpointSet
+from portproxy.errors import ResolveError, SetupError
+from portproxy.metrics import ProxyMetrics
+from portproxy.resolve import Resolver
+from portproxy.resolve.dns import system_lookup
+from portproxy.resolve.kube_client import call_in_thread, check_error
+from portproxy.resolve.kube_informer import (
+    Aborter,
+    ApiStatusError,
+    Backoff,
+    Informer,
+    Obj,
+    Query,
+    TransientError,
+)
+from portproxy.resolve.kube_state import Outcome, ServiceView, SharedService, resolve_view
+from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+
+log = logging.getLogger("portproxy.kube")
+
+
+@dataclass(frozen=True, slots=True)
+class KubeSettings:
+    """How to reach the API and how patiently."""
+
+    kubeconfig: str | None = None
+    """--kubeconfig. When unset and a service account is mounted (and
+    KUBERNETES_SERVICE_HOST is set) the in-cluster config is used; else KUBECONFIG, else
+    ~/.kube/config. An explicit kubeconfig or context always wins over in-cluster."""
+    context: str | None = None
+    """--context: the kubeconfig context to use (default: the file's current-context)."""
+    serviceaccount_dir: str = "/var/run/secrets/kubernetes.io/serviceaccount"
+    """Where the service account token and ca.crt are mounted (overridable for tests)."""
+    node_name: str | None = None
+    """NODE_NAME (downward API); informational here, the Balancer prefers local pods."""
+    request_timeout: float = 10.0
+    """Seconds to connect, and to wait for any single read of a plain request. A healthy API
+    answers a GET/LIST in well under a second; 10 s rides out a busy control plane while
+    keeping a dead connection from hanging a watch thread."""
+    watch_timeout_seconds: int = 60
+    """Server-side timeoutSeconds of each watch. The client-side read timeout of a watch is
+    this plus ``request_timeout``, so a stalled (black-holed) stream is noticed within
+    70 s; re-opening an idle watch once a minute costs one cheap request per Service."""
+    backoff_initial: float = 0.5
+    """First retry delay in seconds after a failure; doubles per failure (with jitter)."""
+    backoff_max: float = 30.0
+    """Cap of the retry delay: an API outage is noticed within 30 s of its end."""
+    dns_interval: float = 30.0
+    """Seconds between re-resolutions of an ExternalName Service's DNS name."""
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_initial, self.backoff_max)
+
+
+def _load_configuration(settings: KubeSettings) -> client.Configuration:
+    configuration = client.Configuration()
+    sa_dir = settings.serviceaccount_dir
+    token = os.path.join(sa_dir, "token")
+    in_cluster = os.path.isfile(token) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    try:
+        if in_cluster and settings.kubeconfig is None and settings.context is None:
+            loader = InClusterConfigLoader(  # type: ignore[no-untyped-call]
+                token_filename=token, cert_filename=os.path.join(sa_dir, "ca.crt"))
+            loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
+        else:
+            path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+            load_kube_config(  # type: ignore[no-untyped-call]
+                             config_file=path, context=settings.context,
+                             client_configuration=configuration, persist_config=False)
+    except Exception as exc:  # ConfigException, YAML errors, exec plugins: all the user's setup
+        path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        where = ("the in-cluster service account in " + sa_dir if in_cluster and
+                 settings.kubeconfig is None and settings.context is None
+                 else f"kubeconfig {path}")
+        raise SetupError(f"cannot load the Kubernetes client configuration from {where}: "
+                         f"{exc}".replace("\n", " ")) from None
+    # Every watch holds a connection while it runs; keep them pooled instead of discarded.
+    configuration.connection_pool_maxsize = 64
+    return configuration
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Client exceptions → the informer's two kinds (status from the API, or transport)."""
+    try:
+        yield
+    except client.ApiException as exc:
+        if not exc.status:
+            raise TransientError(str(exc.reason)) from None
+        message = str(exc.reason)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            message = str(json.loads(exc.body or "").get("message") or message)
+        raise ApiStatusError(int(exc.status), message) from None
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+            ValueError) as exc:  # ValueError: a garbled JSON line
+        raise TransientError(f"{type(exc).__name__}: {exc}") from None
+
+
+_PATHS = {
+    "services": "/api/v1/namespaces/{namespace}/services",
+    "configmaps": "/api/v1/namespaces/{namespace}/configmaps",
+    "endpointslices": "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+}
+
+
+class _ClientTransport:
+    """The informer's ``Transport`` with the official client, raw JSON all the way.
+
+    Requests go through ``ApiClient.param_serialize``/``call_api`` — exactly what the
+    generated ``CoreV1Api``/``DiscoveryV1Api`` methods do underneath (same auth, TLS,
+    token refresh, URL encoding) — without importing those modules, whose thousands of
+    pydantic models take seconds to load and are never used for raw JSON.
+    """
+
+    def __init__(self, settings: KubeSettings) -> None:
+        self.settings = settings
+        self.api_client = client.ApiClient(_load_configuration(settings))
+        self.host = str(self.api_client.configuration.host)
+
+    def _request(self, path: str, namespace: str, params: list[tuple[str, str]],
+                 timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:
+        api = self.api_client
+        with _translated():
+            request = api.param_serialize(
+                "GET", path, path_params={"namespace": namespace}, query_params=params,
+                header_params={"Accept": "application/json", **api.default_headers},
+                auth_settings=["BearerToken"])
+            response = api.call_api(*request, _request_timeout=timeout)
+            if not 200 <= response.status <= 299:
+                response.read()  # type: ignore[no-untyped-call]  # the Status body
+                client.ApiException.from_response(http_resp=response, body=None, data=None)
+            raw: urllib3.BaseHTTPResponse = response.response
+            return raw
+
+    def _call(self, query: Query, params: list[tuple[str, str]],
+              timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:
+        if query.label_selector:
+            params.append(("labelSelector", query.label_selector))
+        if query.field_selector:
+            params.append(("fieldSelector", query.field_selector))
+        return self._request(_PATHS[query.resource], query.namespace, params, timeout)
+
+    def list(self, query: Query) -> tuple[list[Obj], str]:
+        timeout = self.settings.request_timeout
+        response = self._call(query, [], (timeout, timeout))
+        with _translated():
+            try:
+                body = json.loads(response.data)
+            finally:
+                response.release_conn()
+        items = body.get("items") or []
+        return list(items), str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch(self, query: Query, resource_version: str, aborter: Aborter) -> Iterator[Obj]:
+        settings = self.settings
+        params = [("watch", "true"), ("allowWatchBookmarks", "true"),
+                  ("timeoutSeconds", str(settings.watch_timeout_seconds))]
+        if resource_version:
+            params.append(("resourceVersion", resource_version))
+        response = self._call(query, params, (
+            settings.request_timeout, settings.watch_timeout_seconds + settings.request_timeout))
+        aborter.attach(lambda: _abort(response))
+        return self._events(response)
+
+    @staticmethod
+    def _events(response: urllib3.BaseHTTPResponse) -> Iterator[Obj]:
+        complete = False
+        buffer = b""
+        try:
+            with _translated():
+                for chunk in response.stream(65536):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            yield json.loads(line)
+                if buffer.strip():
+                    yield json.loads(buffer)
+            complete = True
+        finally:
+            # A fully read response goes back to the pool; anything else is closed, never
+            # reused half-read.
+            if complete:
+                response.release_conn()
+            else:
+                response.close()
+
+    def get_service(self, namespace: str, name: str) -> Obj | None:
+        timeout = self.settings.request_timeout
+        path = _PATHS["services"] + "/" + quote(name, safe="")
+        try:
+            response = self._request(path, namespace, [], (timeout, timeout))
+            with _translated():
+                try:
+                    return dict(json.loads(response.data))
+                finally:
+                    response.release_conn()
+        except ApiStatusError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+
+def _abort(response: urllib3.BaseHTTPResponse) -> None:
+    shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3 unblocks a read
+    if shutdown is not None:
+        shutdown()
+    response.close()
+
+
+class KubeServiceResolver:
+    """One forward's view of a Service: yields its EndpointSet for one port and mode."""
+
+    def __init__(self, owner: KubeResolvers, target: ServiceTarget, mode: TargetMode) -> None:
+        self._owner = owner
+        self.target = target
+        self.mode = mode
+
+    def describe(self) -> str:
+        return str(self.target) + (" (clusterip)" if self.mode is TargetMode.CLUSTERIP else "")
+
+    async def watch(self) -> AsyncIterator[EndpointSet]:
+        shared = self._owner._acquire(self.target, self.mode)
+        try:
+            last: EndpointSet | None = None
+            problem: str | None = None
+            version = -1
+            outcome = Outcome()
+            while True:
+                if shared.version != version:
+                    version = shared.version
+                    outcome = resolve_view(shared.view, self.target, self.mode)
+                    if outcome.problem != problem and outcome.problem:
+                        log.warning("%s", outcome.problem)
+                    problem = outcome.problem
+                snapshot = outcome.endpoints
+                if outcome.external is not None:
+                    snapshot = await self._lookup(outcome.external, last)
+                if snapshot is not None and snapshot != last:
+                    self._log_change(last, snapshot)
+                    last = snapshot
+                    yield snapshot
+                interval = self._owner.settings.dns_interval if outcome.external else None
+                await shared.wait_newer(version, interval)
+        finally:
+            self._owner._release(shared)
+
+    async def _lookup(self, external: HostTarget, last: EndpointSet | None
+                      ) -> EndpointSet | None:
+        try:
+            addresses = await system_lookup(external.host)
+        except OSError as exc:
+            log.warning("%s: cannot resolve ExternalName %s: %s; keeping the last known "
+                        "endpoints", self.target, external.host, exc)
+            return last
+        return EndpointSet.of([Endpoint(a, external.port) for a in addresses])
+
+    def _log_change(self, old: EndpointSet | None, new: EndpointSet) -> None:
+        added, removed = (old or EndpointSet()).diff(new)
+        log.info("%s: %d endpoint(s)%s%s", self.describe(), len(new),
+                 f" +{[str(e) for e in added]}" if added else "",
+                 f" -{[str(e) for e in removed]}" if removed else "")
+
+
+class KubeResolvers:
+    """Every Kubernetes watch of the process: one set per Service, however many forwards."""
+
+    def __init__(self, settings: KubeSettings, metrics: ProxyMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._transport: _ClientTransport | None = None
+        self._services: dict[tuple[str, str], SharedService] = {}
+        self._informers: set[Informer] = set()
+
+    def _client(self) -> _ClientTransport:
+        if self._transport is None:  # lazily: constructing this object touches no files
+            self._transport = _ClientTransport(self.settings)
+        return self._transport
+
+    def resolver(self, target: ServiceTarget, mode: TargetMode) -> Resolver:
+        return KubeServiceResolver(self, target, mode)
+
+    # --- shared watches (on the event loop) ------------------------------------------------
+
+    def _acquire(self, target: ServiceTarget, mode: TargetMode) -> SharedService:
+        key = (target.namespace, target.name)
+        shared = self._services.get(key)
+        if shared is None:
+            shared = self._services[key] = SharedService(*key)
+            self._start(shared, Query("services", target.namespace,
+                                      field_selector=f"metadata.name={target.name}"),
+                        lambda objects: {"service": objects.get(target.name),
+                                         "service_synced": True})
+        if mode is TargetMode.ENDPOINTS and "endpointslices" not in shared.informers:
+            selector = f"kubernetes.io/service-name={target.name}"
+            self._start(shared, Query("endpointslices", target.namespace,
+                                      label_selector=selector),
+                        lambda objects: {"slices": tuple(objects[k] for k in sorted(objects)),
+                                         "slices_synced": True})
+        shared.consumers += 1
+        return shared
+
+    def _start(self, shared: SharedService, query: Query,
+               changes: Callable[[dict[str, Obj]], dict[str, Any]]) -> None:
+        informer = self._informer(query, f"{shared.namespace}/{shared.name}",
+                                  lambda objects: shared.update(**changes(objects)))
+        shared.informers[query.resource] = informer
+        informer.start()
+
+    def _informer(self, query: Query, label: str,
+                  apply: Callable[[dict[str, Obj]], None]) -> Informer:
+        loop = asyncio.get_running_loop()
+        transport = self._client()
+
+        def hop(function: Callable[..., None], *args: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(function, *args)
+            except RuntimeError:  # the loop is closed: the process is going away
+                informer.stop()
+
+        informer = Informer(transport, query, lambda objects: hop(apply, objects),
+                            lambda: hop(self._count_restart, label),
+                            self.settings.backoff, name=f"kube-watch {query}")
+        self._informers.add(informer)
+        return informer
+
+    def _count_restart(self, label: str) -> None:
+        if self.metrics is not None:
+            self.metrics.kube_watch_restarts.labels(label).inc()
+
+    def _release(self, shared: SharedService) -> None:
+        shared.consumers -= 1
+        if shared.consumers > 0:
+            return
+        self._services.pop((shared.namespace, shared.name), None)
+        for informer in shared.informers.values():
+            informer.stop()
+            self._informers.discard(informer)
+
+    async def close(self) -> None:
+        """Stop every watch thread; waits a bounded time (they are daemons regardless)."""
+        informers = list(self._informers)
+        for informer in informers:
+            informer.stop()
+        self._informers.clear()
+        self._services.clear()
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while any(i.alive for i in informers) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._transport is not None:
+            self._transport.api_client.rest_client.close()
+
+    # --- one-shot and ConfigMap ------------------------------------------------------------
+
+    async def check_once(self, target: ServiceTarget, mode: TargetMode) -> EndpointSet:
+        """Resolve once for ``portproxy check``: ResolveError/SetupError when it would fail."""
+        transport = self._client()
+        view = await call_in_thread(lambda: self._read_view(transport, target, mode))
+        outcome = resolve_view(view, target, mode)
+        if view.service is None:
+            raise ResolveError(f"Service {target.namespace}/{target.name} not found")
+        if outcome.problem:
+            raise ResolveError(outcome.problem)
+        if outcome.external is not None:
+            try:
+                addresses = await system_lookup(outcome.external.host)
+            except OSError as exc:
+                raise ResolveError(f"{target}: cannot resolve ExternalName "
+                                   f"{outcome.external.host}: {exc}") from None
+            return EndpointSet.of([Endpoint(a, outcome.external.port) for a in addresses])
+        return outcome.endpoints or EndpointSet()
+
+    @staticmethod
+    def _read_view(transport: _ClientTransport, target: ServiceTarget,
+                   mode: TargetMode) -> ServiceView:
+        query = Query("services", target.namespace)
+        try:
+            service = transport.get_service(target.namespace, target.name)
+            slices: list[Obj] = []
+            if service is not None and mode is TargetMode.ENDPOINTS:
+                query = Query("endpointslices", target.namespace,
+                              label_selector=f"kubernetes.io/service-name={target.name}")
+                slices, _ = transport.list(query)
+        except (ApiStatusError, TransientError) as exc:
+            verb = "get" if query.resource == "services" else "list"
+            raise check_error(exc, verb, query, transport.host) from None
+        return ServiceView(True, service, True, tuple(slices))
+
+    async def watch_configmap(self, namespace: str, name: str) -> AsyncIterator[dict[str, str]]:
+        """The ConfigMap's data on first read and on every change ({} when missing)."""
+        latest: list[dict[str, Obj]] = []
+        changed = asyncio.Event()
+
+        def apply(objects: dict[str, Obj]) -> None:
+            latest[:] = [objects]
+            changed.set()
+
+        query = Query("configmaps", namespace, field_selector=f"metadata.name={name}")
+        informer = self._informer(query, f"{namespace}/{name}", apply)
+        informer.start()
+        try:
+            last: dict[str, str] | None = None
+            while True:
+                await changed.wait()
+                changed.clear()
+                configmap = latest[0].get(name) or {}
+                data = {str(k): str(v) for k, v in (configmap.get("data") or {}).items()}
+                if data != last:
+                    last = data
+                    yield data
+        finally:
+            informer.stop()
+            self._informers.discard(informer)
