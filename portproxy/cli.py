@@ -61,8 +61,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     from portproxy.configfile import load_config_file
 
-    command = ctx.command
-    allowed = [p.name.replace("_", "-") for p in command.params
+    # One file serves both `run` and `check`, so every flag of `run` is a valid key.
+    allowed = [p.name.replace("_", "-") for p in run.params
                if isinstance(p, click.Option) and p.name not in ("config", "forwards")
                and p.name is not None]
     try:

@@ -25,10 +25,12 @@ class EchoServer:
     """A threaded TCP backend: echoes every byte, then half-closes after the client does."""
 
     def __init__(self, host: str = "127.0.0.1", handler: Callable[[socket.socket], None] | None
-                 = None) -> None:
+                 = None, reuseport: bool = False) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((host, 0))
         self.sock.listen(512)
         self.host = host
@@ -154,3 +156,20 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def assert_closed_by_proxy(host: str, port: int, source: str | None = None) -> None:
+    """Connect and expect the proxy to close at once: EOF, or a reset (even during connect,
+    since the RST may beat the client's own check of the handshake)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.settimeout(30)
+    try:
+        if source is not None:
+            sock.bind((source, 0))
+        try:
+            sock.connect((host, port))
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()

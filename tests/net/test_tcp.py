@@ -12,7 +12,14 @@ import pytest
 
 from portproxy.endpoints import Endpoint
 from tests.conftest import wait_for
-from tests.net.harness import EchoServer, ProxyThread, free_port, recv_all, sha
+from tests.net.harness import (
+    EchoServer,
+    ProxyThread,
+    assert_closed_by_proxy,
+    free_port,
+    recv_all,
+    sha,
+)
 
 
 @pytest.fixture
@@ -104,11 +111,7 @@ def test_backend_half_close_then_client_sends(pump: str) -> None:
 def test_backend_refuses(pump: str) -> None:
     proxy = ProxyThread(free_port(), pump)
     try:
-        with proxy.connect() as client:
-            try:
-                assert client.recv(1) == b""
-            except ConnectionResetError:
-                pass
+        assert_closed_by_proxy(proxy.host, proxy.port)
         assert proxy.counter("refused") == 1
         assert proxy.counter("ok") == 0
     finally:
@@ -155,11 +158,7 @@ def blackhole() -> Iterator[int]:
 def test_connect_timeout(blackhole: int, pump: str) -> None:
     proxy = ProxyThread(blackhole, pump, connect_timeout=0.3)
     try:
-        with proxy.connect() as client:
-            try:
-                assert client.recv(1) == b""
-            except ConnectionResetError:
-                pass
+        assert_closed_by_proxy(proxy.host, proxy.port)
         assert proxy.counter("timeout") == 1
     finally:
         proxy.close()
@@ -241,11 +240,7 @@ def test_no_endpoints_closes_quickly(echo_server: EchoServer, pump: str) -> None
     proxy = ProxyThread(echo_server.port, pump)
     try:
         proxy.set_endpoints([])
-        with proxy.connect() as client:
-            try:
-                assert client.recv(1) == b""
-            except ConnectionResetError:
-                pass
+        assert_closed_by_proxy(proxy.host, proxy.port)
         assert proxy.counter("no_endpoints") == 1
     finally:
         proxy.close()
@@ -260,15 +255,7 @@ def test_allowlist_denies_other_clients(echo_server: EchoServer, pump: str) -> N
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as ok:
             ok.sendall(b"hi")
             assert ok.recv(2) == b"hi"
-        denied = socket.socket()
-        denied.bind(("127.0.0.2", 0))
-        denied.settimeout(10)
-        denied.connect(("127.0.0.1", proxy.port))
-        try:
-            assert denied.recv(1) == b""
-        except ConnectionResetError:
-            pass
-        denied.close()
+        assert_closed_by_proxy("127.0.0.1", proxy.port, source="127.0.0.2")
         assert proxy.counter("denied") == 1
     finally:
         proxy.close()

@@ -133,7 +133,7 @@ def test_invalid_specs_name_the_offending_part(text: str, message: str) -> None:
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("tcpud+:/[]*.,=;-_0123456789abfx ") + ["é"]),
+@given(st.text(alphabet=st.sampled_from([*"tcpud+:/[]*.,=;-_0123456789abfx ", "é"]),
                max_size=60))
 def test_random_strings_raise_only_config_error(text: str) -> None:
     try:

@@ -1,0 +1,188 @@
+"""Operating portproxy: check, the legacy argv, config files, SIGHUP reload, env precedence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portproxy.cli import legacy_spec
+from tests.conftest import wait_for
+from tests.e2e.cli import PortproxyProcess, run_cli
+from tests.net.harness import EchoServer, free_port, recv_all
+
+
+@pytest.fixture
+def backend() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_check_offline_prints_a_table_and_passes() -> None:
+    port = free_port()
+    result = run_cli(["check", "--offline", "-f", f"tcp+udp://127.0.0.1:{port}=kube-system/"
+                      "kube-dns:dns", "-f", f"tcp://127.0.0.1:{free_port()}=10.0.0.1:80"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["FORWARD", "LISTEN", "TARGET", "MODE", "ENDPOINTS", "STATUS"]
+    assert f"tcp+udp 127.0.0.1:{port}" in lines[1]
+    assert "kube-system/kube-dns:dns" in lines[1] and lines[1].endswith("ok")
+
+
+def test_check_reports_port_in_use_and_unresolvable_target() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = run_cli(["check", "-f", f"tcp://127.0.0.1:{port}=127.0.0.1:1",
+                          "-f", f"tcp://127.0.0.1:{free_port()}=no-such-host.invalid:80"])
+    finally:
+        holder.close()
+    assert result.returncode == 3
+    assert "is already in use" in result.stdout
+    assert "cannot resolve no-such-host.invalid" in result.stdout
+
+
+def test_check_resolves_a_static_target(backend: EchoServer) -> None:
+    result = run_cli(["check", "-f", f"tcp://127.0.0.1:{free_port()}=localhost:"
+                      f"{backend.port}"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dns" in result.stdout and "ok" in result.stdout
+
+
+@pytest.mark.parametrize("args,cluster,spec", [
+    (("udp", 53, "kube-dns.default", 1.0), True,
+     "udp://:53=default/kube-dns:53,idle-timeout=1,mode=clusterip"),
+    (("tcp", 80, "web.prod.svc.cluster.local", None), True,
+     "tcp://:80=prod/web:80,mode=clusterip"),
+    (("udp", 53, "kube-dns.default", 1.0), False, "udp://:53=kube-dns.default:53,idle-timeout=1"),
+    (("tcp", 8080, "backend", 2.5), True, "tcp://:8080=backend:8080,idle-timeout=2.5"),
+])
+def test_legacy_argv_becomes_a_spec(args: tuple, cluster: bool, spec: str) -> None:
+    assert legacy_spec(*args, cluster=cluster) == spec
+
+
+def test_legacy_argv_forwards_traffic(tmp_path: Path) -> None:
+    # The legacy argv forwards PORT on all addresses to SERVICE:PORT, the same port number.
+    # The backend listens on 127.0.0.2 (SO_REUSEPORT lets portproxy's wildcard listener share
+    # the port; the kernel delivers to the most specific address), clients use 127.0.0.1.
+    backend = EchoServer("127.0.0.2", reuseport=True)
+    proc = PortproxyProcess(["tcp", str(backend.port), "127.0.0.2", "5"], env={
+        "PORTPROXY_ADMIN_ADDRESS": "none", "KUBECONFIG": str(tmp_path / "absent"),
+        "KUBERNETES_SERVICE_HOST": ""})
+    try:
+        proc.wait_for_line("listening on tcp")
+        with socket.create_connection(("127.0.0.1", backend.port), timeout=10) as client:
+            client.sendall(b"legacy")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"legacy"
+        assert backend.accepted == 1
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.stop()
+        backend.close()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_file_env_and_flag_precedence(backend: EchoServer, tmp_path: Path) -> None:
+    port = free_port()
+    config = write(tmp_path / "portproxy.toml", f"""
+drain-timeout = "7s"
+admin-address = "none"
+[[forward]]
+spec = "tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"
+name = "from-file"
+""")
+    proc = PortproxyProcess(["run", "--config", str(config), "--log-level", "info"],
+                            env={"PORTPROXY_DRAIN_TIMEOUT": "9s"})
+    try:
+        proc.wait_for_line(f"forward from-file: listening on tcp 127.0.0.1:{port}")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("draining for up to 9s")  # environment beats the file
+        assert proc.wait(15) == 0
+    finally:
+        proc.stop()
+    result = run_cli(["check", "--offline", "--config", str(config)])
+    assert result.returncode == 0 and "from-file" in result.stdout
+
+
+def test_config_file_unknown_key_names_key_and_line(tmp_path: Path) -> None:
+    config = write(tmp_path / "bad.toml", 'forwards = ["80=a:1"]\n\ndrian-timeout = "5s"\n')
+    result = run_cli(["run", "--config", str(config)])
+    assert result.returncode == 2
+    assert "drian-timeout" in result.stderr and "3" in result.stderr
+
+
+def admin_json(port: int, path: str) -> object:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
+        backend: EchoServer, tmp_path: Path) -> None:
+    keep, drop, new, admin = free_port(), free_port(), free_port(), free_port()
+    spec_keep = f"tcp://127.0.0.1:{keep}=127.0.0.1:{backend.port}"
+    spec_drop = f"tcp://127.0.0.1:{drop}=127.0.0.1:{backend.port}"
+    spec_new = f"tcp://127.0.0.1:{new}=127.0.0.1:{backend.port}"
+    config = write(tmp_path / "c.toml", f'admin-address = "127.0.0.1:{admin}"\n'
+                   f'forwards = ["{spec_keep}", "{spec_drop}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config), "--drain-timeout", "20s"])
+    try:
+        proc.wait_for_line("admin endpoint on")
+        long_lived = socket.create_connection(("127.0.0.1", keep), timeout=10)
+        on_dropped = socket.create_connection(("127.0.0.1", drop), timeout=10)
+        sent = bytearray()
+        for conn in (long_lived, on_dropped):
+            conn.sendall(b"before reload")
+            assert conn.recv(13) == b"before reload"
+        sent += b"before reload"
+
+        write(config, f'admin-address = "127.0.0.1:{admin}"\nforwards = ["{spec_keep}", '
+              f'"{spec_new}"]\n')
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("reloaded: 1 unchanged, 1 added, 1 removed")
+        with socket.create_connection(("127.0.0.1", new), timeout=10) as fresh:
+            fresh.sendall(b"new forward")
+            assert fresh.recv(11) == b"new forward"
+
+        def drop_refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", drop), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        wait_for(drop_refused, what="the removed forward to stop accepting")
+        on_dropped.sendall(b"still draining")  # the removed forward's connection lives on
+        assert on_dropped.recv(14) == b"still draining"
+        on_dropped.close()
+
+        write(config, "forwards = [ this is not toml")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("reload rejected")
+        names = {f["name"] for f in admin_json(admin, "/forwards")}  # type: ignore[union-attr]
+        assert names == {f"tcp/127.0.0.1:{keep}", f"tcp/127.0.0.1:{new}"}
+
+        payload = os.urandom(1 << 20)
+        long_lived.sendall(payload)
+        long_lived.shutdown(socket.SHUT_WR)
+        assert recv_all(long_lived) == payload  # untouched by both reloads, byte-exact
+        long_lived.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
