@@ -111,6 +111,8 @@ class UdpForwarder:
         self.table: FlowTable[Client, _Flow] = FlowTable(
             FlowLimits(self.idle_timeout, options.max_flows), self.loop.time)
         self.listeners: dict[str, socket.socket] = {}
+        self.ports: dict[socket.socket, int] = {}
+        """The port each listening socket is bound to (the PROXY header's destination port)."""
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.accepting = True
@@ -154,6 +156,7 @@ class UdpForwarder:
             sock.close()
             raise
         self.listeners[host] = sock
+        self.ports[sock] = sock.getsockname()[1]
         self.loop.add_reader(sock.fileno(), self._on_datagram, sock)
         log.info("forward %s: listening on udp %s", self.name, _where(sock),
                  extra={"forward": self.name})
@@ -168,6 +171,7 @@ class UdpForwarder:
                 self.table.remove(client)
                 self._close(flow, "listener_removed")
         self.loop.remove_reader(sock.fileno())
+        del self.ports[sock]
         sock.close()
         log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
 
@@ -294,7 +298,7 @@ class UdpForwarder:
     def _header(self, flow: _Flow) -> bytes | None:
         if not self.proxy_v2:
             return None
-        return encode_v2(flow.client, (flow.local.host, self.forward.listen.port), "dgram")
+        return encode_v2(flow.client, (flow.local.host, self.ports[flow.listener]), "dgram")
 
     def _admit(self, flow: _Flow) -> None:
         evictions = self.table.evictions
@@ -482,7 +486,8 @@ def _unmapped(host: str) -> str:
 
 
 def _host_port(client: Client) -> tuple[str, int]:
-    return (client[0], client[1])
+    """For logs: the client as it would be written by a user (IPv4 clients unmapped)."""
+    return (_unmapped(client[0]), client[1])
 
 
 def _where(sock: socket.socket) -> str:

@@ -63,6 +63,12 @@ class UdpBackend:
             for reply in self.handler(data, source):
                 self.sock.sendto(reply, source)
 
+    def __enter__(self) -> UdpBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._wake_w.fileno() < 0:
             return  # closed already (tests stop backends on purpose)
@@ -128,7 +134,15 @@ class UdpProxy:
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
         self.run(lambda: self.engine.target.update(EndpointSet.of(endpoints)))
 
+    def __enter__(self) -> UdpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        if self.loop.is_closed():
+            return
         try:
             self.call(self.engine.drain(0))
         finally:
