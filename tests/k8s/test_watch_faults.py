@@ -1,0 +1,202 @@
+"""The watch survives what real API servers do: drops, stalls, 410s, restarts, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from portproxy.metrics import ProxyMetrics
+from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
+from portproxy.spec import ServiceTarget, TargetMode
+from tests.k8s.conftest import (
+    Collector,
+    ep,
+    fast_settings,
+    hosts,
+    poll,
+    write_kubeconfig,
+)
+from tests.k8s.fakeapi import FakeKube
+
+WEB = ServiceTarget("web", "frontend", "http")
+PORTS = [{"name": "http", "port": 80}]
+SLICE_PORTS = [{"name": "http", "port": 8080}]
+ONE = ["10.1.0.1:8080"]
+TWO = ["10.1.0.1:8080", "10.1.0.2:8080"]
+
+
+def set_ready(fake: FakeKube, *ips: str) -> None:
+    fake.endpoint_slice("web", "frontend", "frontend-abc", [ep(ip) for ip in ips], SLICE_PORTS)
+
+
+Scenario = Callable[[Collector, ProxyMetrics], Coroutine[Any, Any, None]]
+
+
+def run_following(fake: FakeKube, settings: KubeSettings, scenario: Scenario) -> None:
+    """Start with one ready endpoint, follow it, run ``scenario``, clean up."""
+    fake.service("web", "frontend", PORTS)
+    set_ready(fake, "10.1.0.1")
+
+    async def main() -> None:
+        metrics = ProxyMetrics()
+        kube = KubeResolvers(settings, metrics)
+        c = Collector(kube.resolver(WEB, TargetMode.ENDPOINTS).watch())
+        try:
+            await c.wait_for(lambda s: hosts(s) == ONE)
+            await poll(lambda: fake.active_watches() == 2, what="both watches open")
+            await scenario(c, metrics)
+            # Never an empty or partial snapshot along the way: the last known set served.
+            assert all(len(s) >= 1 for s in c.snapshots), c.snapshots
+        finally:
+            await c.close()
+            await kube.close()
+
+    asyncio.run(main())
+
+
+def restarts(metrics: ProxyMetrics) -> float:
+    return metrics.kube_watch_restarts.labels("web/frontend").value
+
+
+def test_dropped_stream_reconnects_and_catches_up(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        watches = fake.count("watch", "endpointslices")
+        fake.drop_watches()
+        set_ready(fake, "10.1.0.1", "10.1.0.2")  # while disconnected: replayed from history
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        assert fake.count("watch", "endpointslices") > watches
+        assert fake.count("list", "endpointslices") == 1  # resumed, not relisted
+        assert restarts(metrics) >= 1
+
+    run_following(fake, settings, scenario)
+
+
+def test_stalled_stream_is_abandoned_after_the_read_timeout(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        assert fake.stall_watches() == 2
+        set_ready(fake, "10.1.0.1", "10.1.0.2")  # held back by the stalled stream
+        # read timeout = watchTimeout 2 s + request timeout 1 s; then a new watch replays it.
+        await c.wait_for(lambda s: hosts(s) == TWO, timeout=15)
+        assert restarts(metrics) >= 1
+        assert fake.count("list", "endpointslices") == 1
+
+    run_following(fake, settings, scenario)
+
+
+def test_server_timeout_rewatches_from_the_last_resource_version(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        first = fake.count("watch", "endpointslices")
+        await poll(lambda: fake.count("watch", "endpointslices") >= first + 2,
+                   what="two server-side timeouts (2 s each)")
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        assert restarts(metrics) == 0  # a clean timeout is not a failure
+        assert fake.count("list", "endpointslices") == 1
+
+    run_following(fake, settings, scenario)
+
+
+def test_410_error_event_relists_and_rebuilds(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.configmap("web", "noise", {})  # the client's resourceVersion falls behind...
+        fake.compact()  # ...and history up to now is gone
+        fake.drop_watches()
+        # Deleted and re-added while history is gone: only a relist can see the result.
+        fake.endpoint_slice("web", "frontend", "frontend-new", [ep("10.1.0.2")], SLICE_PORTS)
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        await poll(lambda: fake.count("list", "endpointslices") == 2, what="one relist")
+        set_ready(fake, "10.1.0.3")
+        await c.wait_for(lambda s: hosts(s) == ["10.1.0.2:8080", "10.1.0.3:8080"])
+
+    run_following(fake, settings, scenario)
+
+
+def test_410_as_http_status_relists(tmp_path: Path) -> None:
+    fake = FakeKube(gone_as_http=True)
+    fake.start()
+    try:
+        settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path)
+
+        async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+            fake.configmap("web", "noise", {})
+            fake.compact()
+            fake.drop_watches()
+            set_ready(fake, "10.1.0.1", "10.1.0.2")
+            await c.wait_for(lambda s: hosts(s) == TWO)
+            assert fake.count("list", "endpointslices") >= 2
+            assert restarts(metrics) >= 1
+
+        run_following(fake, settings, scenario)
+    finally:
+        fake.stop()
+
+
+def test_api_restart_with_history_lost(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.stop()
+        set_ready(fake, "10.1.0.1", "10.1.0.2")  # changed while the API was down
+        fake.compact()
+        fake.start()
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        assert fake.count("list", "endpointslices") >= 2
+        assert restarts(metrics) >= 1
+
+    run_following(fake, settings, scenario)
+
+
+def test_outage_keeps_the_last_endpoints_then_recovers(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.stop()
+        before = restarts(metrics)
+        await poll(lambda: restarts(metrics) >= before + 3, what="reconnect attempts")
+        assert hosts(c.last) == ONE and len(c.snapshots) == 1
+        fake.start()
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+
+    run_following(fake, settings, scenario)
+
+
+def test_bookmarks_advance_the_resource_version_and_avoid_a_relist(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        # Unrelated writes move the global resourceVersion past the slice's.
+        for i in range(3):
+            fake.configmap("web", f"noise-{i}", {"i": str(i)})
+        current = str(fake.state.rv)
+        fake.send_bookmarks()
+
+        def resumed_from_bookmark() -> bool:
+            with fake.cond:
+                return any(r.verb == "watch" and r.resource == "endpointslices"
+                           and r.query.get("resourceVersion") == current
+                           for r in fake.requests)
+
+        await poll(resumed_from_bookmark, what="a watch resumed at the bookmark")
+        # History up to now is lost, but the client is already past it: no 410, no relist.
+        fake.compact()
+        fake.drop_watches()
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        assert fake.count("list", "endpointslices") == 1
+        assert len(c.snapshots) == 2  # the bookmark itself changed nothing
+
+    run_following(fake, settings, scenario)
+
+
+def test_forbidden_watch_after_allowed_list_then_granted(fake, settings, caplog) -> None:
+    import logging
+
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.deny("watch", "endpointslices", "web")
+        fake.drop_watches()
+        await poll(lambda: restarts(metrics) >= 3, what="retries while forbidden")
+        fake.allow("watch", "endpointslices", "web")
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+
+    with caplog.at_level(logging.INFO, logger="portproxy.kube"):
+        run_following(fake, settings, scenario)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "forbids watch on endpointslices" in errors[0], errors
