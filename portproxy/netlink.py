@@ -20,6 +20,7 @@ netlink socket used as a wake-up for the watcher.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import ipaddress
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink import NLM_F_DUMP_INTR
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
@@ -62,8 +64,13 @@ _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
 # ifinfomsg and ifaddrmsg both carry the interface index at offset 4 of their payload.
 _INDEX = struct.Struct("=i")
 _EVENT_BUFSIZE = 65536
+_DUMP_ATTEMPTS = 5
+"""Re-dumps when the kernel flags a dump as interrupted by a concurrent change."""
 _EVENT_RCVBUF = 1 << 20
 """Receive buffer of the event socket: room for a burst of a few thousand events."""
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +133,10 @@ def interface_addresses(name: str, family: Family = "any") -> list[str]:
 async def read_snapshot(name: str, family: Family = "any") -> AddressSnapshot:
     """The current state of ``name``, without blocking the caller's event loop."""
     _check_name(name)
-    return await asyncio.to_thread(_run_private, lambda: _read_snapshot(name, family))
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        _executor(), _run_private, lambda: _read_snapshot(name, family)
+    )
 
 
 async def watch_addresses(name: str, family: Family = "any") -> AsyncIterator[AddressSnapshot]:
@@ -305,31 +315,29 @@ def _run_private(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return runner.run(factory())
 
 
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads of our own: the default executor may be full of long blocking calls (API
+    watches), and a new address must not wait for one of them to finish."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="portproxy-netlink"
+            )
+        return _EXECUTOR
+
+
 def _blocking(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run a pyroute2 coroutine to completion from synchronous code.
 
     A thread that already runs an event loop cannot start another one, so then the work
-    goes to a short-lived thread (and blocks the caller's loop for that netlink request).
+    goes to a worker thread (and blocks the caller's loop for that netlink request).
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return _run_private(factory)
-    outcome: list[_T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            outcome.append(_run_private(factory))
-        except BaseException as exc:  # handed over to the calling thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=target, name="portproxy-netlink")
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    return _executor().submit(_run_private, factory).result()
 
 
 def _setup_error(name: str, action: str, exc: NetlinkError | OSError, kind: str = "") -> SetupError:
@@ -360,7 +368,10 @@ async def _read_snapshot(name: str, family: Family) -> AddressSnapshot:
             if link is None:
                 return AddressSnapshot(name, False, False, None, frozenset())
             index = int(link["index"])
-            messages = [msg async for msg in await ipr.addr("dump", index=index)]
+            for _ in range(_DUMP_ATTEMPTS):
+                messages = [msg async for msg in await ipr.addr("dump", index=index)]
+                if not any(msg["header"]["flags"] & NLM_F_DUMP_INTR for msg in messages):
+                    break
     except (NetlinkError, OSError) as exc:
         raise _setup_error(name, "read", exc) from exc
     addresses = set()

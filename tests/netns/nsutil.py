@@ -237,6 +237,47 @@ class NetNamespace:
     def popen_python(self, code: str, **kwargs: Any) -> NsProcess:
         return self.popen([sys.executable, "-c", code], **kwargs)
 
+    def portproxy(self, *args: str) -> NsProcess:
+        """Start ``portproxy ARGS`` (this checkout) in the namespace."""
+        return self.popen([sys.executable, "-m", "portproxy", *args])
+
+    def wait_tcp(self, host: str, port: int, listening: bool = True, timeout: float = 10.0) -> None:
+        """Poll TCP connects from inside the namespace until ``host:port`` accepts them
+        (or, with ``listening=False``, refuses them); AssertionError at the deadline."""
+        code = f"""
+import socket, sys, time
+deadline = time.monotonic() + {timeout!r}
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(({host!r}, {port!r}), timeout=1).close()
+        accepted = True
+    except OSError:
+        accepted = False
+    if accepted == {listening!r}:
+        sys.exit(0)
+    time.sleep(0.05)  # poll interval, bounded by the deadline
+sys.exit(1)
+"""
+        done = self.run_python(code, timeout=timeout + 30, check=False)
+        if done.returncode != 0:
+            state = "accepting" if listening else "refusing"
+            raise AssertionError(f"{host}:{port} not {state} connections within {timeout}s")
+
+    def tcp_exchange(self, host: str, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+        """Connect from inside the namespace, send ``payload``, half-close, return all
+        bytes received until the peer closes."""
+        code = f"""
+import socket, sys
+with socket.create_connection(({host!r}, {port!r}), timeout={timeout!r}) as c:
+    c.sendall({payload!r})
+    c.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := c.recv(65536):
+        data += chunk
+sys.stdout.write(data.hex())
+"""
+        return bytes.fromhex(self.run_python(code, timeout=timeout + 30).stdout)
+
     def add_veth(self, left: str, right: str) -> None:
         """A veth pair with both ends in this namespace, both up (so each has carrier)."""
         self.ip("link", "add", left, "type", "veth", "peer", "name", right)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,4 +76,31 @@ def test_processes_run_inside_the_namespace(veth: Veth) -> None:
         "c.sendall(b'portproxy'); print(c.recv(100).decode())\n"
     )
     assert reply.stdout.strip() == "yxorptrop"
-    assert server.stop() == 0
+    assert server.proc.wait(timeout=10) == 0  # it served exactly that one connection
+
+
+REVERSE_ECHO = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
+    "print('listening', flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept(); data = b''\n"
+    "    while chunk := c.recv(65536): data += chunk\n"
+    "    c.sendall(data[::-1]); c.close()\n"
+)
+
+
+def test_portproxy_forwards_inside_the_namespace(veth: Veth) -> None:
+    """The template for end-to-end tests: backend, daemon and client all in the namespace."""
+    ns = veth.ns
+    ns.ip("addr", "add", "10.51.0.1/32", "dev", "ppx0")
+    backend = ns.popen([sys.executable, "-c", REVERSE_ECHO, "10.51.0.1", "7000"])
+    backend.expect_line(lambda line: line == "listening")
+    proxy = ns.portproxy(
+        "run", "-f", "tcp://10.51.0.1:8080=10.51.0.1:7000", "--admin-address", "none"
+    )
+    ns.wait_tcp("10.51.0.1", 8080)
+    payload = bytes(range(256)) * 64
+    assert ns.tcp_exchange("10.51.0.1", 8080, payload) == payload[::-1]
+    assert proxy.stop() == 0
+    ns.wait_tcp("10.51.0.1", 8080, listening=False)
