@@ -116,7 +116,9 @@ class CreatedInterface:
 
 
 def interface_exists(name: str) -> bool:
-    """Whether an interface with this name exists in the current network namespace."""
+    """Whether an interface with this name exists in the current network namespace.
+
+    Like every function here, a name the kernel would refuse is a ConfigError."""
     _check_name(name)
     return _blocking(lambda: _read_snapshot(name, "any")).exists
 
