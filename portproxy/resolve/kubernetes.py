@@ -255,6 +255,7 @@ class KubeServiceResolver:
         try:
             last: EndpointSet | None = None
             problem: str | None = None
+            dns_failure: str | None = None
             version = -1
             outcome = Outcome()
             while True:
@@ -266,7 +267,11 @@ class KubeServiceResolver:
                     problem = outcome.problem
                 snapshot = outcome.endpoints
                 if outcome.external is not None:
-                    snapshot = await self._lookup(outcome.external, last)
+                    snapshot, failure = await self._lookup(outcome.external)
+                    if failure and failure != dns_failure:
+                        log.warning("%s", failure)  # once per failing streak
+                    dns_failure = failure
+                    snapshot = snapshot if snapshot is not None else last  # keep last good
                 if snapshot is not None and snapshot != last:
                     self._log_change(last, snapshot)
                     last = snapshot
@@ -276,15 +281,14 @@ class KubeServiceResolver:
         finally:
             self._owner._release(shared)
 
-    async def _lookup(self, external: HostTarget, last: EndpointSet | None
-                      ) -> EndpointSet | None:
+    async def _lookup(self, external: HostTarget) -> tuple[EndpointSet | None, str | None]:
+        """(endpoints, None) or (None, the failure line) for an ExternalName."""
         try:
             addresses = await system_lookup(external.host)
         except OSError as exc:
-            log.warning("%s: cannot resolve ExternalName %s: %s; keeping the last known "
-                        "endpoints", self.target, external.host, exc)
-            return last
-        return EndpointSet.of([Endpoint(a, external.port) for a in addresses])
+            return None, (f"{self.target}: cannot resolve ExternalName {external.host}: "
+                          f"{exc}; keeping the last known endpoints, retrying")
+        return EndpointSet.of([Endpoint(a, external.port) for a in addresses]), None
 
     def _log_change(self, old: EndpointSet | None, new: EndpointSet) -> None:
         added, removed = (old or EndpointSet()).diff(new)

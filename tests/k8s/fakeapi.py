@@ -269,7 +269,8 @@ class FakeKube:
     def _check(self, request: Request) -> tuple[int, Obj] | None:
         with self.cond:
             self.requests.append(request)
-            if request.authorization != f"Bearer {self.token}":
+            scheme, _, credentials = (request.authorization or "").partition(" ")
+            if scheme.lower() != "bearer" or credentials != self.token:  # scheme: any case
                 return 401, status_body(401, "Unauthorized", "Unauthorized")
             code = self.state.denied.get((request.verb, request.resource, request.namespace))
         if code is None:
