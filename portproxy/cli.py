@@ -145,6 +145,11 @@ daemon_options = _options(
                  help="Log line format."),
     click.option("--access-log", is_flag=True, envvar=env("access-log"),
                  help="Log one line per finished TCP connection / expired UDP flow."),
+    click.option("--create-interface", envvar=env("create-interface"), metavar="NAME",
+                 help="Create (or adopt) a dummy interface with the --address VIPs at start "
+                      "and remove it on exit; needs NET_ADMIN."),
+    click.option("--address", "addresses", multiple=True, envvar=env("address"),
+                 metavar="CIDR", help="A VIP for --create-interface (repeatable)."),
 )
 
 
@@ -205,7 +210,26 @@ def settings_from(params: dict[str, Any]) -> Settings:
         kube_context=params["kube_context"],
         node_name=params["node_name"] or None,
         config_file=params["config"],
+        create_interface=params.get("create_interface"),
+        interface_addresses=_vip_addresses(params),
     )
+
+
+def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:
+    import ipaddress
+
+    addresses = tuple(params.get("addresses") or ())
+    if addresses and not params.get("create_interface"):
+        raise ConfigError("--address needs --create-interface NAME")
+    if params.get("create_interface") and not addresses:
+        raise ConfigError("--create-interface needs at least one --address CIDR")
+    for address in addresses:
+        try:
+            ipaddress.ip_interface(address)
+        except ValueError:
+            raise ConfigError(f"invalid --address {address!r}: not an IP address or CIDR "
+                              "(e.g. 169.254.20.10/32)") from None
+    return addresses
 
 
 def run_guarded(body: Callable[[], None]) -> NoReturn:

@@ -12,13 +12,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
+from portproxy.ifbind import InterfaceBinding
 from portproxy.limits import SharedLimit
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
@@ -46,7 +47,8 @@ class ForwardRuntime:
     target: TargetState
     tcp: TcpForwarder | None = None
     udp: Any = None
-    task: asyncio.Task[None] | None = None
+    binding: InterfaceBinding | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     detail: str = ""
 
     @property
@@ -59,8 +61,11 @@ class ForwardRuntime:
 
     async def drain(self, timeout: float) -> None:
         await asyncio.gather(*(engine.drain(timeout) for engine in self.engines))
-        if self.task is not None:
-            self.task.cancel()
+        for task in self.tasks:
+            task.cancel()
+
+    def set_detail(self, detail: str) -> None:
+        self.detail = detail
 
 
 def choose_pump(use_splice: bool) -> str:
@@ -153,19 +158,25 @@ class Daemon:
         return runtime
 
     def _bind(self, runtime: ForwardRuntime) -> None:
-        listen = runtime.forward.listen
+        forward = runtime.forward
+        listen = forward.listen
         if listen.kind == "interface":
-            from portproxy.errors import SetupError
-
-            raise SetupError(f"forward {runtime.forward.name}: interface listen addresses are "
-                             "not supported yet")
+            runtime.binding = InterfaceBinding(forward.name, listen, runtime.engines,
+                                               forward.options.wait_interface,
+                                               runtime.set_detail)
+            runtime.binding.bind_now()
+            return
         for engine in runtime.engines:
             engine.add_listener(listen.host)
 
     def start(self, runtime: ForwardRuntime) -> None:
         assert self._group is not None
-        runtime.task = self._group.create_task(
-            runtime.target.follow(), name=f"resolve {runtime.forward.name}")
+        name = runtime.forward.name
+        runtime.tasks.append(self._group.create_task(runtime.target.follow(),
+                                                     name=f"resolve {name}"))
+        if runtime.binding is not None:
+            runtime.tasks.append(self._group.create_task(runtime.binding.follow(),
+                                                         name=f"interface {name}"))
         self.forwards[runtime.forward] = runtime
 
     # -- status (admin) -------------------------------------------------------------------
@@ -180,7 +191,7 @@ class Daemon:
                 target=str(forward.target),
                 mode=_target_mode(forward),
                 endpoints=tuple(str(e) for e in runtime.target.endpoints.endpoints),
-                bound=all(engine.bound for engine in runtime.engines),
+                bound=all(engine.bound for engine in runtime.engines) and not runtime.detail,
                 resolved=runtime.target.resolved,
                 active_connections=runtime.tcp.active if runtime.tcp is not None else 0,
                 udp_flows=runtime.udp.flows if runtime.udp is not None else 0,
@@ -264,6 +275,28 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:
+        created = self._create_interface()
+        try:
+            await self._run(ready)
+        finally:
+            if created is not None:
+                from portproxy.netlink import remove_created
+
+                remove_created(created)
+                log.info("removed what was created for interface %s", created.name)
+
+    def _create_interface(self) -> Any:
+        name = self.settings.create_interface
+        if name is None:
+            return None
+        from portproxy.ifbind import create_vip_interface
+
+        created = create_vip_interface(name, self.settings.interface_addresses)
+        log.info("interface %s %s with %s", name,
+                 "created" if created.created_link else "adopted", ", ".join(created.cidrs))
+        return created
+
+    async def _run(self, ready: Callable[[], None] | None) -> None:
         runtimes: list[ForwardRuntime] = []
         try:
             for forward in self.settings.forwards:
