@@ -17,6 +17,12 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
   datagram to the backend with scatter-gather ``sendmsg`` (no copy); replies go without it.
 - When the endpoint of a flow disappears from the target, the flow moves to a new endpoint on
   its next datagram from the client (a generation number makes the check O(1)).
+- Drain: new clients are dropped (``draining``) while existing flows are served until each
+  has been quiet for ``DRAIN_QUIET`` s, bounded by the drain timeout; then the listening
+  sockets close. They stay open until then because replies must leave from them; the cost
+  is that, beside a new instance sharing the port through SO_REUSEPORT, the new clients the
+  kernel still hashes to this socket are dropped for that short while (clients retry).
+- Payload bytes also count in ``portproxy_bytes_total`` (PROXY headers excluded).
 
 Drops are counted in ``portproxy_udp_dropped_total{reason}``; each datagram lost counts once:
 
@@ -37,20 +43,27 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import socket
-from typing import Any
 
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.flowtable import FlowLimits, FlowTable
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
-from portproxy.sockets import BindRequest, bind_socket, family_of
+from portproxy.sockets import BindRequest, bind_socket
 from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
-from portproxy.udp_pktinfo import ANCILLARY_SIZE, LocalAddress, enable, local_address, pktinfo_of
+from portproxy.udp_flow import (
+    Client,
+    Flow,
+    FlowExpiry,
+    allowed,
+    connect_first,
+    log_address,
+    unmapped,
+)
+from portproxy.udp_pktinfo import ANCILLARY_SIZE, enable, local_address, pktinfo_of
 
 log = logging.getLogger("portproxy.udp")
 
@@ -64,35 +77,6 @@ RECV_BUFFER = 65536
 LISTENER_BUFFER = 4 * 1024 * 1024
 #: Endpoints tried when a flow's socket cannot be created or connected.
 CONNECT_ATTEMPTS = 3
-#: During drain, a flow silent this long (either way) has no reply in flight any more and is
-#: closed; replies later than this would have made a DNS client retry already.
-DRAIN_QUIET = 2.0
-#: Seconds of tolerance when the expiry timer fires (see ``_on_timer``).
-TIMER_SLACK = 0.001
-
-Client = tuple[Any, ...]
-"""A client address as ``recvmsg`` returns it: ``(host, port)`` or IPv6's 4-tuple."""
-
-
-class _Flow:
-    """One client address and its connected socket to one endpoint."""
-
-    __slots__ = ("bytes_down", "bytes_up", "client", "endpoint", "generation", "header",
-                 "listener", "local", "sock", "started")
-
-    def __init__(self, client: Client, listener: socket.socket, local: LocalAddress,
-                 sock: socket.socket, endpoint: Endpoint, started: float) -> None:
-        self.client = client
-        self.listener = listener
-        self.local = local
-        self.sock = sock
-        self.endpoint = endpoint
-        self.started = started
-        self.header: bytes | None = None
-        self.generation = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-
 
 class UdpForwarder:
     """Receives on one or more listening sockets of a forward and relays flows to its target."""
@@ -108,7 +92,7 @@ class UdpForwarder:
         self.allow = options.allow
         self.proxy_v2 = options.proxy_protocol == ProxyProtocol.V2
         self.idle_timeout = options.idle_timeout_for(Protocol.UDP)
-        self.table: FlowTable[Client, _Flow] = FlowTable(
+        self.table: FlowTable[Client, Flow] = FlowTable(
             FlowLimits(self.idle_timeout, options.max_flows), self.loop.time)
         self.listeners: dict[str, socket.socket] = {}
         self.ports: dict[socket.socket, int] = {}
@@ -116,8 +100,7 @@ class UdpForwarder:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.accepting = True
-        self.draining = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
         self._idle = asyncio.Event()
         self._idle.set()
         self.generation = 0
@@ -215,7 +198,7 @@ class UdpForwarder:
                 self.d_up.inc()
                 self.bytes_up.inc(size)
 
-    def _send_up(self, flow: _Flow, size: int) -> bool:
+    def _send_up(self, flow: Flow, size: int) -> bool:
         data = self.view[:size]
         for _ in range(2):
             try:
@@ -241,7 +224,7 @@ class UdpForwarder:
         else:
             self.x_error.inc()
 
-    def _refused(self, flow: _Flow) -> None:
+    def _refused(self, flow: Flow) -> None:
         self.x_refused.inc()
         log.warning("forward %s: backend %s refused a datagram (ICMP port unreachable)",
                     self.name, flow.endpoint,
@@ -249,11 +232,11 @@ class UdpForwarder:
 
     # -- flows ------------------------------------------------------------------------------
     def _new_flow(self, lsock: socket.socket, client: Client,
-                  ancdata: list[tuple[int, int, bytes]]) -> _Flow | None:
+                  ancdata: list[tuple[int, int, bytes]]) -> Flow | None:
         if not self.accepting:
             self.x_draining.inc()
             return None
-        if self.allow and not self._allowed(client[0]):
+        if self.allow and not allowed(client[0], self.allow):
             self.x_denied.inc()
             return None
         connected = self._connect(client)
@@ -261,46 +244,33 @@ class UdpForwarder:
             return None
         sock, endpoint = connected
         local = local_address(ancdata, lsock)
-        flow = _Flow(client, lsock, local, sock, endpoint, self.loop.time())
+        flow = Flow(client, lsock, local, sock, endpoint, self.loop.time())
         flow.generation = self.generation
         flow.header = self._header(flow)
         self._admit(flow)
         return flow
 
-    def _allowed(self, host: str) -> bool:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.allow)
-
     def _connect(self, client: Client) -> tuple[socket.socket, Endpoint] | None:
-        """A socket connected to the first usable candidate endpoint (counted when none)."""
-        candidates = self.target.candidates(_unmapped(client[0]))
+        """A socket connected to a candidate endpoint for ``client`` (counted when none)."""
+        candidates = self.target.candidates(unmapped(client[0]))
         if not candidates:
             self.x_no_endpoints.inc()
             return None
-        for endpoint in candidates[:CONNECT_ATTEMPTS]:
-            try:
-                sock = socket.socket(family_of(endpoint.host), socket.SOCK_DGRAM)
-            except OSError:  # out of file descriptors or memory: a flood; shed it
-                self.x_overload.inc()
-                return None
-            try:
-                sock.setblocking(False)
-                sock.connect((endpoint.host, endpoint.port))  # no handshake: never blocks
-            except OSError:
-                sock.close()
-                continue
-            return sock, endpoint
-        self.x_error.inc()
-        return None
+        try:
+            connected = connect_first(candidates[:CONNECT_ATTEMPTS])
+        except OSError:  # out of file descriptors or memory: a flood; shed it
+            self.x_overload.inc()
+            return None
+        if connected is None:
+            self.x_error.inc()
+        return connected
 
-    def _header(self, flow: _Flow) -> bytes | None:
+    def _header(self, flow: Flow) -> bytes | None:
         if not self.proxy_v2:
             return None
         return encode_v2(flow.client, (flow.local.host, self.ports[flow.listener]), "dgram")
 
-    def _admit(self, flow: _Flow) -> None:
+    def _admit(self, flow: Flow) -> None:
         evictions = self.table.evictions
         removed = self.table.add(flow.client, flow)
         if removed is not None:
@@ -315,9 +285,9 @@ class UdpForwarder:
         self.target.opened(flow.endpoint)
         self.g_flows.inc()
         self._idle.clear()
-        self._arm()
+        self.expiry.arm()
 
-    def _relocate(self, flow: _Flow, lsock: socket.socket,
+    def _relocate(self, flow: Flow, lsock: socket.socket,
                   ancdata: list[tuple[int, int, bytes]]) -> None:
         """The client now sends to another local address: answer from that one."""
         flow.listener = lsock
@@ -328,7 +298,7 @@ class UdpForwarder:
         self.generation += 1
         self.endpoint_keys = frozenset(e.key for e in endpoints.endpoints)
 
-    def _endpoint_ok(self, flow: _Flow) -> bool:
+    def _endpoint_ok(self, flow: Flow) -> bool:
         """After an endpoint change: keep the flow's endpoint, or move it to a new one."""
         if flow.endpoint.key in self.endpoint_keys:
             flow.generation = self.generation
@@ -347,24 +317,24 @@ class UdpForwarder:
         self.target.opened(flow.endpoint)
         self.loop.add_reader(flow.sock.fileno(), self._on_reply, flow)
         log.info("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
-                 _host_port(flow.client), old, flow.endpoint, extra={"forward": self.name})
+                 log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
         return True
 
-    def _close(self, flow: _Flow, result: str) -> None:
+    def _close(self, flow: Flow, result: str) -> None:
         """Release a flow already removed from the table."""
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         self.target.closed(flow.endpoint)
         self.g_flows.dec()
         if self.access_log is not None:
-            self.access_log(self.name, _host_port(flow.client), str(flow.endpoint),
+            self.access_log(self.name, log_address(flow.client), str(flow.endpoint),
                             flow.bytes_up, flow.bytes_down, self.loop.time() - flow.started,
                             result)
         if not self.table:
             self._idle.set()
 
     # -- backend → client -----------------------------------------------------------------
-    def _on_reply(self, flow: _Flow) -> None:
+    def _on_reply(self, flow: Flow) -> None:
         sock, view = flow.sock, self.view
         sent = 0
         for _ in range(BATCH):
@@ -390,72 +360,22 @@ class UdpForwarder:
             self.d_down.inc(sent)
             self.table.touch(flow.client)
 
-    # -- expiry -----------------------------------------------------------------------------
-    def _arm(self) -> None:
-        if self._timer is None:
-            deadline = self._next_deadline()
-            if deadline is not None:
-                self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _rearm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._arm()
-
-    def _quiet_shift(self) -> float:
-        """How much earlier than the idle timeout a draining flow ends: expiring at
-        ``now + shift`` ends the flows quiet for ``min(idle_timeout, DRAIN_QUIET)``."""
-        return self.idle_timeout - min(self.idle_timeout, DRAIN_QUIET)
-
-    def _next_deadline(self) -> float | None:
-        if self.draining and not self.idle_timeout:
-            # Flows never expire, so the table has no deadlines: look again periodically.
-            return self.loop.time() + DRAIN_QUIET / 2 if self.table else None
-        deadline = self.table.next_deadline()
-        if deadline is None or not self.draining:
-            return deadline
-        return deadline - self._quiet_shift()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        # The loop may run a timer up to its clock resolution early; a flow ending a
-        # millisecond early is harmless, re-arming for the same instant in a spin is not.
-        now = self.loop.time() + TIMER_SLACK
-        if not self.draining:
-            expired, result = self.table.expire(now), "expired"
-        elif self.idle_timeout:
-            expired, result = self.table.expire(now + self._quiet_shift()), "drained"
-        else:
-            expired, result = self._quiet_flows(now), "drained"
-        for _, flow in expired:
-            self._close(flow, result)
-        self._arm()
-
-    def _quiet_flows(self, now: float) -> list[tuple[Client, _Flow]]:
-        """Draining without an idle timeout: remove the flows quiet for ``DRAIN_QUIET``."""
-        quiet = []
-        for client in self.table:  # least recently active first
-            last = self.table.last_active(client)
-            if last is None or last + DRAIN_QUIET > now:
-                break
-            flow = self.table.remove(client)
-            if flow is not None:
-                quiet.append((client, flow))
-        return quiet
-
     # -- stopping -------------------------------------------------------------------------
     def stop_accepting(self) -> None:
-        """No new flows from now on. The listening sockets stay open: existing flows'
-        replies leave through them until ``drain`` or ``abort_all`` closes them."""
+        """No new flows from now on. While flows exist the listening sockets stay open,
+        because their replies leave through them (``drain`` or ``abort_all`` closes them
+        later); with no flow they close at once, which also releases them when the daemon
+        gives up on a forward it has just built."""
         self.accepting = False
+        if not self.table:
+            for host in list(self.listeners):
+                self.remove_listener(host)
 
     async def drain(self, timeout: float) -> None:
         """Serve existing flows until each has been quiet for ``DRAIN_QUIET`` seconds (or
         its idle timeout, if shorter), for at most ``timeout`` seconds; then close all."""
         self.stop_accepting()
-        self.draining = True
-        self._rearm()
+        self.expiry.start_draining()
         if self.table:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
@@ -466,9 +386,7 @@ class UdpForwarder:
     def abort_all(self) -> None:
         """Close every flow and every listening socket now."""
         self.accepting = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.expiry.cancel()
         for _, flow in self.table.clear():
             self._close(flow, "drain_timeout")
         for host in list(self.listeners):
@@ -478,16 +396,6 @@ class UdpForwarder:
 def _set_buffers(sock: socket.socket, size: int) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, size)
-
-
-def _unmapped(host: str) -> str:
-    """``::ffff:a.b.c.d`` → ``a.b.c.d``, so source-ip balancing sees one client identity."""
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
-def _host_port(client: Client) -> tuple[str, int]:
-    """For logs: the client as it would be written by a user (IPv4 clients unmapped)."""
-    return (_unmapped(client[0]), client[1])
 
 
 def _where(sock: socket.socket) -> str:

@@ -33,6 +33,8 @@ ANCILLARY_SIZE = socket.CMSG_SPACE(20) * 2
 
 Ancillary = tuple[int, int, bytes]
 _NO_IFINDEX = bytes(4)
+_SOL_IP: int = socket.IPPROTO_IP
+_SOL_IPV6: int = socket.IPPROTO_IPV6
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +58,11 @@ def enable(sock: socket.socket) -> None:
 
 
 def pktinfo_of(ancdata: list[Ancillary]) -> bytes:
-    """The raw pktinfo bytes among ``ancdata`` (b"" when absent)."""
+    """The raw pktinfo bytes among ``ancdata`` (b"" when absent); on the per-datagram path,
+    so it only compares ints."""
     for level, kind, data in ancdata:
-        if (level, kind) in ((socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, IPV6_PKTINFO)):
+        if (kind == IP_PKTINFO and level == _SOL_IP) or (
+                kind == IPV6_PKTINFO and level == _SOL_IPV6):
             return data
     return b""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 from tests.conftest import wait_for
@@ -85,3 +86,12 @@ def test_abort_all_closes_everything_at_once() -> None:
         assert proxy.flows == 0
         assert not proxy.run(lambda: proxy.engine.bound)
         assert proxy.run(lambda: proxy.metrics.udp_flows.labels("test").value) == 0
+
+
+def test_stop_accepting_without_flows_releases_the_port_at_once() -> None:
+    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy:
+        proxy.run(proxy.engine.stop_accepting)
+        assert not proxy.run(lambda: proxy.engine.bound)
+        # The port is free again: a socket without SO_REUSEPORT can take it.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taker:
+            taker.bind(("127.0.0.1", proxy.port))

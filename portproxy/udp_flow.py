@@ -1,0 +1,163 @@
+"""UDP flows: the per-client state, the one expiry timer of a forward, and small helpers.
+
+``FlowExpiry`` turns ``FlowTable``'s deadlines into ONE ``loop.call_at`` timer per forward
+(never one per flow or per datagram): it is armed when a flow is added and re-armed from
+``next_deadline`` after each expiry, and traffic never touches it, because activity only
+moves deadlines later; a timer that fires for a flow refreshed meanwhile expires nothing and
+re-arms at the new front's deadline.
+
+Draining: a flow silent for ``DRAIN_QUIET`` seconds (or its idle timeout, if shorter) has no
+reply in flight any more and ends; that is ``expire(now + shift)`` with ``shift = idle_timeout
+- quiet``, so the table needs no second ordering. Without an idle timeout (0 = never) the table
+has no deadlines, and draining walks the least recently active flows periodically instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from portproxy.endpoints import Endpoint
+from portproxy.flowtable import FlowTable
+from portproxy.sockets import family_of
+from portproxy.spec import IPNetwork
+from portproxy.udp_pktinfo import LocalAddress
+
+#: During drain, a flow silent this long (either way) has no reply in flight any more and is
+#: closed; a reply later than this would have made a DNS client retry already.
+DRAIN_QUIET = 2.0
+#: The loop may run a timer up to its clock resolution early; expiring a flow a millisecond
+#: early is harmless, re-arming for the same instant in a spin is not.
+TIMER_SLACK = 0.001
+
+Client = tuple[Any, ...]
+"""A client address as ``recvmsg`` returns it: ``(host, port)`` or IPv6's 4-tuple."""
+
+
+class Flow:
+    """One client address and its connected socket to one endpoint."""
+
+    __slots__ = ("bytes_down", "bytes_up", "client", "endpoint", "generation", "header",
+                 "listener", "local", "sock", "started")
+
+    def __init__(self, client: Client, listener: socket.socket, local: LocalAddress,
+                 sock: socket.socket, endpoint: Endpoint, started: float) -> None:
+        self.client = client
+        self.listener = listener
+        """The listening socket the client sent to: replies leave through it."""
+        self.local = local
+        self.sock = sock
+        self.endpoint = endpoint
+        self.started = started
+        self.header: bytes | None = None
+        """The PROXY v2 header sent in front of every datagram (built once per flow)."""
+        self.generation = 0
+        """The engine's endpoint generation when ``endpoint`` was last known to exist."""
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+
+Expired = list[tuple[Client, Flow]]
+
+
+class FlowExpiry:
+    """The single expiry timer of one forward's flow table."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: FlowTable[Client, Flow],
+                 idle_timeout: float, close: Callable[[Flow, str], None]) -> None:
+        self.loop = loop
+        self.table = table
+        self.idle_timeout = idle_timeout
+        self.close = close
+        self.draining = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Make sure the timer runs for the earliest deadline (after adding a flow)."""
+        if self._timer is None:
+            deadline = self._next_deadline()
+            if deadline is not None:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def start_draining(self) -> None:
+        """From now on flows end once quiet for ``DRAIN_QUIET`` seconds."""
+        self.draining = True
+        self.cancel()
+        self.arm()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _shift(self) -> float:
+        return self.idle_timeout - min(self.idle_timeout, DRAIN_QUIET)
+
+    def _next_deadline(self) -> float | None:
+        if self.draining and not self.idle_timeout:
+            return self.loop.time() + DRAIN_QUIET / 2 if self.table else None
+        deadline = self.table.next_deadline()
+        if deadline is None or not self.draining:
+            return deadline
+        return deadline - self._shift()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.loop.time() + TIMER_SLACK
+        if not self.draining:
+            expired, result = self.table.expire(now), "expired"
+        elif self.idle_timeout:
+            expired, result = self.table.expire(now + self._shift()), "drained"
+        else:
+            expired, result = self._quiet_flows(now), "drained"
+        for _, flow in expired:
+            self.close(flow, result)
+        self.arm()
+
+    def _quiet_flows(self, now: float) -> Expired:
+        quiet = []
+        for client in self.table:  # least recently active first
+            last = self.table.last_active(client)
+            if last is None or last + DRAIN_QUIET > now:
+                break
+            flow = self.table.remove(client)
+            if flow is not None:
+                quiet.append((client, flow))
+        return quiet
+
+
+def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoint] | None:
+    """A non-blocking UDP socket connected to the first endpoint that accepts ``connect``
+    (UDP has no handshake: this only fails for local reasons such as no route). ``None`` when
+    none did; ``OSError`` when no socket can be created at all (out of descriptors)."""
+    for endpoint in endpoints:
+        sock = socket.socket(family_of(endpoint.host), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((endpoint.host, endpoint.port))
+        except OSError:
+            sock.close()
+            continue
+        return sock, endpoint
+    return None
+
+
+def allowed(host: str, allow: Sequence[IPNetwork]) -> bool:
+    """Whether a client address is in the allowlist (IPv4-mapped IPv6 counts as IPv4)."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in allow)
+
+
+def unmapped(host: str) -> str:
+    """``::ffff:a.b.c.d`` → ``a.b.c.d``: one identity per client for balancing and logs."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def log_address(client: Client) -> tuple[str, int]:
+    """The client as a user would write it (IPv4 clients of dual-stack sockets unmapped)."""
+    return (unmapped(client[0]), client[1])
