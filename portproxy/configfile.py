@@ -128,7 +128,7 @@ def _option_text(name: str, value: object) -> str | None:
     """A TOML option value as spec text, or None when it cannot be one."""
     if isinstance(value, bool):
         # Only a switch takes a boolean; `name = true` is a typo, not a name.
-        if name != "wait-interface":
+        if name not in ("wait-interface", "freebind"):
             return None
         return "true" if value else "false"
     if isinstance(value, int):

@@ -167,7 +167,7 @@ class Daemon:
             runtime.binding.bind_now()
             return
         for engine in runtime.engines:
-            engine.add_listener(listen.host)
+            engine.add_listener(listen.host, freebind=forward.options.freebind)
 
     def start(self, runtime: ForwardRuntime) -> None:
         assert self._group is not None

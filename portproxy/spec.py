@@ -95,6 +95,9 @@ class ForwardOptions:
     """Seconds a half-closed TCP connection may wait for its other direction; 0 disables."""
     wait_interface: bool = False
     """An interface listen address may be missing at start; wait for it instead of failing."""
+    freebind: bool = False
+    """Bind an IP listen address even if this host does not have it (yet), with IP_FREEBIND:
+    the listener starts receiving once the address is added (failover VIPs, DHCP)."""
     name: str | None = None
     """Label for logs and metrics; derived from the spec when unset."""
 
@@ -335,6 +338,9 @@ def _enum_value(key: str, value: str, enum: type[StrEnum]) -> str:
     return value
 
 
+_FLAG_KEYS = ("wait-interface", "freebind")
+
+
 def option_values(pairs: Mapping[str, str]) -> dict[str, object]:
     """Validate ``key -> text`` option pairs into ``ForwardOptions`` field values."""
     values: dict[str, object] = {}
@@ -354,9 +360,9 @@ def option_values(pairs: Mapping[str, str]) -> dict[str, object]:
             values[attr] = _count(key, value)
         elif key == "allow":
             values[attr] = _allowlist(value)
-        elif key == "wait-interface":
+        elif key in _FLAG_KEYS:
             if value.lower() not in ("", "true", "yes", "1", "false", "no", "0"):
-                raise _Invalid(f"wait-interface={value!r}: use true or false")
+                raise _Invalid(f"{key}={value!r}: use true or false")
             values[attr] = value.lower() in ("", "true", "yes", "1")
         elif key == "name":
             if not _NAME.match(value):
@@ -374,7 +380,7 @@ def _split_options(parts: list[str]) -> dict[str, str]:
         key = key.strip().lower()
         if not key:
             raise _Invalid(f"option {part!r} has no key")
-        if not sep and key != "wait-interface":
+        if not sep and key not in _FLAG_KEYS:
             raise _Invalid(f"option {key!r} needs a value: {key}=VALUE")
         if key in pairs:
             raise _Invalid(f"option {key!r} is given twice")
@@ -423,3 +429,5 @@ def _check_consistency(
         raise _Invalid("proxy-protocol=v1 is TCP only; UDP forwards can use v2")
     if options.wait_interface and listen.kind != "interface":
         raise _Invalid("wait-interface only applies to an interface listen address")
+    if options.freebind and listen.kind != "ip":
+        raise _Invalid("freebind only applies to an IP listen address")

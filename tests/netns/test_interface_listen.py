@@ -119,3 +119,18 @@ def nsutil_python() -> list[str]:
     import sys
 
     return [sys.executable]
+
+
+def test_freebind_listens_on_an_address_before_it_exists(veth: Veth) -> None:
+    ns = veth.ns
+    start_backend(ns)
+    done = ns.run([*nsutil_python(), "-m", "portproxy", "run", "-f",
+                   f"tcp://10.97.0.1:8080=127.0.0.1:{BACKEND_PORT}", "--admin-address", "none"],
+                  check=False)
+    assert done.returncode == 3 and "not an address of this host" in done.stderr
+    proxy = ns.portproxy("run", "-f", f"tcp://10.97.0.1:8080=127.0.0.1:{BACKEND_PORT},freebind",
+                         "--admin-address", "none")
+    ns.ip("addr", "add", "10.97.0.1/24", "dev", veth.left)
+    ns.wait_tcp("10.97.0.1", 8080)
+    assert ns.tcp_exchange("10.97.0.1", 8080, b"freebind") == b"freebind"
+    assert proxy.stop() == 0

@@ -72,6 +72,7 @@ def test_every_option() -> None:
 def test_wait_interface_flag_and_defaults() -> None:
     forward = parse_forward("eth0:80=a:1,wait-interface")
     assert forward.options.wait_interface is True
+    assert parse_forward("10.0.0.1:80=a:1,freebind").options.freebind is True
     base = ForwardOptions(connect_timeout=2.0)
     assert parse_forward("80=a:1", base).options.connect_timeout == 2.0
     assert parse_forward("80=a:1,connect-timeout=3", base).options.connect_timeout == 3.0
@@ -117,6 +118,8 @@ INVALID = [
     ("80=a:1,balance", "option 'balance' needs a value"),
     ("udp://:53=a:53,proxy-protocol=v1", "proxy-protocol=v1 is TCP only"),
     ("80=a:1,wait-interface", "wait-interface only applies to an interface"),
+    ("80=a:1,freebind", "freebind only applies to an IP listen address"),
+    ("10.0.0.1:80=a:1,freebind=maybe", "freebind='maybe': use true or false"),
     ("this-interface-name-is-too-long:80=a:1", "is neither an IP address nor an interface name"),
     ("eth0/ipv5:80=a:1", "the family after '/' must be ipv4 or ipv6"),
     ("80=bad_host!:1", "target host 'bad_host!' is not a valid IP address or DNS name"),
