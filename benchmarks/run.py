@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from benchlib import netns, packages, report, runner  # noqa: E402
+from benchlib.forwarders import PEERS  # noqa: E402
 from benchlib.settings import Settings  # noqa: E402
 
 
@@ -34,6 +35,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                         help="forwarder on CPU 0, load and backends on CPU 1 "
                              "(default: on when the machine has exactly 2 CPUs)")
+    parser.add_argument("--only", default="", metavar="NAME,...",
+                        help="measure just these forwarders (direct, haproxy and nginx always "
+                             "run: the ratios need them)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install missing peers")
     parser.add_argument("--in-netns", action="store_true",
@@ -43,6 +47,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
+    only = frozenset(filter(None, args.only.split(",")))
+    unknown = only - {peer.name for peer in PEERS}
+    if unknown:
+        print(f"--only: unknown forwarder(s) {', '.join(sorted(unknown))}; known: "
+              f"{', '.join(peer.name for peer in PEERS)}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("the benchmark needs root (unshare --net, sysctls, package installs)",
               file=sys.stderr)
@@ -58,7 +68,8 @@ def main(argv: list[str]) -> int:
         print("--pin needs at least 2 CPUs; running unpinned", file=sys.stderr)
     pin = (cpus[0], cpus[1]) if want_pin and len(cpus) >= 2 else None
     settings = Settings.make(quick=args.quick, repeats=args.repeats, pin=pin,
-                             out_dir=args.out.resolve(), build_dir=HERE / "build")
+                             out_dir=args.out.resolve(), build_dir=HERE / "build",
+                             only=only)
     summary = runner.run(settings, HERE.parent)
     print(report.write(summary, settings.out_dir))
     print(f"written to {settings.out_dir}/latest.md and latest.json", flush=True)

@@ -40,6 +40,7 @@ def describe(settings: Settings, repo: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "mode": "quick" if settings.quick else "full",
         "repeats": settings.repeats,
+        "durations": settings.describe_durations(),
         "pinning": (f"forwarder on CPU {settings.pin[0]}, load generator and backends on CPU "
                     f"{settings.pin[1]}" if settings.pin else "off"),
         "haproxy": _first_line(["haproxy", "-v"]),

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .forwarders import Running
+from .settings import REFERENCES
 from .workloads import WORKLOADS, Figures, Metric, Workload
-
-REFERENCES = ("haproxy", "nginx", "direct")
 
 
 @dataclass(slots=True)
@@ -113,6 +112,8 @@ def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = ["# portproxy benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += ["", "Forwarders:", ""]
+    lines += [f"- {name}: {entry['label']}" for name, entry in summary["forwarders"].items()]
     lines += ["", "Medians over repeats; ×X is the ratio to peer X's median (for latency, CPU "
               "and memory lower is better). `–` means no figure.", ""]
     for wl in WORKLOADS:

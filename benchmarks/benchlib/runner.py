@@ -19,6 +19,7 @@ from .settings import (
     FORWARDER_BASE_PORT,
     HOST,
     IPERF_PORT,
+    REFERENCES,
     Settings,
 )
 from .workloads import WORKLOADS, Tools, WorkloadError
@@ -49,8 +50,11 @@ def _launch_peers(tmp: Path, settings: Settings) -> list[Running]:
     started = []
     for i, peer in enumerate(PEERS):
         base = FORWARDER_BASE_PORT + 10 * i
-        started.append(forwarders.launch(peer, Ports(base, base + 1, base + 2), tmp,
-                                         unavailable, cpu))
+        ports = Ports(base, base + 1, base + 2)
+        if settings.only and peer.name not in settings.only | set(REFERENCES):
+            started.append(Running(peer, ports, "skipped", "not selected (--only)"))
+            continue
+        started.append(forwarders.launch(peer, ports, tmp, unavailable, cpu))
     return started
 
 

@@ -19,6 +19,8 @@ FORWARDER_BASE_PORT = 3300
 """Forwarder i listens on BASE + 10*i (+0 echo, +1 iperf3, +2 UDP)."""
 EPHEMERAL_RANGE = (4000, 65535)
 """Wide, so connection-rate runs do not exhaust ports while TIME_WAIT is bounded."""
+REFERENCES = ("direct", "haproxy", "nginx")
+"""Always measured: the ratios are relative to them."""
 TW_BUCKETS = 4096
 """Low-ish TIME_WAIT bound: older TIME_WAIT sockets are dropped instead of being searched."""
 
@@ -45,15 +47,21 @@ class Settings:
     """Where latest.md and latest.json go."""
     build_dir: Path
     """Where the C programs are compiled."""
+    only: frozenset[str] = frozenset()
+    """Measure just these forwarders (plus the references); empty means all."""
 
     @staticmethod
     def make(*, quick: bool, repeats: int | None, pin: tuple[int, int] | None,
-             out_dir: Path,
-             build_dir: Path) -> Settings:
+             out_dir: Path, build_dir: Path, only: frozenset[str]) -> Settings:
         if quick:
             return Settings(quick=True, repeats=repeats or 1, bulk_seconds=1,
                             bulk_bytes="128M", load_ms=300, idle_conns=500, pin=pin,
-                            out_dir=out_dir, build_dir=build_dir)
+                            out_dir=out_dir, build_dir=build_dir, only=only)
         return Settings(quick=False, repeats=repeats or 3, bulk_seconds=4, bulk_bytes=None,
                         load_ms=3000, idle_conns=5000, pin=pin, out_dir=out_dir,
-                        build_dir=build_dir)
+                        build_dir=build_dir, only=only)
+
+    def describe_durations(self) -> str:
+        bulk = f"iperf3 -n {self.bulk_bytes}" if self.bulk_bytes else f"{self.bulk_seconds} s"
+        return (f"bulk {bulk}, other workloads {self.load_ms / 1000:g} s, "
+                f"{self.idle_conns} idle connections")
