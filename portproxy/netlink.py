@@ -73,6 +73,11 @@ _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
 
 
+class NoLinkDriver(SetupError):
+    """The kernel cannot create links of the requested kind (e.g. built without ``dummy``):
+    the one failure where trying another kind makes sense."""
+
+
 @dataclass(frozen=True, slots=True)
 class AddressSnapshot:
     """The state of one interface at one moment, as the listener layer needs it."""
@@ -348,6 +353,7 @@ def _setup_error(name: str, action: str, exc: NetlinkError | OSError, kind: str 
         reason = "operation not permitted (needs the NET_ADMIN capability)"
     elif code == errno.EOPNOTSUPP and kind:
         reason = f"the kernel has no {kind!r} link driver (module not loaded?)"
+        return NoLinkDriver(f"cannot {action} interface {name!r}: {reason}")
     else:
         reason = os.strerror(code) if isinstance(code, int) else str(exc)
     return SetupError(f"cannot {action} interface {name!r}: {reason}")

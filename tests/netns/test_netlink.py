@@ -334,6 +334,6 @@ def test_missing_dummy_driver_is_a_clear_setup_error(netns: nsutil.NetNamespace)
     if netns.supports_link_kind("dummy"):
         pytest.skip("this kernel has the dummy driver: the missing-driver error cannot occur")
     result = call(netns, "nl.create_dummy_interface('ppxvip0', ['10.45.0.1'])")
-    assert result["error"] == "SetupError"
+    assert result["error"] == "NoLinkDriver"  # a SetupError: exit 3 if nothing else works
     assert "'dummy'" in result["message"] and "driver" in result["message"]
     assert not link_exists(netns, "ppxvip0")

@@ -120,6 +120,8 @@ def test_setup_errors_are_one_line_and_say_why() -> None:
     )
     nodriver = nl._setup_error("vip0", "create", OSError(errno.EOPNOTSUPP, "no"), "dummy")
     assert "'dummy'" in str(nodriver) and "driver" in str(nodriver)
+    assert isinstance(nodriver, nl.NoLinkDriver)
+    assert not isinstance(eperm, nl.NoLinkDriver)
     other = nl._setup_error("vip0", "remove", OSError(errno.EBUSY, "busy"))
     assert str(other) == f"cannot remove interface 'vip0': {os.strerror(errno.EBUSY)}"
     for error in (eperm, nodriver, other):
