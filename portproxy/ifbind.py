@@ -15,6 +15,7 @@ from portproxy.errors import SetupError
 from portproxy.netlink import (
     AddressSnapshot,
     CreatedInterface,
+    NoLinkDriver,
     create_dummy_interface,
     interface_addresses,
     interface_exists,
@@ -96,11 +97,12 @@ def create_vip_interface(name: str, cidrs: Sequence[str]) -> CreatedInterface:
     """A dummy link holding node-local VIPs (the NodeLocal DNSCache pattern).
 
     Kernels built without the dummy driver get a port-less bridge instead, which holds
-    local addresses the same way; if that fails too, the first error is the one reported.
+    local addresses the same way. Only a missing driver falls back: an existing link of
+    another kind (someone else's bridge) is never adopted.
     """
     try:
         return create_dummy_interface(name, cidrs)
-    except SetupError as first:
+    except NoLinkDriver as first:
         try:
             created = create_dummy_interface(name, cidrs, kind="bridge")
         except SetupError:

@@ -190,6 +190,10 @@ class ProxyMetrics:
             "portproxy_connections_total",
             "TCP connections accepted, by outcome (ok, refused, timeout, denied, no_endpoints, "
             "limit).", ("forward", "result"))
+        self.closed = r.counter(
+            "portproxy_connections_closed_total",
+            "TCP connections ended, by how: ok (both sides finished), reset (an error), "
+            "idle_timeout, fin_timeout, drain_timeout.", ("forward", "reason"))
         self.active = r.gauge(
             "portproxy_active_connections", "TCP connections open now.", ("forward",))
         self.bytes = r.counter(

@@ -169,6 +169,7 @@ class TcpForwarder:
         self.c_no_endpoints = metrics.connections.labels(name, "no_endpoints")
         self.c_limit = metrics.connections.labels(name, "limit")
         self.g_active = metrics.active.labels(name)
+        self.c_closed = metrics.closed
         self.bytes_up = metrics.bytes.labels(name, "upstream")
         self.bytes_down = metrics.bytes.labels(name, "downstream")
         self.h_connect = metrics.connect_seconds.labels(name)
@@ -215,8 +216,14 @@ class TcpForwarder:
     def _on_accept(self, lsock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             if self.limit.full or self.global_limit.full:
+                per_forward = self.limit.full
+                log.warning("forward %s: %s reached (%d open); new clients wait in the "
+                            "kernel's accept queue", self.name,
+                            "max-conns" if per_forward else "global --max-conns",
+                            (self.limit if per_forward else self.global_limit).active,
+                            extra={"forward": self.name})
                 self._pause()
-                waiter = self.limit if self.limit.full else self.global_limit
+                waiter = self.limit if per_forward else self.global_limit
                 waiter.wait(self, self._resume_if_possible)
                 return
             try:
@@ -328,6 +335,7 @@ class TcpForwarder:
         client = self.relay_clients.pop(relay)
         self.target.closed(endpoint)
         self.g_active.dec()
+        self.c_closed.labels(self.name, relay.result).inc()
         if self.access_log is not None:
             self.access_log(self.name, client, str(endpoint), relay.bytes_up, relay.bytes_down,
                             self.loop.time() - relay.started, relay.result)

@@ -123,6 +123,9 @@ class ProxyThread:
     def counter(self, result: str) -> float:
         return self.run(lambda: self.metrics.connections.labels("test", result).value)
 
+    def closed(self, reason: str) -> float:
+        return self.run(lambda: self.metrics.closed.labels("test", reason).value)
+
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
         self.run(lambda: self.engine.target.update(EndpointSet.of(endpoints)))
 

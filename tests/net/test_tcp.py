@@ -66,6 +66,7 @@ def test_200_concurrent_connections_each_1_mib(proxy: ProxyThread) -> None:
     assert results == [True] * 200
     wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relays to close")
     assert proxy.counter("ok") == 200
+    assert proxy.closed("ok") == 200
 
 
 def test_client_half_close_then_backend_replies(pump: str) -> None:
@@ -175,6 +176,7 @@ def test_idle_timeout_closes_both_sides(echo_server: EchoServer, pump: str) -> N
             except ConnectionResetError:
                 pass
         wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+        assert proxy.closed("idle_timeout") == 1
     finally:
         proxy.close()
 
@@ -194,6 +196,7 @@ def test_fin_timeout_bounds_a_half_closed_connection(pump: str) -> None:
             except ConnectionResetError:
                 pass
         wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+        assert proxy.closed("fin_timeout") == 1
     finally:
         proxy.close()
         server.close()

@@ -86,7 +86,9 @@ def test_missing_interface_is_an_error_unless_waited_for(netns: nsutil.NetNamesp
             return admin_get(netns, 9753, "/readyz")
         except AssertionError:
             return None
-    status, body = wait_for(readyz, what="the admin endpoint")
+    answer = wait_for(readyz, what="the admin endpoint")
+    assert answer is not None
+    status, body = answer
     assert status == 503 and "waiting for interface ppxlate" in body
 
     netns.ip("link", "add", "ppxlate", "type", "veth", "peer", "name", "ppxpeer")
