@@ -107,6 +107,9 @@ def _load_configuration(settings: KubeSettings) -> client.Configuration:
                          f"{exc}".replace("\n", " ")) from None
     # Every watch holds a connection while it runs; keep them pooled instead of discarded.
     configuration.connection_pool_maxsize = 64
+    # No urllib3-level retries: the informer retries with backoff and says so once, instead
+    # of urllib3 logging a warning per immediate retry against an API that is down.
+    configuration.retries = False
     return configuration
 
 
@@ -233,10 +236,12 @@ class _ClientTransport:
 
 
 def _abort(response: urllib3.BaseHTTPResponse) -> None:
-    shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3 unblocks a read
+    """Unblock the thread reading ``response`` (it closes the response itself)."""
+    shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3
     if shutdown is not None:
         shutdown()
-    response.close()
+    else:
+        response.close()
 
 
 class KubeServiceResolver:
