@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib import netns, packages, report, runner  # noqa: E402
+from benchlib import netns, packages, procs, report, runner  # noqa: E402
 from benchlib.forwarders import PEERS  # noqa: E402
 from benchlib.settings import Settings  # noqa: E402
 
@@ -45,6 +46,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     only = frozenset(filter(None, args.only.split(",")))
@@ -61,6 +66,11 @@ def main(argv: list[str]) -> int:
         # Install while the host's network is still reachable, then move into the namespace.
         packages.ensure_installed(allow_install=not args.no_install)
         return netns.reexec_in_netns(Path(__file__).resolve(), argv)
+    # SIGTERM (or our parent dying) unwinds like Ctrl-C, so every started process is stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    procs.die_with_parent(signal.SIGTERM)
+    if args.in_netns:
+        packages.ensure_installed(allow_install=not args.no_install)
     netns.setup_namespace()
     cpus = sorted(os.sched_getaffinity(0))
     want_pin = args.pin if args.pin is not None else len(cpus) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,15 @@ def reexec_in_netns(script: Path, argv: list[str]) -> int:
         return 2
     env = dict(os.environ, **{MARKER: "1"})
     cmd = [unshare, "--net", "--", sys.executable, str(script), *argv]
-    return subprocess.run(cmd, env=env, check=False).returncode
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        # The child cleans up on SIGTERM (see run.py): pass ours on instead of dying first.
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return child.wait()
 
 
 def _sysctl(name: str, value: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -13,6 +14,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies.
+
+    Nothing we start may outlive the harness, even when the harness itself is SIGKILLed
+    (a test timeout): the setting survives exec, so it is set between fork and exec.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 class Proc:
@@ -30,7 +42,7 @@ class Proc:
         with self.log_path.open("wb") as log:
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=cwd, start_new_session=True)
+                cwd=cwd, start_new_session=True, preexec_fn=die_with_parent)
         self.pid = self.popen.pid
 
     def exited(self) -> int | None:

@@ -119,7 +119,7 @@ def markdown(summary: dict[str, Any]) -> str:
     for wl in WORKLOADS:
         lines += _workload_table(summary, wl)
     notes = [f"- {name}: {entry['status']} — {entry['reason']}"
-             for name, entry in summary["forwarders"].items() if entry["status"] != "ok"]
+             for name, entry in summary["forwarders"].items() if entry["reason"]]
     errors = [f"- {name} / {wl}: {err}" for name, entry in summary["forwarders"].items()
               for wl, result in entry["results"].items() for err in result["errors"]]
     notes += [f"- {name} / {wl}: not applicable — {result['not_applicable']}"

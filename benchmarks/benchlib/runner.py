@@ -109,6 +109,6 @@ def run(settings: Settings, repo: Path) -> dict[str, Any]:
         print(f"measuring ({time.monotonic() - began:.1f} s):", flush=True)
         raw = _measure(peers, Tools(binaries["loadgen"], settings))
         for fwd in peers:
-            if fwd.status == "ok" and any(p.exited() is not None for p in fwd.procs):
-                fwd.reason = "a process exited during the run"
+            if fwd.status == "ok" and any(p.exited() is not None for p in fwd.tcp_procs):
+                fwd.reason = "a process exited during the run: figures may be incomplete"
     return report.summarize(peers, raw, machine.describe(settings, repo))
