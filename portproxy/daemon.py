@@ -84,9 +84,65 @@ def _target_mode(forward: Forward) -> str:
     return "static" if target.is_ip else "dns"
 
 
+class Resolvers:
+    """Creates each forward's resolver; owns the Kubernetes client (one per process)."""
+
+    def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._kube: Any = None
+
+    def for_forward(self, forward: Forward) -> Resolver:
+        target = forward.target
+        if isinstance(target, ServiceTarget):
+            resolver: Resolver = self.kube().resolver(target, forward.options.mode)
+            return resolver
+        assert isinstance(target, HostTarget)
+        return StaticResolver(target) if target.is_ip else DnsResolver(target)
+
+    def kube(self) -> Any:
+        # Imported on first use: processes without Service targets never load the client.
+        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
+
+        if self._kube is None:
+            self._kube = KubeResolvers(
+                KubeSettings(kubeconfig=self.settings.kubeconfig,
+                             context=self.settings.kube_context,
+                             node_name=self.settings.node_name),
+                self.metrics)
+        return self._kube
+
+    async def close(self) -> None:
+        if self._kube is not None:
+            await self._kube.close()
+
+
+ResolverFactory = Callable[[Forward], Resolver]
+
+
+def status_of(forward: Forward, target: TargetState, engines: list[Any], detail: str
+              ) -> ForwardStatus:
+    tcp = [e for e in engines if isinstance(e, TcpForwarder)]
+    udp = [e for e in engines if not isinstance(e, TcpForwarder)]
+    return ForwardStatus(
+        name=forward.name,
+        protocols=tuple(p.value for p in forward.protocols),
+        listen=str(forward.listen),
+        target=str(forward.target),
+        mode=_target_mode(forward),
+        endpoints=tuple(str(e) for e in target.endpoints.endpoints),
+        bound=bool(engines) and all(engine.bound for engine in engines) and not detail,
+        resolved=target.resolved,
+        active_connections=sum(e.active for e in tcp),
+        udp_flows=sum(e.flows for e in udp),
+        detail=detail,
+    )
+
+
 class Daemon:
     def __init__(self, settings: Settings, metrics: ProxyMetrics | None = None,
-                 reloader: Reloader | None = None) -> None:
+                 reloader: Reloader | None = None,
+                 resolver_factory: ResolverFactory | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ProxyMetrics()
         self.reloader = reloader
@@ -100,30 +156,11 @@ class Daemon:
         self._group: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._signals = 0
-        self._kube: Any = None
+        self.resolvers = Resolvers(settings, self.metrics)
+        self.resolver_factory = resolver_factory or self.resolvers.for_forward
         self._draining: set[asyncio.Task[None]] = set()
 
     # -- building -------------------------------------------------------------------------
-    def _resolver(self, forward: Forward) -> Resolver:
-        target = forward.target
-        if isinstance(target, ServiceTarget):
-            resolver: Resolver = self.kube_resolvers().resolver(target, forward.options.mode)
-            return resolver
-        assert isinstance(target, HostTarget)
-        return StaticResolver(target) if target.is_ip else DnsResolver(target)
-
-    def kube_resolvers(self) -> Any:
-        # Imported on first use: processes without Service targets never load the client.
-        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
-
-        if self._kube is None:
-            self._kube = KubeResolvers(
-                KubeSettings(kubeconfig=self.settings.kubeconfig,
-                             context=self.settings.kube_context,
-                             node_name=self.settings.node_name),
-                self.metrics)
-        return self._kube
-
     def _tcp_access(self, forward: str, client: Address, endpoint: str, up: int, down: int,
                     duration: float, result: str) -> None:
         self.access_log.record(AccessRecord("tcp", forward, format_address(client), endpoint,
@@ -137,7 +174,7 @@ class Daemon:
     def build(self, forward: Forward) -> ForwardRuntime:
         """Create and bind everything for ``forward`` (raises SetupError on bind failure)."""
         balancer = Balancer(forward.options.balance, self.settings.node_name)
-        target = TargetState(forward.name, self._resolver(forward), balancer,
+        target = TargetState(forward.name, self.resolver_factory(forward), balancer,
                              self.metrics.endpoints.labels(forward.name))
         runtime = ForwardRuntime(forward, target)
         access = self.access_log.enabled
@@ -181,23 +218,8 @@ class Daemon:
 
     # -- status (admin) -------------------------------------------------------------------
     def forward_statuses(self) -> list[ForwardStatus]:
-        statuses = []
-        for runtime in self.forwards.values():
-            forward = runtime.forward
-            statuses.append(ForwardStatus(
-                name=forward.name,
-                protocols=tuple(p.value for p in forward.protocols),
-                listen=str(forward.listen),
-                target=str(forward.target),
-                mode=_target_mode(forward),
-                endpoints=tuple(str(e) for e in runtime.target.endpoints.endpoints),
-                bound=all(engine.bound for engine in runtime.engines) and not runtime.detail,
-                resolved=runtime.target.resolved,
-                active_connections=runtime.tcp.active if runtime.tcp is not None else 0,
-                udp_flows=runtime.udp.flows if runtime.udp is not None else 0,
-                detail=runtime.detail,
-            ))
-        return statuses
+        return [status_of(r.forward, r.target, r.engines, r.detail)
+                for r in self.forwards.values()]
 
     # -- signals --------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -346,8 +368,7 @@ class Daemon:
         log.info("drain finished")
 
     async def close_resolvers(self) -> None:
-        if self._kube is not None:
-            await self._kube.close()
+        await self.resolvers.close()
 
 
 def _proxy_header(forward: Forward) -> ProxyHeader | None:

@@ -140,6 +140,41 @@ class Registry:
         self._families.append(family)
         return family
 
+    def snapshot(self) -> list[tuple[str, tuple[str, ...], object]]:
+        """Every child's value as plain data (to send from a worker to its supervisor)."""
+        rows: list[tuple[str, tuple[str, ...], object]] = []
+        for family in self._families:
+            for values, child in family.children():
+                if isinstance(child, Histogram):
+                    rows.append((family.name, values, (list(child.counts), child.total,
+                                                       child.count)))
+                elif isinstance(child, Gauge):
+                    rows.append((family.name, values, child.read()))
+                else:
+                    rows.append((family.name, values, child.value))
+        return rows
+
+    def add_snapshot(self, rows: list[tuple[str, tuple[str, ...], object]],
+                     gauges: bool = True) -> None:
+        """Add another registry's snapshot to this one's values (summing workers)."""
+        families = {family.name: family for family in self._families}
+        for name, values, value in rows:
+            family = families.get(name)
+            if family is None or (family.kind == "gauge" and not gauges):
+                continue
+            child = family.labels(*values)
+            if isinstance(child, Histogram):
+                assert isinstance(value, tuple)
+                counts: list[int] = value[0]
+                child.counts = [a + b for a, b in zip(child.counts, counts, strict=True)]
+                child.total += float(value[1])
+                child.count += int(value[2])
+            elif isinstance(child, Gauge):
+                child.value = child.read() + float(value)  # type: ignore[arg-type]
+                child.function = None
+            else:
+                child.value += float(value)  # type: ignore[arg-type]
+
     def forget(self, label: str, value: str) -> None:
         for family in self._families:
             if label in family.labelnames:
