@@ -43,8 +43,9 @@ from portproxy.resolve.kube_informer import (
     Query,
     TransientError,
 )
-from portproxy.resolve.kube_state import Outcome, ServiceView, SharedService, resolve_view
-from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+from portproxy.resolve.kube_resolver import KubeServiceResolver
+from portproxy.resolve.kube_state import ServiceView, SharedService, resolve_view
+from portproxy.spec import ServiceTarget, TargetMode
 
 log = logging.getLogger("portproxy.kube")
 
@@ -244,64 +245,6 @@ def _abort(response: urllib3.BaseHTTPResponse) -> None:
         response.close()
 
 
-class KubeServiceResolver:
-    """One forward's view of a Service: yields its EndpointSet for one port and mode."""
-
-    def __init__(self, owner: KubeResolvers, target: ServiceTarget, mode: TargetMode) -> None:
-        self._owner = owner
-        self.target = target
-        self.mode = mode
-
-    def describe(self) -> str:
-        return str(self.target) + (" (clusterip)" if self.mode is TargetMode.CLUSTERIP else "")
-
-    async def watch(self) -> AsyncIterator[EndpointSet]:
-        shared = self._owner._acquire(self.target, self.mode)
-        try:
-            last: EndpointSet | None = None
-            problem: str | None = None
-            dns_failure: str | None = None
-            version = -1
-            outcome = Outcome()
-            while True:
-                if shared.version != version:
-                    version = shared.version
-                    outcome = resolve_view(shared.view, self.target, self.mode)
-                    if outcome.problem != problem and outcome.problem:
-                        log.warning("%s", outcome.problem)
-                    problem = outcome.problem
-                snapshot = outcome.endpoints
-                if outcome.external is not None:
-                    snapshot, failure = await self._lookup(outcome.external)
-                    if failure and failure != dns_failure:
-                        log.warning("%s", failure)  # once per failing streak
-                    dns_failure = failure
-                    snapshot = snapshot if snapshot is not None else last  # keep last good
-                if snapshot is not None and snapshot != last:
-                    self._log_change(last, snapshot)
-                    last = snapshot
-                    yield snapshot
-                interval = self._owner.settings.dns_interval if outcome.external else None
-                await shared.wait_newer(version, interval)
-        finally:
-            self._owner._release(shared)
-
-    async def _lookup(self, external: HostTarget) -> tuple[EndpointSet | None, str | None]:
-        """(endpoints, None) or (None, the failure line) for an ExternalName."""
-        try:
-            addresses = await system_lookup(external.host)
-        except OSError as exc:
-            return None, (f"{self.target}: cannot resolve ExternalName {external.host}: "
-                          f"{exc}; keeping the last known endpoints, retrying")
-        return EndpointSet.of([Endpoint(a, external.port) for a in addresses]), None
-
-    def _log_change(self, old: EndpointSet | None, new: EndpointSet) -> None:
-        added, removed = (old or EndpointSet()).diff(new)
-        log.info("%s: %d endpoint(s)%s%s", self.describe(), len(new),
-                 f" +{[str(e) for e in added]}" if added else "",
-                 f" -{[str(e) for e in removed]}" if removed else "")
-
-
 class KubeResolvers:
     """Every Kubernetes watch of the process: one set per Service, however many forwards."""
 
@@ -318,11 +261,13 @@ class KubeResolvers:
         return self._transport
 
     def resolver(self, target: ServiceTarget, mode: TargetMode) -> Resolver:
-        return KubeServiceResolver(self, target, mode)
+        return KubeServiceResolver(target, mode, lambda: self._acquire(target, mode),
+                                   self._release, self.settings.dns_interval)
 
     # --- shared watches (on the event loop) ------------------------------------------------
 
     def _acquire(self, target: ServiceTarget, mode: TargetMode) -> SharedService:
+        self._client()  # a configuration error surfaces before anything is registered
         key = (target.namespace, target.name)
         shared = self._services.get(key)
         if shared is None:
