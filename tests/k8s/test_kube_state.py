@@ -1,0 +1,131 @@
+"""Pure parts of the Kubernetes resolver: view → outcome, backoff, error lines, thread hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from portproxy.endpoints import EndpointSet
+from portproxy.errors import ResolveError, SetupError
+from portproxy.resolve.kube_client import call_in_thread, check_error
+from portproxy.resolve.kube_informer import (
+    ApiStatusError,
+    Backoff,
+    Query,
+    TransientError,
+    problem_line,
+)
+from portproxy.resolve.kube_state import ServiceView, SharedService, resolve_view
+from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+from tests.k8s.conftest import ep, hosts
+
+E, C = TargetMode.ENDPOINTS, TargetMode.CLUSTERIP
+SERVICE = {"metadata": {"name": "web"},
+           "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80}]}}
+SLICE = {"addressType": "IPv4", "endpoints": [ep("10.1.0.1")],
+         "ports": [{"name": "http", "port": 8080}]}
+T = ServiceTarget("ns", "web", "http")
+
+
+def test_nothing_is_resolved_before_the_first_lists() -> None:
+    assert resolve_view(ServiceView(), T, E).endpoints is None
+    assert resolve_view(ServiceView(True, SERVICE), T, E).endpoints is None  # slices pending
+    assert resolve_view(ServiceView(slices_synced=True, slices=(SLICE,)), T, E).endpoints is None
+
+
+def test_endpoints_and_clusterip_outcomes() -> None:
+    view = ServiceView(True, SERVICE, True, (SLICE,))
+    assert hosts(resolve_view(view, T, E).endpoints) == ["10.1.0.1:8080"]
+    assert hosts(resolve_view(view, ServiceTarget("ns", "web", 80), E).endpoints) == [
+        "10.1.0.1:8080"]
+    assert hosts(resolve_view(view, T, C).endpoints) == ["10.96.0.1:80"]
+    # ClusterIP mode needs no slices at all.
+    assert hosts(resolve_view(ServiceView(True, SERVICE), T, C).endpoints) == ["10.96.0.1:80"]
+
+
+def test_missing_service_and_port_are_empty_with_a_reason() -> None:
+    missing = resolve_view(ServiceView(True, None, True, (SLICE,)), T, E)
+    assert missing.endpoints == EndpointSet() and "not found" in (missing.problem or "")
+    wrong = resolve_view(ServiceView(True, SERVICE, True, (SLICE,)),
+                         ServiceTarget("ns", "web", 81), C)
+    assert wrong.endpoints == EndpointSet() and "no port 81 (ports: http=80)" in (
+        wrong.problem or "")
+
+
+def test_headless_and_unallocated_cluster_ip() -> None:
+    headless = {"spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 80}]}}
+    outcome = resolve_view(ServiceView(True, headless), ServiceTarget("ns", "db", 80), C)
+    assert outcome.endpoints == EndpointSet() and "mode=endpoints" in (outcome.problem or "")
+    pending = {"spec": {"ports": [{"port": 80}]}}
+    outcome = resolve_view(ServiceView(True, pending), ServiceTarget("ns", "db", 80), C)
+    assert outcome.endpoints == EndpointSet() and "no ClusterIP" in (outcome.problem or "")
+
+
+def test_external_name_asks_for_dns() -> None:
+    external = {"spec": {"type": "ExternalName", "externalName": "db.example.com.",
+                         "ports": [{"name": "pg", "port": 5432}]}}
+    view = ServiceView(True, external)
+    for mode in (E, C):
+        assert resolve_view(view, ServiceTarget("ns", "db", "pg"), mode).external == \
+            HostTarget("db.example.com", 5432)
+    assert resolve_view(view, ServiceTarget("ns", "db", 7000), C).external == \
+        HostTarget("db.example.com", 7000)
+    assert "no port 'x'" in (resolve_view(view, ServiceTarget("ns", "db", "x"), C).problem or "")
+    empty = ServiceView(True, {"spec": {"type": "ExternalName"}})
+    assert "without an externalName" in (resolve_view(empty, T, C).problem or "")
+
+
+def test_backoff_doubles_caps_and_jitters_within_bounds() -> None:
+    backoff = Backoff(0.5, 30.0)
+    assert [backoff.delay(n, rng=lambda: 0.0) for n in range(4)] == [0.25, 0.5, 1.0, 2.0]
+    assert backoff.delay(3, rng=lambda: 0.999999) == pytest.approx(4.0, rel=1e-5)
+    assert backoff.delay(100, rng=lambda: 0.999999) <= 30.0
+    assert backoff.delay(100, rng=lambda: 0.0) == 15.0
+
+
+def test_problem_lines_name_verb_resource_namespace() -> None:
+    query = Query("endpointslices", "web", label_selector="kubernetes.io/service-name=x")
+    forbidden = problem_line(ApiStatusError(403, "nope"), "watch", query)
+    assert "forbids watch on endpointslices.discovery.k8s.io in namespace 'web'" in forbidden
+    assert "examples/" in forbidden and forbidden.endswith("retrying")
+    assert "HTTP 401" in problem_line(ApiStatusError(401, "Unauthorized"), "list", query)
+    assert "keeping the last known state" in problem_line(TransientError("boom"), "list", query)
+    assert isinstance(check_error(ApiStatusError(403, "no"), "get", query, "h"), SetupError)
+    assert isinstance(check_error(ApiStatusError(401, "no"), "get", query, "h"), SetupError)
+    unreachable = check_error(TransientError("refused"), "get", query, "https://h:6443")
+    assert isinstance(unreachable, ResolveError) and "https://h:6443" in str(unreachable)
+    assert isinstance(check_error(ApiStatusError(500, "x"), "get", query, "h"), ResolveError)
+
+
+def test_call_in_thread_returns_raises_and_never_leaks_stopiteration() -> None:
+    def stop() -> int:
+        raise StopIteration
+
+    def fail() -> int:
+        raise ValueError("bad")
+
+    async def main() -> None:
+        assert await call_in_thread(lambda: threading.current_thread().daemon) is True
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await call_in_thread(stop)
+        with pytest.raises(ValueError, match="bad"):
+            await call_in_thread(fail)
+
+    asyncio.run(main())
+
+
+def test_shared_service_wakes_waiters_on_update() -> None:
+    async def main() -> None:
+        shared = SharedService("ns", "web")
+        waiter = asyncio.ensure_future(shared.wait_newer(0))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        shared.update(service_synced=True)
+        await asyncio.wait_for(waiter, 5)
+        assert shared.version == 1 and shared.view.service_synced
+        await asyncio.wait_for(shared.wait_newer(0), 5)  # already newer: returns at once
+        await shared.wait_newer(1, timeout=0.01)  # nothing new: the timeout ends the wait
+
+    asyncio.run(main())
