@@ -19,6 +19,7 @@ from .settings import (
     FORWARDER_BASE_PORT,
     HOST,
     IPERF_PORT,
+    IPERF_RCV_TIMEOUT_MS,
     REFERENCES,
     Settings,
 )
@@ -30,7 +31,8 @@ FD_LIMIT = 1 << 17
 def _start_backends(echo_server: Path, tmp: Path) -> list[Proc]:
     procs = [Proc("echo-server", [str(echo_server), str(BACKEND_TCP_PORT), str(BACKEND_UDP_PORT)],
                   tmp),
-             Proc("iperf3-server", ["iperf3", "-s", "-B", HOST, "-p", str(IPERF_PORT)], tmp)]
+             Proc("iperf3-server", ["iperf3", "-s", "-B", HOST, "-p", str(IPERF_PORT),
+                                    "--rcv-timeout", str(IPERF_RCV_TIMEOUT_MS)], tmp)]
     deadline = time.monotonic() + 10
     for port in (BACKEND_TCP_PORT, IPERF_PORT):
         error = wait_tcp(HOST, port, deadline, procs)

@@ -15,6 +15,8 @@ BACKEND_UDP_PORT = 3000
 """The C echo server's UDP port."""
 IPERF_PORT = 3201
 """iperf3 -s."""
+IPERF_RCV_TIMEOUT_MS = 10_000
+"""A forwarder that stalls mid-test must not hold the iperf3 server for its default 2 min."""
 FORWARDER_BASE_PORT = 3300
 """Forwarder i listens on BASE + 10*i (+0 echo, +1 iperf3, +2 UDP)."""
 EPHEMERAL_RANGE = (4000, 65535)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .forwarders import Running
 from .procs import cpu_seconds, raise_fd_limit, rss_kib
-from .settings import HOST, Settings
+from .settings import HOST, IPERF_RCV_TIMEOUT_MS, Settings
 
 
 class WorkloadError(Exception):
@@ -61,7 +61,9 @@ def _bulk(streams: int, reverse: bool) -> Runner:
         s = tools.settings
         amount = ["-n", s.bulk_bytes] if s.bulk_bytes else ["-t", str(s.bulk_seconds)]
         cmd = ["iperf3", "-c", HOST, "-p", str(fwd.ports.iperf), "-P", str(streams), "-J",
-               "--connect-timeout", "3000", *amount, *(["-R"] if reverse else [])]
+               "--connect-timeout", "3000", *amount]
+        if reverse:  # the client receives: bound a stall (iperf3 allows it only then)
+            cmd += ["-R", "--rcv-timeout", str(IPERF_RCV_TIMEOUT_MS)]
         before = cpu_seconds(fwd.pids)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -118,6 +120,8 @@ def _udp(fwd: Running, tools: Tools) -> Figures:
 
 def _idle_memory(fwd: Running, tools: Tools) -> Figures:
     """Open N connections, each echoing one byte so the forwarder's backend leg is up too."""
+    if not fwd.procs:
+        return {"kib_per_conn": None}
     n = tools.settings.idle_conns
     raise_fd_limit(n + 1024)
     baseline = rss_kib(fwd.pids)
@@ -139,7 +143,7 @@ def _idle_memory(fwd: Running, tools: Tools) -> Figures:
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.close()
-    return {"kib_per_conn": (loaded - baseline) / n if fwd.procs else None}
+    return {"kib_per_conn": (loaded - baseline) / n}
 
 
 def _bulk_workload(streams: int, reverse: bool) -> Workload:
