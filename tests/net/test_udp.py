@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -173,10 +174,13 @@ def test_replies_keep_a_flow_alive(make_backend: MakeBackend, make_proxy: MakePr
             backend.sock.sendto(b"push%d" % count, flow_source)
             assert sock.recvfrom(2048)[0] == b"push%d" % count
             assert proxy.flows == 1, f"flow expired despite replies after {count} pushes"
-            due = start + (count + 1) * 0.1
-            wait_for(lambda due=due: proxy.run(proxy.loop.time) >= due,
+            wait_for(partial(clock_reached, proxy, start + (count + 1) * 0.1),
                      what="the proxy clock to advance")
     assert proxy.closed_flows == []
+
+
+def clock_reached(proxy: UdpProxy, when: float) -> bool:
+    return proxy.run(proxy.loop.time) >= when
 
 
 def test_max_flows_evicts_the_least_recently_active(backend: UdpBackend,
@@ -358,3 +362,37 @@ def test_endpoint_is_an_ipv6_backend_behind_an_ipv4_listener(
     with client() as sock:
         sock.sendto(b"six", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"six"
+
+
+def test_removing_a_listener_closes_its_flows_only(backend: UdpBackend,
+                                                   make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    proxy.run(lambda: proxy.engine.add_listener("127.0.0.2"))
+    second_port = proxy.run(lambda: proxy.engine.listeners["127.0.0.2"].getsockname()[1])
+    with client() as first, client() as second:
+        first.sendto(b"one", ("127.0.0.1", proxy.port))
+        assert first.recvfrom(2048)[0] == b"one"
+        second.sendto(b"two", ("127.0.0.2", second_port))
+        assert second.recvfrom(2048) == (b"two", ("127.0.0.2", second_port))
+        proxy.run(lambda: proxy.engine.remove_listener("127.0.0.2"))
+        assert proxy.closed_flows == [(second.getsockname(), str(backend.endpoint),
+                                       "listener_removed")]
+        first.sendto(b"three", ("127.0.0.1", proxy.port))
+        assert first.recvfrom(2048)[0] == b"three"
+    assert proxy.flows == 1
+    assert proxy.run(lambda: proxy.engine.bound)
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
+def test_ipv6_allowlist_on_a_dual_stack_listener(backend: UdpBackend,
+                                                 make_proxy: MakeProxy) -> None:
+    import ipaddress
+
+    proxy = make_proxy([backend.endpoint], listen_host="",
+                       allow=(ipaddress.ip_network("::1/128"),))
+    with client("::1") as six, client("127.0.0.1") as four:
+        four.sendto(b"four", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.dropped("denied") == 1, what="the IPv4 client's drop")
+        six.sendto(b"six", ("::1", proxy.port))
+        assert six.recvfrom(2048)[0] == b"six"
+    assert [data for data, _ in backend.received] == [b"six"]

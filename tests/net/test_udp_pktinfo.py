@@ -1,0 +1,65 @@
+"""Decoding PKTINFO ancillary data into the local address and the reply's ancillary data."""
+
+from __future__ import annotations
+
+import socket
+
+from portproxy.udp_pktinfo import IP_PKTINFO, IPV6_PKTINFO, local_address, pktinfo_of
+
+
+def in_pktinfo(ifindex: int, spec_dst: str, addr: str) -> bytes:
+    return (ifindex.to_bytes(4, "little") + socket.inet_pton(socket.AF_INET, spec_dst)
+            + socket.inet_pton(socket.AF_INET, addr))
+
+
+def in6_pktinfo(addr: str, ifindex: int) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, addr) + ifindex.to_bytes(4, "little")
+
+
+def test_ipv4_reply_uses_spec_dst_without_interface() -> None:
+    raw = in_pktinfo(7, "192.0.2.10", "192.0.2.255")  # a broadcast answered from .10
+    local = local_address([(socket.IPPROTO_IP, IP_PKTINFO, raw)], socket.socket())
+    assert local.host == "192.0.2.255"
+    assert local.raw == raw
+    assert local.reply == ((socket.IPPROTO_IP, IP_PKTINFO,
+                            bytes(4) + socket.inet_aton("192.0.2.10") + bytes(4)),)
+
+
+def test_ipv6_global_address_drops_the_interface() -> None:
+    raw = in6_pktinfo("2001:db8::1", 3)
+    local = local_address([(socket.IPPROTO_IPV6, IPV6_PKTINFO, raw)], socket.socket())
+    assert local.host == "2001:db8::1"
+    assert local.reply == ((socket.IPPROTO_IPV6, IPV6_PKTINFO, raw[:16] + bytes(4)),)
+
+
+def test_ipv6_link_local_keeps_the_interface() -> None:
+    raw = in6_pktinfo("fe80::1", 3)
+    local = local_address([(socket.IPPROTO_IPV6, IPV6_PKTINFO, raw)], socket.socket())
+    assert local.reply == ((socket.IPPROTO_IPV6, IPV6_PKTINFO, raw),)
+
+
+def test_ipv4_mapped_destination_of_a_dual_stack_socket() -> None:
+    raw = in6_pktinfo("::ffff:127.0.0.2", 1)
+    local = local_address([(socket.IPPROTO_IPV6, IPV6_PKTINFO, raw)], socket.socket())
+    assert local.host == "::ffff:127.0.0.2"
+    assert local.reply == ((socket.IPPROTO_IPV6, IPV6_PKTINFO, raw[:16] + bytes(4)),)
+
+
+def test_multicast_destination_replies_without_pktinfo() -> None:
+    raw = in6_pktinfo("ff02::fb", 2)
+    local = local_address([(socket.IPPROTO_IPV6, IPV6_PKTINFO, raw)], socket.socket())
+    assert local.reply == ()
+
+
+def test_without_pktinfo_the_bound_address_is_used() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.3", 0))
+        local = local_address([], sock)
+    assert (local.host, local.raw, local.reply) == ("127.0.0.3", b"", ())
+
+
+def test_pktinfo_of_skips_other_ancillary_data() -> None:
+    raw = in_pktinfo(1, "127.0.0.1", "127.0.0.1")
+    other = (socket.IPPROTO_IP, socket.IP_TTL, (64).to_bytes(4, "little"))
+    assert pktinfo_of([other, (socket.IPPROTO_IP, IP_PKTINFO, raw)]) == raw
+    assert pktinfo_of([other]) == b""
