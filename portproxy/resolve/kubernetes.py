@@ -88,22 +88,22 @@ def _load_configuration(settings: KubeSettings) -> client.Configuration:
     configuration = client.Configuration()
     sa_dir = settings.serviceaccount_dir
     token = os.path.join(sa_dir, "token")
-    in_cluster = os.path.isfile(token) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    in_cluster = (os.path.isfile(token) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+                  and settings.kubeconfig is None and settings.context is None)
+    path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
-        if in_cluster and settings.kubeconfig is None and settings.context is None:
+        if in_cluster:
+            # Re-reads the token file every minute: bound service account tokens rotate.
             loader = InClusterConfigLoader(  # type: ignore[no-untyped-call]
                 token_filename=token, cert_filename=os.path.join(sa_dir, "ca.crt"))
             loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
         else:
-            path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
             load_kube_config(  # type: ignore[no-untyped-call]
-                             config_file=path, context=settings.context,
-                             client_configuration=configuration, persist_config=False)
+                config_file=path, context=settings.context,
+                client_configuration=configuration, persist_config=False)
     except Exception as exc:  # ConfigException, YAML errors, exec plugins: all the user's setup
-        path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        where = ("the in-cluster service account in " + sa_dir if in_cluster and
-                 settings.kubeconfig is None and settings.context is None
-                 else f"kubeconfig {path}")
+        where = f"the in-cluster service account in {sa_dir}" if in_cluster \
+            else f"kubeconfig {path}"
         raise SetupError(f"cannot load the Kubernetes client configuration from {where}: "
                          f"{exc}".replace("\n", " ")) from None
     # Every watch holds a connection while it runs; keep them pooled instead of discarded.

@@ -290,3 +290,33 @@ def test_close_stops_every_watch_thread_promptly(fake, settings) -> None:
         await cm.close()
 
     asyncio.run(scenario())
+
+
+def test_kubeconfig_from_env_and_context_selection(fake, tmp_path, monkeypatch) -> None:
+    import json
+
+    from tests.k8s.conftest import TOKEN, fast_settings
+    populate(fake, ["10.1.0.1"])
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": "http://127.0.0.1:9"}},
+                     {"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "u", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}},
+                     {"name": "live", "context": {"cluster": "fake", "user": "u"}}],
+    }
+    path = tmp_path / "multi"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+
+    async def main() -> None:
+        live = KubeResolvers(fast_settings(None, tmp_path, context="live"))
+        found = await live.check_once(WEB, TargetMode.ENDPOINTS)
+        assert hosts(found) == ["10.1.0.1:8080"]
+        await live.close()
+        dead = KubeResolvers(fast_settings(None, tmp_path))  # current-context: unreachable
+        with pytest.raises(ResolveError, match=r"127\.0\.0\.1:9"):
+            await dead.check_once(WEB, TargetMode.ENDPOINTS)
+        await dead.close()
+
+    asyncio.run(main())
