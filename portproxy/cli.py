@@ -133,6 +133,10 @@ daemon_options = _options(
                  help="How long open connections may finish after SIGTERM/SIGINT."),
     click.option("--no-splice", is_flag=True, envvar=env("no-splice"),
                  help="Use the copy pump instead of zero-copy splice(2)."),
+    click.option("--workers", type=click.IntRange(1, 64), envvar=env("workers"), default=1,
+                 show_default=True,
+                 help="Processes sharing every listener (SO_REUSEPORT); one supervisor "
+                      "keeps the API watches and the admin endpoint."),
     click.option("--max-conns", type=click.IntRange(0), envvar=env("max-conns"), default=0,
                  show_default=True,
                  help="TCP connections open at once across all forwards; 0 = unlimited."),
@@ -211,6 +215,9 @@ def settings_from(params: dict[str, Any]) -> Settings:
         node_name=params["node_name"] or None,
         config_file=params["config"],
         create_interface=params.get("create_interface"),
+        workers=params.get("workers", 1),
+        log_level=params.get("log_level", "info"),
+        log_format=params.get("log_format", "text"),
         interface_addresses=_vip_addresses(params),
     )
 
@@ -248,15 +255,6 @@ def run_guarded(body: Callable[[], None]) -> NoReturn:
     sys.exit(EXIT_OK)
 
 
-def _event_loop_policy() -> None:
-    """uvloop when installed (the ``fast`` extra): a cheaper loop for the same code."""
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="portproxy",
@@ -288,12 +286,19 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         from portproxy.logs import setup_logging
 
         settings = settings_from(params)
+        from portproxy.loop import install_fast_loop
+
         limiter = setup_logging(params["log_level"], params["log_format"])
-        _event_loop_policy()
+        install_fast_loop()
         reloader = reload if settings.config_file else None
 
         async def main_async() -> None:
-            await Daemon(settings, reloader=reloader).run()
+            if settings.workers > 1:
+                from portproxy.workers import Supervisor
+
+                await Supervisor(settings, reloader).run()
+            else:
+                await Daemon(settings, reloader=reloader).run()
         try:
             asyncio.run(main_async())
         finally:

@@ -35,3 +35,5 @@ class Settings:
     tcp_services_configmap: str | None = None
     udp_services_configmap: str | None = None
     config_file: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"

@@ -155,12 +155,12 @@ class Registry:
         return rows
 
     def add_snapshot(self, rows: list[tuple[str, tuple[str, ...], object]],
-                     gauges: bool = True) -> None:
+                     gauges: bool = True, skip: tuple[str, ...] = ()) -> None:
         """Add another registry's snapshot to this one's values (summing workers)."""
         families = {family.name: family for family in self._families}
         for name, values, value in rows:
             family = families.get(name)
-            if family is None or (family.kind == "gauge" and not gauges):
+            if family is None or name in skip or (family.kind == "gauge" and not gauges):
                 continue
             child = family.labels(*values)
             if isinstance(child, Histogram):

@@ -1,0 +1,378 @@
+"""``--workers N``: N processes share every listener through SO_REUSEPORT.
+
+The supervisor (the process the user started) owns everything that must exist once per
+node: the resolvers (so one Kubernetes watch per Service, whatever N), the admin endpoint,
+a created VIP interface and the signals. Each worker runs the data plane (a ``Daemon`` with
+its own listeners) and gets its settings and every endpoint change from the supervisor
+over a socketpair; it reports readiness, then metric snapshots and statuses each second.
+A worker that dies is restarted with the current settings and endpoints. SIGTERM drains
+every worker; SIGHUP reloads the file once and sends the result to all.
+
+The kernel keeps a UDP client on one worker: SO_REUSEPORT picks the socket by a hash of the
+4-tuple, which only changes when a worker's socket joins or leaves the group (a restart).
+Messages are pickles: both ends are this program, started by its own supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from portproxy.admin import AdminServer
+from portproxy.config import Settings
+from portproxy.daemon import Daemon, Reloader, Resolvers, status_of
+from portproxy.endpoints import Balancer, EndpointSet
+from portproxy.errors import PortproxyError, SetupError
+from portproxy.metrics import ProxyMetrics, Registry
+from portproxy.spec import Forward
+from portproxy.status import ForwardStatus
+from portproxy.target import TargetState
+
+log = logging.getLogger("portproxy.workers")
+
+_HEADER = struct.Struct("!I")
+STATS_INTERVAL = 1.0
+"""Seconds between a worker's metric reports; the resolution of /metrics with workers."""
+RESTART_DELAY = 1.0
+"""Seconds before restarting a crashed worker, so a crash loop cannot spin."""
+
+
+class Link:
+    """Length-prefixed pickled messages over a non-blocking stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, *message: object) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        await self.loop.sock_sendall(self.sock, _HEADER.pack(len(data)) + data)
+
+    async def _exactly(self, size: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < size:
+            chunk = await self.loop.sock_recv(self.sock, size - len(chunks))
+            if not chunk:
+                raise EOFError
+            chunks += chunk
+        return bytes(chunks)
+
+    async def receive(self) -> tuple[Any, ...]:
+        (size,) = _HEADER.unpack(await self._exactly(_HEADER.size))
+        message: tuple[Any, ...] = pickle.loads(await self._exactly(size))
+        return message
+
+
+# -- worker side ---------------------------------------------------------------------------
+class FedResolver:
+    """A resolver whose snapshots come from the supervisor."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+        self._queue: asyncio.Queue[EndpointSet] = asyncio.Queue()
+
+    def push(self, endpoints: EndpointSet) -> None:
+        self._queue.put_nowait(endpoints)
+
+    def describe(self) -> str:
+        return str(self.forward.target)
+
+    async def watch(self) -> AsyncIterator[EndpointSet]:
+        while True:
+            yield await self._queue.get()
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """What a worker runs: the data plane only; the supervisor keeps the rest."""
+    return replace(settings, admin_address=None, create_interface=None,
+                   interface_addresses=(), workers=1)
+
+
+async def worker_main(fd: int) -> int:
+    link = Link(socket.socket(fileno=fd))
+    kind, settings = await link.receive()
+    assert kind == "settings"
+    from portproxy.logs import setup_logging
+
+    limiter = setup_logging(settings.log_level, settings.log_format)
+    fed: dict[str, FedResolver] = {}
+
+    def factory(forward: Forward) -> FedResolver:
+        resolver = fed[forward.name] = FedResolver(forward)
+        return resolver
+
+    daemon = Daemon(worker_settings(settings), resolver_factory=factory)
+    ready = asyncio.Event()
+
+    async def listen() -> None:
+        try:
+            while True:
+                message = await link.receive()
+                if message[0] == "endpoints" and message[1] in fed:
+                    fed[message[1]].push(message[2])
+                elif message[0] == "settings":
+                    daemon.apply(worker_settings(message[1]))
+        except EOFError:
+            daemon.request_stop()  # the supervisor is gone: drain and leave
+
+    async def report() -> None:
+        await ready.wait()
+        await link.send("ready", os.getpid())
+        while True:
+            await link.send("stats", daemon.metrics.registry.snapshot(),
+                            daemon.forward_statuses())
+            await asyncio.sleep(STATS_INTERVAL)
+
+    tasks = [asyncio.create_task(listen(), name="supervisor link"),
+             asyncio.create_task(report(), name="worker report")]
+    try:
+        await daemon.run(ready=ready.set)
+    except PortproxyError as exc:
+        await link.send("failed", str(exc))
+        return 3
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await link.send("stats", daemon.metrics.registry.snapshot(), [])
+        limiter.flush(everything=True)
+    return 0
+
+
+# -- supervisor side -----------------------------------------------------------------------
+class WorkerHandle:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.link: Link | None = None
+        self.stats: list[Any] = []
+        self.statuses: list[ForwardStatus] = []
+        self.started: asyncio.Future[str] | None = None
+
+
+class MergedRegistry(Registry):
+    """The supervisor's own metrics plus the sum of every worker's last report."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+
+    def render(self) -> str:
+        merged = ProxyMetrics()
+        merged.registry.add_snapshot(self.supervisor.metrics.registry.snapshot())
+        merged.registry.add_snapshot(self.supervisor.retired, gauges=False)
+        info = "portproxy_build_info"
+        for worker in self.supervisor.workers:
+            merged.registry.add_snapshot(worker.stats, skip=(info,))
+            for name, values, _ in worker.stats:
+                if name == info:  # the same build in every worker: one series, not a sum
+                    merged.build_info.labels(*values).set(1)
+        return merged.registry.render()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, reloader: Reloader | None = None) -> None:
+        self.settings = settings
+        self.reloader = reloader
+        self.metrics = ProxyMetrics()
+        self.resolvers = Resolvers(settings, self.metrics)
+        self.targets: dict[Forward, TargetState] = {}
+        self.workers = [WorkerHandle(i) for i in range(settings.workers)]
+        self.retired: list[Any] = []
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._group: asyncio.TaskGroup | None = None
+        self._resolving: dict[Forward, asyncio.Task[None]] = {}
+
+    # -- targets --------------------------------------------------------------------------
+    def _target(self, forward: Forward) -> TargetState:
+        state = TargetState(forward.name, self.resolvers.for_forward(forward),
+                            Balancer(forward.options.balance),
+                            self.metrics.endpoints.labels(forward.name))
+        state.on_change(lambda endpoints: self._broadcast("endpoints", forward.name, endpoints))
+        return state
+
+    def _broadcast(self, *message: object) -> None:
+        assert self._group is not None
+        for worker in self.workers:
+            if worker.link is not None:
+                self._group.create_task(self._send(worker, *message))
+
+    async def _send(self, worker: WorkerHandle, *message: object) -> None:
+        if worker.link is not None:
+            with contextlib.suppress(OSError):
+                await worker.link.send(*message)
+
+    # -- workers --------------------------------------------------------------------------
+    async def _spawn(self, worker: WorkerHandle) -> None:
+        parent, child = socket.socketpair()
+        worker.proc = subprocess.Popen(
+            [sys.executable, "-m", "portproxy.workers", str(child.fileno())],
+            pass_fds=[child.fileno()], start_new_session=True)
+        child.close()
+        worker.link = Link(parent)
+        worker.started = asyncio.get_running_loop().create_future()
+        await worker.link.send("settings", self.settings)
+        for forward, state in self.targets.items():
+            if state.resolved:
+                await worker.link.send("endpoints", forward.name, state.endpoints)
+        assert self._group is not None
+        self._group.create_task(self._listen(worker), name=f"worker {worker.index}")
+
+    async def _listen(self, worker: WorkerHandle) -> None:
+        assert worker.link is not None and worker.started is not None
+        try:
+            while True:
+                message = await worker.link.receive()
+                if message[0] == "ready" and not worker.started.done():
+                    worker.started.set_result("")
+                    log.info("worker %d running (pid %d)", worker.index, message[1])
+                elif message[0] == "failed" and not worker.started.done():
+                    worker.started.set_result(message[1])
+                elif message[0] == "stats":
+                    worker.stats, worker.statuses = message[1], message[2]
+        except (EOFError, OSError):
+            pass
+        if not worker.started.done():
+            worker.started.set_result("worker exited during start-up")
+        await self._reap(worker)
+
+    async def _reap(self, worker: WorkerHandle) -> None:
+        assert worker.proc is not None
+        code = await asyncio.to_thread(worker.proc.wait)
+        assert worker.link is not None
+        worker.link.sock.close()
+        worker.link = None
+        self.retired.extend(worker.stats)  # keep counters monotonic across restarts
+        worker.stats, worker.statuses = [], []
+        if self.stopping:
+            return
+        log.error("worker %d exited with %d; restarting in %.0fs", worker.index, code,
+                  RESTART_DELAY)
+        await asyncio.sleep(RESTART_DELAY)
+        if not self.stopping:
+            await self._spawn(worker)
+
+    # -- status ---------------------------------------------------------------------------
+    def forward_statuses(self) -> list[ForwardStatus]:
+        statuses = []
+        for forward, state in self.targets.items():
+            reports = [s for w in self.workers for s in w.statuses if s.name == forward.name]
+            mine = status_of(forward, state, [], "")
+            statuses.append(replace(
+                mine,
+                bound=len(reports) == len(self.workers) and all(s.bound for s in reports),
+                active_connections=sum(s.active_connections for s in reports),
+                udp_flows=sum(s.udp_flows for s in reports),
+                detail=next((s.detail for s in reports if s.detail), ""),
+            ))
+        return statuses
+
+    # -- signals and reload ---------------------------------------------------------------
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        self.stopping = True
+        self._stop.set()
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM if self._signals == 1 else
+                                        signal.SIGINT)
+
+    def _on_hup(self) -> None:
+        assert self.reloader is not None and self._group is not None
+        try:
+            new = self.reloader()
+        except PortproxyError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return
+        self.settings = replace(new, workers=len(self.workers))
+        for forward in [f for f in self.targets if f not in new.forwards]:
+            del self.targets[forward]
+            self._resolving.pop(forward).cancel()
+        self._broadcast("settings", self.settings)
+        for forward in [f for f in new.forwards if f not in self.targets]:
+            self.targets[forward] = self._target(forward)
+            self._follow(forward)
+        for forward, state in self.targets.items():
+            if state.resolved:
+                self._broadcast("endpoints", forward.name, state.endpoints)
+        log.info("reloaded; workers apply the new forwards")
+
+    # -- running --------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for forward in self.settings.forwards:
+                self.targets[forward] = self._target(forward)
+            for worker in self.workers:
+                await self._spawn(worker)
+            failures = [await w.started for w in self.workers if w.started is not None]
+            problem = next((f for f in failures if f), "")
+            admin = None
+            if problem:
+                self._on_signal(signal.SIGTERM)
+            else:
+                admin = await self._begin(loop)
+            await self._stop.wait()
+            await asyncio.gather(*(asyncio.to_thread(w.proc.wait) for w in self.workers
+                                   if w.proc is not None))
+            if admin is not None:
+                await admin.stop()
+            for task in self._resolving.values():
+                task.cancel()
+            await self.resolvers.close()
+        if problem:
+            raise SetupError(problem)
+        log.info("all workers stopped")
+
+    async def _begin(self, loop: asyncio.AbstractEventLoop) -> AdminServer | None:
+        for forward in self.targets:
+            self._follow(forward)
+        admin = await self._start_admin()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        log.info("supervising %d workers", len(self.workers))
+        return admin
+
+    def _follow(self, forward: Forward) -> None:
+        assert self._group is not None
+        self._resolving[forward] = self._group.create_task(
+            self.targets[forward].follow(), name=f"resolve {forward.name}")
+
+    async def _start_admin(self) -> AdminServer | None:
+        address = self.settings.admin_address
+        if address is None:
+            return None
+        admin = AdminServer(address[0], address[1], MergedRegistry(self), self)
+        await admin.start()
+        log.info("admin endpoint on %s", admin.address)
+        return admin
+
+
+def main() -> None:
+    """Entry point of a worker process (started by the supervisor, in its own session so a
+    terminal's Ctrl-C reaches only the supervisor, which forwards one signal)."""
+    from portproxy.loop import install_fast_loop
+
+    install_fast_loop()
+    sys.exit(asyncio.run(worker_main(int(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

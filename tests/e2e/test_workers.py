@@ -1,0 +1,104 @@
+"""--workers: processes sharing the listeners, supervised, with summed metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.e2e.cli import PortproxyProcess
+from tests.net.harness import EchoServer, free_port, recv_all
+
+
+@pytest.fixture
+def backend() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def metric(admin: int, prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
+
+
+def worker_pids(proc: PortproxyProcess) -> dict[int, int]:
+    pids: dict[int, int] = {}
+    for line in proc.lines:
+        if "running (pid" in line and "worker " in line:
+            index = int(line.split("worker ", 1)[1].split()[0])
+            pids[index] = int(line.split("(pid ", 1)[1].split(")")[0])
+    return pids
+
+
+def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> None:
+    port, admin = free_port(), free_port()
+    proc = PortproxyProcess(["run", "--workers", "2", "-f",
+                             f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--admin-address", f"127.0.0.1:{admin}"])
+    try:
+        proc.wait_for_line("supervising 2 workers")
+        pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
+                        what="both workers")
+        for i in range(40):
+            assert exchange(port, b"req %d" % i) == b"req %d" % i
+        wait_for(lambda: metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
+                                f'{port}",result="ok"}}') == 40, what="summed counters")
+        info = metric(admin, "portproxy_build_info")
+        assert info == 1
+
+        os.kill(pids[0], signal.SIGKILL)  # a crashed worker is restarted
+        proc.wait_for_line("worker 0 exited")
+        wait_for(lambda: worker_pids(proc)[0] != pids[0], what="worker 0 to be restarted")
+        for i in range(20):
+            assert exchange(port, b"after %d" % i) == b"after %d" % i
+        # Counters of the dead worker are kept: the sum never goes backwards.
+        assert metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
+                      f'{port}",result="ok"}}') >= 40
+
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        proc.signal(signal.SIGTERM)  # drains every worker
+        proc.wait_for_line("draining 1 open connection")
+        held.sendall(b"drain")
+        assert held.recv(5) == b"drain"
+        held.close()
+        assert proc.wait(20) == 0
+        assert "all workers stopped" in proc.output
+    finally:
+        proc.stop()
+
+
+def test_a_worker_that_cannot_bind_fails_the_start() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        proc = PortproxyProcess(["run", "--workers", "2", "-f",
+                                 f"tcp://127.0.0.1:{port}=127.0.0.1:9", "--admin-address",
+                                 "none"])
+        try:
+            assert proc.wait(20) == 3
+            assert "already in use" in proc.output
+        finally:
+            proc.stop()
+    finally:
+        holder.close()
