@@ -330,6 +330,7 @@ class Daemon:
             await self.close_resolvers()
             raise
         log.info("portproxy running %d forward(s) with the %s pump", len(runtimes), self.pump)
+        _note_migrate_req()
         remove_signals = self.install_signals()
         try:
             async with asyncio.TaskGroup() as group:
@@ -379,3 +380,20 @@ def _proxy_header(forward: Forward) -> ProxyHeader | None:
     def header(client: Address, local: Address) -> bytes:
         return encode_header(version.value, client, local, "stream")
     return header
+
+
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _note_migrate_req() -> None:
+    """Say once whether a rollout beside another instance can be loss-free on this node."""
+    try:
+        with open(MIGRATE_REQ) as sysctl:
+            enabled = sysctl.read().strip() == "1"
+    except OSError:
+        return  # kernel older than 5.14, or no /proc: nothing to say
+    if not enabled:
+        log.info("net.ipv4.tcp_migrate_req=0: when this instance stops beside a new one "
+                 "(rolling update), a handshake that completes in the last microseconds "
+                 "before its listener closes is reset; set it to 1 on the node for loss-free "
+                 "hand-overs")

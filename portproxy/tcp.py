@@ -24,6 +24,8 @@ log = logging.getLogger("portproxy.tcp")
 
 #: Connections accepted per readiness callback before yielding to other work.
 ACCEPT_BATCH = 64
+#: Connections taken from a closing listener's accept queue at most (the backlog's size).
+QUEUE_DRAIN_LIMIT = 4096
 #: Endpoints tried for one client before giving up (the retry budget).
 CONNECT_ATTEMPTS = 3
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -192,8 +194,24 @@ class TcpForwarder:
         sock = self.listeners.pop(host, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
+            self._take_queued(sock)
             sock.close()
             log.info("forward %s: stopped listening on tcp %s", self.name, host or "*")
+
+    def _take_queued(self, lsock: socket.socket) -> None:
+        """Serve what already waits in the accept queue before closing the listener.
+
+        Closing a listener resets the handshakes completed in its queue. Accepting them
+        first leaves only the microseconds between the last accept and close; a node with
+        net.ipv4.tcp_migrate_req=1 closes even that gap (the kernel moves such connections
+        to another listener of the SO_REUSEPORT group, e.g. the next pod of a rollout).
+        """
+        for _ in range(QUEUE_DRAIN_LIMIT):
+            try:
+                client, address = lsock.accept()
+            except OSError:
+                return
+            self._admit(client, address)
 
     @property
     def bound(self) -> bool:
