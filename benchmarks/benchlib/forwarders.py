@@ -24,14 +24,29 @@ START_TIMEOUT = 15.0
 
 @dataclass(frozen=True, slots=True)
 class Ports:
-    """Where a forwarder listens: TCP to the echo server, TCP to iperf3, UDP to the echo server."""
+    """Where a forwarder listens. Every UDP port forwards to the UDP echo server."""
 
     echo: int
+    """TCP to the echo server."""
     iperf: int
+    """TCP to iperf3 -s."""
     udp: int | None
+    """UDP with long-lived flows."""
+    dns: int | None
+    """UDP set up as for DNS: one-second idle timeout, one response per query where the
+    forwarder has such a setting (nginx proxy_responses)."""
+
+    @staticmethod
+    def block(base: int) -> Ports:
+        return Ports(base, base + 1, base + 2, base + 3)
+
+    def tcp_only(self) -> Ports:
+        return Ports(self.echo, self.iperf, None, None)
 
 
-BACKEND_PORTS = Ports(BACKEND_TCP_PORT, IPERF_PORT, BACKEND_UDP_PORT)
+BACKEND_PORTS = Ports(BACKEND_TCP_PORT, IPERF_PORT, BACKEND_UDP_PORT, BACKEND_UDP_PORT)
+DNS_IDLE_SECONDS = 1
+"""The old proxy-to-service image's DNS example used a 1 s timeout."""
 
 @dataclass(frozen=True, slots=True)
 class Launch:
@@ -105,7 +120,6 @@ def _portproxy(*extra: str) -> Commands:
     """portproxy with ``extra`` flags; a build without them exits 2 and the row says so."""
 
     def commands(ports: Ports, _tmp: Path) -> list[Launch]:
-        assert ports.udp is not None
         optional = [arg for flag, value in (("--admin-address", "none"),
                                             ("--log-level", "warning"))
                     if flag in _portproxy_run_flags() for arg in (flag, value)]
@@ -114,7 +128,9 @@ def _portproxy(*extra: str) -> Commands:
         return [
             Launch([*run, "-f", f"tcp://{HOST}:{ports.echo}={HOST}:{BACKEND_TCP_PORT}",
                     "-f", f"tcp://{HOST}:{ports.iperf}={HOST}:{IPERF_PORT}"]),
-            Launch([*run, "-f", f"udp://{HOST}:{ports.udp}={HOST}:{BACKEND_UDP_PORT}"],
+            Launch([*run, "-f", f"udp://{HOST}:{ports.udp}={HOST}:{BACKEND_UDP_PORT}",
+                    "-f", f"udp://{HOST}:{ports.dns}={HOST}:{BACKEND_UDP_PORT},"
+                          f"idle-timeout={DNS_IDLE_SECONDS}s"],
                    udp_only=True),
         ]
     return commands
@@ -156,7 +172,6 @@ listen iperf
 
 
 def _nginx(ports: Ports, tmp: Path) -> list[Launch]:
-    assert ports.udp is not None
     module = nginx_stream_module()
     load = f"load_module {module};\n" if isinstance(module, Path) else ""
     cfg = tmp / "nginx.conf"
@@ -176,6 +191,8 @@ stream {{
     server {{ listen {HOST}:{ports.iperf} reuseport; proxy_pass {HOST}:{IPERF_PORT}; }}
     server {{ listen {HOST}:{ports.udp} udp reuseport; proxy_timeout 10s;
              proxy_pass {HOST}:{BACKEND_UDP_PORT}; }}
+    server {{ listen {HOST}:{ports.dns} udp reuseport; proxy_timeout {DNS_IDLE_SECONDS}s;
+             proxy_responses 1; proxy_pass {HOST}:{BACKEND_UDP_PORT}; }}
 }}
 """)
     return [Launch(["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"),
@@ -183,7 +200,6 @@ stream {{
 
 
 def _socat(ports: Ports, _tmp: Path) -> list[Launch]:
-    assert ports.udp is not None
     return [
         Launch(["socat", f"TCP-LISTEN:{ports.echo},bind={HOST},fork,reuseaddr,backlog=4096",
                 f"TCP:{HOST}:{BACKEND_TCP_PORT}"]),
@@ -191,6 +207,9 @@ def _socat(ports: Ports, _tmp: Path) -> list[Launch]:
                 f"TCP:{HOST}:{IPERF_PORT}"]),
         # -T: a forked UDP child ends once its client is quiet, or they would pile up.
         Launch(["socat", "-T", "5", f"UDP-LISTEN:{ports.udp},bind={HOST},fork,reuseaddr",
+                f"UDP:{HOST}:{BACKEND_UDP_PORT}"], udp_only=True),
+        Launch(["socat", "-T", str(DNS_IDLE_SECONDS),
+                f"UDP-LISTEN:{ports.dns},bind={HOST},fork,reuseaddr",
                 f"UDP:{HOST}:{BACKEND_UDP_PORT}"], udp_only=True),
     ]
 
@@ -234,7 +253,7 @@ def launch(peer: Peer, ports: Ports, tmp: Path, unavailable: dict[str, str],
     launches = peer.commands(ports, workdir)
     procs = [Proc(f"{peer.name}-{i}", launch.argv, workdir, cpu=cpu, cwd=peer.cwd)
              for i, launch in enumerate(launches)]
-    return Running(peer, ports if peer.udp else Ports(ports.echo, ports.iperf, None), "ok",
+    return Running(peer, ports if peer.udp else ports.tcp_only(), "ok",
                    procs=procs,
                    tcp_procs=[p for p, la in zip(procs, launches, strict=True) if not la.udp_only])
 

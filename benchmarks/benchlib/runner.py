@@ -52,7 +52,7 @@ def _launch_peers(tmp: Path, settings: Settings) -> list[Running]:
     started = []
     for i, peer in enumerate(PEERS):
         base = FORWARDER_BASE_PORT + 10 * i
-        ports = Ports(base, base + 1, base + 2)
+        ports = Ports.block(base)
         if settings.only and peer.name not in settings.only | set(REFERENCES):
             started.append(Running(peer, ports, "skipped", "not selected (--only)"))
             continue

@@ -18,7 +18,7 @@ IPERF_PORT = 3201
 IPERF_RCV_TIMEOUT_MS = 10_000
 """A forwarder that stalls mid-test must not hold the iperf3 server for its default 2 min."""
 FORWARDER_BASE_PORT = 3300
-"""Forwarder i listens on BASE + 10*i (+0 echo, +1 iperf3, +2 UDP)."""
+"""Forwarder i listens on BASE + 10*i (+0 echo, +1 iperf3, +2 UDP, +3 DNS-style UDP)."""
 EPHEMERAL_RANGE = (4000, 65535)
 """Wide, so connection-rate runs do not exhaust ports while TIME_WAIT is bounded."""
 REFERENCES = ("direct", "haproxy", "nginx")

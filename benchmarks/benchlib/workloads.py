@@ -118,6 +118,13 @@ def _udp(fwd: Running, tools: Tools) -> Figures:
     return {"dgram_s": r["rate"], "loss_pct": r["lost_pct"], "p99_us": r["p99_us"]}
 
 
+def _udp_oneshot(fwd: Running, tools: Tools) -> Figures:
+    if fwd.ports.dns is None:
+        raise WorkloadError("no DNS-style UDP port on this forwarder")
+    r = _loadgen(tools, "udpshot", fwd.ports.dns, 50)
+    return {"qps": r["rate"], "loss_pct": r["lost_pct"], "p99_us": r["p99_us"]}
+
+
 def _idle_memory(fwd: Running, tools: Tools) -> Figures:
     """Open N connections, each echoing one byte so the forwarder's backend leg is up too."""
     if not fwd.procs:
@@ -167,6 +174,10 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("udp_100", "UDP 64 B datagrams from 100 client ports",
              (Metric("dgram_s", "datagrams/s", True), Metric("loss_pct", "loss %", False), P99),
              _udp, udp=True, reference="nginx"),
+    Workload("udp_oneshot_50", "UDP one-shot 64 B queries, each from a new client port "
+             "(DNS-style), concurrency 50",
+             (Metric("qps", "queries/s", True), Metric("loss_pct", "loss %", False), P99),
+             _udp_oneshot, udp=True, reference="nginx"),
     Workload("idle_memory", "idle TCP connections: RSS per connection",
              (Metric("kib_per_conn", "KiB/conn", False, needs_process=True),), _idle_memory),
 )

@@ -10,6 +10,9 @@
  *       64 B datagrams from SOCKETS client ports, UDP_WINDOW in flight per port (one,
  *       like a DNS client); a port whose replies stop for UDP_TIMEOUT_NS presumes them
  *       lost and sends again. Loss is what never came back, even late.
+ *   loadgen udpshot HOST PORT CONCURRENCY DURATION_MS
+ *       one-shot 64 B queries, each from a fresh socket (a new client port, a new flow
+ *       for the forwarder), closed after its reply or after UDP_TIMEOUT_NS (lost).
  *
  * Prints one JSON object on stdout: count, errors, seconds, rate, p50_us,
  * p99_us (and sent, lost_pct for udp). Every loop ends at the deadline.
@@ -264,9 +267,72 @@ static int run_udp(int n_ports, uint64_t duration_ns) {
     return 0;
 }
 
+/* ---- UDP one-shot: a fresh client port per query, like a stub resolver ---- */
+
+struct shot {
+    int fd;
+    uint64_t started;
+};
+
+static int shot_open(int ep, struct shot *s) {
+    s->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s->fd < 0) return -1;
+    s->started = now_ns();
+    if (connect(s->fd, (struct sockaddr *)&target, sizeof target) < 0 ||
+        send(s->fd, payload, MSG_SIZE, MSG_DONTWAIT) != MSG_SIZE) {
+        close(s->fd);
+        s->fd = -1;
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = s};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, s->fd, &ev) < 0) die("epoll_ctl");
+    return 0;
+}
+
+static void shot_close(struct shot *s) {
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+}
+
+static int run_udp_oneshot(int concurrency, uint64_t duration_ns) {
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) die("epoll_create1");
+    struct shot *shots = calloc((size_t)concurrency, sizeof *shots);
+    if (!shots) die("calloc");
+    for (int i = 0; i < concurrency; i++) shots[i].fd = -1;
+    uint64_t sent = 0, start = now_ns(), deadline = start + duration_ns;
+    struct epoll_event events[256];
+    for (uint64_t now = start; now < deadline; now = now_ns()) {
+        for (int i = 0; i < concurrency; i++) {
+            struct shot *s = &shots[i];
+            if (s->fd >= 0 && now - s->started >= UDP_TIMEOUT_NS) shot_close(s); /* lost */
+            if (s->fd >= 0) continue;
+            if (shot_open(ep, s) < 0) errors++;
+            else sent++;
+        }
+        int n = epoll_wait(ep, events, 256, 10);
+        for (int i = 0; i < n; i++) {
+            struct shot *s = events[i].data.ptr;
+            char buf[2048];
+            ssize_t got = recv(s->fd, buf, sizeof buf, MSG_DONTWAIT);
+            if (got == MSG_SIZE) record(now_ns() - s->started);
+            else if (got < 0 && errno == EAGAIN) continue;
+            else errors++; /* ICMP refused or a wrong size: the query failed */
+            shot_close(s);
+        }
+    }
+    double seconds = (double)(now_ns() - start) / 1e9;
+    for (int i = 0; i < concurrency; i++) {
+        if (shots[i].fd >= 0) sent--; /* still in flight at the deadline: not lost */
+        shot_close(&shots[i]);
+    }
+    report(seconds, sent ? sent : 1);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 6) {
-        fprintf(stderr, "usage: %s connrate|rr|udp HOST PORT N DURATION_MS\n", argv[0]);
+        fprintf(stderr, "usage: %s connrate|rr|udp|udpshot HOST PORT N DURATION_MS\n", argv[0]);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -287,6 +353,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "connrate") == 0) return run_tcp(n, duration_ns, 0);
     if (strcmp(argv[1], "rr") == 0) return run_tcp(n, duration_ns, 1);
     if (strcmp(argv[1], "udp") == 0) return run_udp(n, duration_ns);
+    if (strcmp(argv[1], "udpshot") == 0) return run_udp_oneshot(n, duration_ns);
     fprintf(stderr, "unknown mode: %s\n", argv[1]);
     return 2;
 }

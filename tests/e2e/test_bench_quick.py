@@ -29,14 +29,15 @@ EXPECTED: dict[str, set[str]] = {
     "rr_1": {"req_s"} | LATENCY,
     "rr_64": {"req_s"} | LATENCY,
     "udp_100": {"dgram_s", "loss_pct", "p99_us"},
+    "udp_oneshot_50": {"qps", "loss_pct", "p99_us"},
     "idle_memory": {"kib_per_conn"},
 }
-PRIMARY = {wl: next(m for m in ("gbps", "conn_s", "req_s", "dgram_s", "kib_per_conn")
+PRIMARY = {wl: next(m for m in ("gbps", "conn_s", "req_s", "dgram_s", "qps", "kib_per_conn")
                     if m in metrics) for wl, metrics in EXPECTED.items()}
 PEER_PROGRAMS = {"haproxy": "haproxy", "nginx": "nginx", "socat": "socat"}
 PORTPROXY = {"portproxy", "portproxy-copy", "portproxy-w2"}
 # The only gaps a healthy run may have: HAProxy has no UDP; "direct" has no forwarder process.
-WORKLOAD_NA = {("haproxy", "udp_100")}
+WORKLOAD_NA = {("haproxy", "udp_100"), ("haproxy", "udp_oneshot_50")}
 METRIC_NA = {("direct", "cpu_s_per_gb"), ("direct", "kib_per_conn")}
 
 
