@@ -115,7 +115,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "Forwarders:", ""]
     lines += [f"- {name}: {entry['label']}" for name, entry in summary["forwarders"].items()]
     lines += ["", "Medians over repeats; ×X is the ratio to peer X's median (for latency, CPU "
-              "and memory lower is better). `–` means no figure.", ""]
+              "and memory lower is better; bytes per CPU-second is the inverse of CPU-s/GB). "
+              "`–` means no figure.", ""]
     for wl in WORKLOADS:
         lines += _workload_table(summary, wl)
     notes = [f"- {name}: {entry['status']} — {entry['reason']}"
