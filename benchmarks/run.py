@@ -66,6 +66,12 @@ def main(argv: list[str]) -> int:
         # Install while the host's network is still reachable, then move into the namespace.
         packages.ensure_installed(allow_install=not args.no_install)
         return netns.reexec_in_netns(Path(__file__).resolve(), argv)
+    others = netns.foreign_interfaces()
+    if others:
+        print(f"refusing to tune a network namespace that has other interfaces "
+              f"({', '.join(others)}): run without --in-netns, or in a namespace of your "
+              "own (unshare --net)", file=sys.stderr)
+        return 2
     # SIGTERM (or our parent dying) unwinds like Ctrl-C, so every started process is stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     procs.die_with_parent(signal.SIGTERM)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,15 @@ def reexec_in_netns(script: Path, argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     return child.wait()
+
+
+def foreign_interfaces() -> list[str]:
+    """Interfaces other than lo in the current network namespace.
+
+    A namespace made for the benchmark has only lo. Any other interface means it is shared
+    with something else (the host, a container), whose loopback and sysctls we must not tune.
+    """
+    return [name for _index, name in socket.if_nameindex() if name != "lo"]
 
 
 def _sysctl(name: str, value: str) -> None:
