@@ -31,7 +31,8 @@ denied         a client outside ``allow`` (checked when a flow would be created)
 no_endpoints   no endpoint to create a flow for, or to move a flow to
 draining       a new client during drain (existing flows are still served)
 refused        the backend answered ICMP port unreachable (the flow and listener live on)
-overload       a full socket buffer (EAGAIN/ENOBUFS) either way, or no socket for a new flow
+overload       a full socket buffer either way: the listener's (the kernel's own count, from
+               SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no socket for a new flow
 too_big        a datagram plus the PROXY header exceeds the maximum datagram size
 error          any other send or receive failure (e.g. no route to the backend)
 evicted        counted per FLOW, not per datagram: a flow evicted at ``max-flows``; late
@@ -58,12 +59,20 @@ from portproxy.udp_flow import (
     Client,
     Flow,
     FlowExpiry,
+    UdpCounters,
     allowed,
     connect_first,
     log_address,
     unmapped,
 )
-from portproxy.udp_pktinfo import ANCILLARY_SIZE, enable, local_address, pktinfo_of
+from portproxy.udp_pktinfo import (
+    ANCILLARY_SIZE,
+    Ancillary,
+    enable,
+    kernel_drops,
+    local_address,
+    pktinfo_of,
+)
 
 log = logging.getLogger("portproxy.udp")
 
@@ -77,6 +86,7 @@ RECV_BUFFER = 65536
 LISTENER_BUFFER = 4 * 1024 * 1024
 #: Endpoints tried when a flow's socket cannot be created or connected.
 CONNECT_ATTEMPTS = 3
+
 
 class UdpForwarder:
     """Receives on one or more listening sockets of a forward and relays flows to its target."""
@@ -97,6 +107,8 @@ class UdpForwarder:
         self.listeners: dict[str, socket.socket] = {}
         self.ports: dict[socket.socket, int] = {}
         """The port each listening socket is bound to (the PROXY header's destination port)."""
+        self.kernel_drops: dict[socket.socket, int] = {}
+        """Per listening socket, the kernel's drop count already counted as overload."""
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.accepting = True
@@ -106,24 +118,7 @@ class UdpForwarder:
         self.generation = 0
         self.endpoint_keys = frozenset(e.key for e in target.endpoints.endpoints)
         target.on_change(self._endpoints_changed)
-        self._metrics(metrics)
-
-    def _metrics(self, metrics: ProxyMetrics) -> None:
-        name = self.name
-        self.g_flows = metrics.udp_flows.labels(name)
-        self.d_up = metrics.udp_datagrams.labels(name, "upstream")
-        self.d_down = metrics.udp_datagrams.labels(name, "downstream")
-        self.bytes_up = metrics.bytes.labels(name, "upstream")
-        self.bytes_down = metrics.bytes.labels(name, "downstream")
-        drop = metrics.udp_dropped
-        self.x_denied = drop.labels(name, "denied")
-        self.x_no_endpoints = drop.labels(name, "no_endpoints")
-        self.x_draining = drop.labels(name, "draining")
-        self.x_refused = drop.labels(name, "refused")
-        self.x_overload = drop.labels(name, "overload")
-        self.x_too_big = drop.labels(name, "too_big")
-        self.x_error = drop.labels(name, "error")
-        self.x_evicted = drop.labels(name, "evicted")
+        self.count = UdpCounters(metrics, self.name)
 
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
@@ -134,7 +129,8 @@ class UdpForwarder:
         sock = bind_socket(request, self.name)
         try:
             enable(sock)
-            _set_buffers(sock, LISTENER_BUFFER)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_BUFFER)
         except OSError:
             sock.close()
             raise
@@ -155,6 +151,7 @@ class UdpForwarder:
                 self._close(flow, "listener_removed")
         self.loop.remove_reader(sock.fileno())
         del self.ports[sock]
+        self.kernel_drops.pop(sock, None)
         sock.close()
         log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
 
@@ -181,8 +178,10 @@ class UdpForwarder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self.x_error.inc()
+                self.count.error.inc()
                 continue
+            if len(ancdata) > 1:  # the drop count rides along only after drops
+                self._kernel_dropped(lsock, ancdata)
             flow = table.get(client)
             if flow is None:
                 flow = self._new_flow(lsock, client, ancdata)
@@ -195,8 +194,16 @@ class UdpForwarder:
                     continue
             if self._send_up(flow, size):
                 flow.bytes_up += size
-                self.d_up.inc()
-                self.bytes_up.inc(size)
+                self.count.datagrams_up.inc()
+                self.count.bytes_up.inc(size)
+
+    def _kernel_dropped(self, lsock: socket.socket, ancdata: list[Ancillary]) -> None:
+        """Count the datagrams the kernel dropped on a full listener buffer as overload."""
+        total = kernel_drops(ancdata)
+        seen = self.kernel_drops.get(lsock, 0)
+        if total > seen:
+            self.count.overload.inc(total - seen)
+            self.kernel_drops[lsock] = total
 
     def _send_up(self, flow: Flow, size: int) -> bool:
         data = self.view[:size]
@@ -218,26 +225,26 @@ class UdpForwarder:
 
     def _send_failed(self, exc: OSError) -> None:
         if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM):
-            self.x_overload.inc()
+            self.count.overload.inc()
         elif exc.errno == errno.EMSGSIZE:
-            self.x_too_big.inc()
+            self.count.too_big.inc()
         else:
-            self.x_error.inc()
+            self.count.error.inc()
 
     def _refused(self, flow: Flow) -> None:
-        self.x_refused.inc()
+        self.count.refused.inc()
         log.warning("forward %s: backend %s refused a datagram (ICMP port unreachable)",
                     self.name, flow.endpoint,
                     extra={"forward": self.name, "endpoint": str(flow.endpoint)})
 
     # -- flows ------------------------------------------------------------------------------
     def _new_flow(self, lsock: socket.socket, client: Client,
-                  ancdata: list[tuple[int, int, bytes]]) -> Flow | None:
+                  ancdata: list[Ancillary]) -> Flow | None:
         if not self.accepting:
-            self.x_draining.inc()
+            self.count.draining.inc()
             return None
         if self.allow and not allowed(client[0], self.allow):
-            self.x_denied.inc()
+            self.count.denied.inc()
             return None
         connected = self._connect(client)
         if connected is None:
@@ -254,15 +261,15 @@ class UdpForwarder:
         """A socket connected to a candidate endpoint for ``client`` (counted when none)."""
         candidates = self.target.candidates(unmapped(client[0]))
         if not candidates:
-            self.x_no_endpoints.inc()
+            self.count.no_endpoints.inc()
             return None
         try:
             connected = connect_first(candidates[:CONNECT_ATTEMPTS])
         except OSError:  # out of file descriptors or memory: a flood; shed it
-            self.x_overload.inc()
+            self.count.overload.inc()
             return None
         if connected is None:
-            self.x_error.inc()
+            self.count.error.inc()
         return connected
 
     def _header(self, flow: Flow) -> bytes | None:
@@ -276,19 +283,19 @@ class UdpForwarder:
         if removed is not None:
             evicted = self.table.evictions != evictions
             if evicted:
-                self.x_evicted.inc()
+                self.count.evicted.inc()
                 log.warning("forward %s: max-flows %d reached; evicting the least recently "
                             "active flow", self.name, self.table.limits.max_flows,
                             extra={"forward": self.name})
             self._close(removed[1], "evicted" if evicted else "expired")
         self.loop.add_reader(flow.sock.fileno(), self._on_reply, flow)
         self.target.opened(flow.endpoint)
-        self.g_flows.inc()
+        self.count.flows.inc()
         self._idle.clear()
         self.expiry.arm()
 
     def _relocate(self, flow: Flow, lsock: socket.socket,
-                  ancdata: list[tuple[int, int, bytes]]) -> None:
+                  ancdata: list[Ancillary]) -> None:
         """The client now sends to another local address: answer from that one."""
         flow.listener = lsock
         flow.local = local_address(ancdata, lsock)
@@ -325,7 +332,7 @@ class UdpForwarder:
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         self.target.closed(flow.endpoint)
-        self.g_flows.dec()
+        self.count.flows.dec()
         if self.access_log is not None:
             self.access_log(self.name, log_address(flow.client), str(flow.endpoint),
                             flow.bytes_up, flow.bytes_down, self.loop.time() - flow.started,
@@ -346,7 +353,7 @@ class UdpForwarder:
                 self._refused(flow)  # ICMP port unreachable; the flow stays
                 continue
             except OSError:
-                self.x_error.inc()
+                self.count.error.inc()
                 break
             try:
                 flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
@@ -355,9 +362,9 @@ class UdpForwarder:
                 continue
             sent += 1
             flow.bytes_down += size
-            self.bytes_down.inc(size)
+            self.count.bytes_down.inc(size)
         if sent:
-            self.d_down.inc(sent)
+            self.count.datagrams_down.inc(sent)
             self.table.touch(flow.client)
 
     # -- stopping -------------------------------------------------------------------------
@@ -391,11 +398,6 @@ class UdpForwarder:
             self._close(flow, "drain_timeout")
         for host in list(self.listeners):
             self.remove_listener(host)
-
-
-def _set_buffers(sock: socket.socket, size: int) -> None:
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def _where(sock: socket.socket) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from portproxy.endpoints import Endpoint
 from portproxy.flowtable import FlowTable
+from portproxy.metrics import Counter, Gauge, ProxyMetrics
 from portproxy.sockets import family_of
 from portproxy.spec import IPNetwork
 from portproxy.udp_pktinfo import LocalAddress
@@ -61,6 +62,28 @@ class Flow:
 
 
 Expired = list[tuple[Client, Flow]]
+
+
+class UdpCounters:
+    """One forward's metric children, looked up once so the data path only adds numbers.
+
+    ``dropped`` reasons are documented in ``portproxy.udp``."""
+
+    def __init__(self, metrics: ProxyMetrics, name: str) -> None:
+        self.flows: Gauge = metrics.udp_flows.labels(name)
+        self.datagrams_up: Counter = metrics.udp_datagrams.labels(name, "upstream")
+        self.datagrams_down: Counter = metrics.udp_datagrams.labels(name, "downstream")
+        self.bytes_up: Counter = metrics.bytes.labels(name, "upstream")
+        self.bytes_down: Counter = metrics.bytes.labels(name, "downstream")
+        drop = metrics.udp_dropped
+        self.denied: Counter = drop.labels(name, "denied")
+        self.no_endpoints: Counter = drop.labels(name, "no_endpoints")
+        self.draining: Counter = drop.labels(name, "draining")
+        self.refused: Counter = drop.labels(name, "refused")
+        self.overload: Counter = drop.labels(name, "overload")
+        self.too_big: Counter = drop.labels(name, "too_big")
+        self.error: Counter = drop.labels(name, "error")
+        self.evicted: Counter = drop.labels(name, "evicted")
 
 
 class FlowExpiry:

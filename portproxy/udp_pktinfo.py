@@ -17,19 +17,27 @@ Linux details this relies on (checked on the kernels we support):
   leaves the outgoing interface to routing, so asymmetric routing keeps working.
 - IPv6 keeps the interface index only for link-local addresses, which need it to mean
   anything; a multicast destination cannot be a source, so replies then go without PKTINFO.
+
+The same ancillary data also carries ``SO_RXQ_OVFL``: the socket's running count of datagrams
+the kernel dropped because its receive buffer was full. The kernel attaches it only once a
+drop has happened, so it costs nothing until a flood, and then the engine can count drops
+it never saw.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass
 
 # Python 3.11 does not export IP_PKTINFO; 8 is its value in Linux's <linux/in.h>.
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
 IPV6_PKTINFO: int = socket.IPV6_PKTINFO
 IPV6_RECVPKTINFO: int = socket.IPV6_RECVPKTINFO
-#: Ancillary buffer for recvmsg: room for one pktinfo of either family, with slack.
-ANCILLARY_SIZE = socket.CMSG_SPACE(20) * 2
+# Linux <asm-generic/socket.h>; Python does not export it.
+SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
+#: Ancillary buffer for recvmsg: one pktinfo of either family and the drop count, with slack.
+ANCILLARY_SIZE = socket.CMSG_SPACE(20) * 2 + socket.CMSG_SPACE(4)
 
 Ancillary = tuple[int, int, bytes]
 _NO_IFINDEX = bytes(4)
@@ -50,7 +58,9 @@ class LocalAddress:
 
 
 def enable(sock: socket.socket) -> None:
-    """Ask the kernel to report each datagram's destination address on ``sock``."""
+    """Ask the kernel to report each datagram's destination address on ``sock``, and the
+    count of datagrams it dropped for want of buffer space."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     else:
@@ -65,6 +75,14 @@ def pktinfo_of(ancdata: list[Ancillary]) -> bytes:
                 kind == IPV6_PKTINFO and level == _SOL_IPV6):
             return data
     return b""
+
+
+def kernel_drops(ancdata: list[Ancillary]) -> int:
+    """The socket's cumulative receive-buffer drop count in ``ancdata``, or -1 if absent."""
+    for level, kind, data in ancdata:
+        if kind == SO_RXQ_OVFL and level == socket.SOL_SOCKET and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return -1
 
 
 def local_address(ancdata: list[Ancillary], sock: socket.socket) -> LocalAddress:

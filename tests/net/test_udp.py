@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -396,3 +400,41 @@ def test_ipv6_allowlist_on_a_dual_stack_listener(backend: UdpBackend,
         six.sendto(b"six", ("::1", proxy.port))
         assert six.recvfrom(2048)[0] == b"six"
     assert [data for data, _ in backend.received] == [b"six"]
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes of the next datagram waiting in ``sock`` (0 when none): FIONREAD on UDP."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_datagrams_the_kernel_drops_on_a_full_listener_are_counted(
+        make_backend: MakeBackend, make_proxy: MakeProxy) -> None:
+    """Stall the proxy's loop while one client sends far more than the listener's buffer
+    holds: whatever the kernel dropped shows up as overload, so nothing goes uncounted."""
+    sink = make_backend(handler=lambda data, _: [])
+    proxy = make_proxy([sink.endpoint])
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(60)
+
+    sent = 0
+    with client() as sock:
+        try:
+            proxy.loop.call_soon_threadsafe(stall)
+            assert stalled.wait(10)
+            payload = os.urandom(1400)
+            for _ in range(8000):  # ~11 MB against an 8 MiB buffer
+                sock.sendto(payload, ("127.0.0.1", proxy.port))
+                sent += 1
+        finally:
+            release.set()
+        listener = proxy.engine.listeners["127.0.0.1"]
+        wait_for(lambda: queued(listener) == 0, what="the proxy to empty its listener")
+        # Drop counts ride on datagrams queued after the drops: one more brings the total.
+        sock.sendto(b"last", ("127.0.0.1", proxy.port))
+        sent += 1
+        wait_for(lambda: proxy.datagrams("upstream") + proxy.dropped("overload") == sent,
+                 what="every datagram relayed or counted")
+    assert proxy.dropped("overload") > 0

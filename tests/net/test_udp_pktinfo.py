@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import socket
+import sys
 
-from portproxy.udp_pktinfo import IP_PKTINFO, IPV6_PKTINFO, local_address, pktinfo_of
+from portproxy.udp_pktinfo import (
+    IP_PKTINFO,
+    IPV6_PKTINFO,
+    SO_RXQ_OVFL,
+    kernel_drops,
+    local_address,
+    pktinfo_of,
+)
 
 
 def in_pktinfo(ifindex: int, spec_dst: str, addr: str) -> bytes:
@@ -63,3 +71,10 @@ def test_pktinfo_of_skips_other_ancillary_data() -> None:
     other = (socket.IPPROTO_IP, socket.IP_TTL, (64).to_bytes(4, "little"))
     assert pktinfo_of([other, (socket.IPPROTO_IP, IP_PKTINFO, raw)]) == raw
     assert pktinfo_of([other]) == b""
+
+
+def test_kernel_drop_count() -> None:
+    count = (socket.SOL_SOCKET, SO_RXQ_OVFL, (1234).to_bytes(4, sys.byteorder))
+    raw = in_pktinfo(1, "127.0.0.1", "127.0.0.1")
+    assert kernel_drops([count, (socket.IPPROTO_IP, IP_PKTINFO, raw)]) == 1234
+    assert kernel_drops([(socket.IPPROTO_IP, IP_PKTINFO, raw)]) == -1
