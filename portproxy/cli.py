@@ -122,6 +122,12 @@ forward_options = _options(
                  help="kubeconfig context to use."),
     click.option("--node-name", envvar=[env("node-name"), "NODE_NAME"],
                  help="This node's name, to prefer its endpoints [NODE_NAME]."),
+    click.option("--tcp-services-configmap", envvar=env("tcp-services-configmap"),
+                 metavar="NS/NAME",
+                 help="Follow an ingress-nginx tcp-services ConfigMap (port → ns/svc:port)."),
+    click.option("--udp-services-configmap", envvar=env("udp-services-configmap"),
+                 metavar="NS/NAME",
+                 help="Follow an ingress-nginx udp-services ConfigMap."),
 )
 
 daemon_options = _options(
@@ -181,8 +187,9 @@ def default_options(params: dict[str, Any]) -> ForwardOptions:
     )
 
 
-def build_forwards(specs: Sequence[str], defaults: ForwardOptions) -> tuple[Forward, ...]:
-    if not specs:
+def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: bool = False
+                   ) -> tuple[Forward, ...]:
+    if not specs and not allow_none:
         raise ConfigError("no forwards given: use -f/--forward SPEC (or PORTPROXY_FORWARD)")
     forwards = tuple(parse_forward(spec, defaults) for spec in specs)
     seen: dict[tuple[str, str, int], str] = {}
@@ -203,8 +210,13 @@ def build_forwards(specs: Sequence[str], defaults: ForwardOptions) -> tuple[Forw
 def settings_from(params: dict[str, Any]) -> Settings:
     from portproxy.admin import parse_admin_address
 
-    return Settings(
-        forwards=build_forwards(params["forwards"], default_options(params)),
+    defaults = default_options(params)
+    configmaps = (params["tcp_services_configmap"], params["udp_services_configmap"])
+    settings = Settings(
+        forwards=build_forwards(params["forwards"], defaults, allow_none=any(configmaps)),
+        forward_defaults=defaults,
+        tcp_services_configmap=configmaps[0] or None,
+        udp_services_configmap=configmaps[1] or None,
         drain_timeout=params.get("drain_timeout", 30.0),
         use_splice=not params.get("no_splice", False),
         admin_address=parse_admin_address(params.get("admin_address") or "none"),
@@ -220,6 +232,10 @@ def settings_from(params: dict[str, Any]) -> Settings:
         log_format=params.get("log_format", "text"),
         interface_addresses=_vip_addresses(params),
     )
+    from portproxy.configmap import configmap_refs
+
+    configmap_refs(settings)  # NS/NAME checked now: a typo is exit 2, not a log line later
+    return settings
 
 
 def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:

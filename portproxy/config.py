@@ -5,9 +5,9 @@ The CLI builds it (flags > environment > config file > defaults); the daemon onl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from portproxy.spec import Forward
+from portproxy.spec import Forward, ForwardOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,5 +35,7 @@ class Settings:
     tcp_services_configmap: str | None = None
     udp_services_configmap: str | None = None
     config_file: str | None = None
+    forward_defaults: ForwardOptions = field(default_factory=ForwardOptions)
+    """The global --KEY option defaults, for forwards created later (ConfigMap entries)."""
     log_level: str = "info"
     log_format: str = "text"

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
+from portproxy.configmap import ForwardSources, configmap_refs
+from portproxy.configmap_watch import follow_configmap
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
 from portproxy.ifbind import InterfaceBinding
@@ -157,6 +159,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._signals = 0
         self.resolvers = Resolvers(settings, self.metrics)
+        self.sources = ForwardSources(settings.forwards)
         self.resolver_factory = resolver_factory or self.resolvers.for_forward
         self._draining: set[asyncio.Task[None]] = set()
 
@@ -256,7 +259,11 @@ class Daemon:
         except PortproxyError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return
-        self.apply(new)
+        self.sources.static = new.forwards
+        self.apply(replace(new, forwards=self.sources.desired()))
+
+    def _apply_sources(self) -> None:
+        self.apply(replace(self.settings, forwards=self.sources.desired()))
 
     def apply(self, new: Settings) -> None:
         """Move to ``new`` forwards without touching unchanged ones.
@@ -337,9 +344,15 @@ class Daemon:
                 self._group = group
                 for runtime in runtimes:
                     self.start(runtime)
+                watches = [group.create_task(follow_configmap(
+                    ref, self.resolvers.kube(), self.settings.forward_defaults,
+                    self.sources, self._apply_sources), name=f"configmap {ref}")
+                    for ref in configmap_refs(self.settings)]
                 if ready is not None:
                     ready()
                 await self._stop.wait()
+                for watch in watches:  # no forward may open while draining
+                    watch.cancel()
                 await self.drain()
         finally:
             remove_signals()

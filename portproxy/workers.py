@@ -31,6 +31,8 @@ from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
+from portproxy.configmap import ForwardSources, configmap_refs
+from portproxy.configmap_watch import follow_configmap
 from portproxy.daemon import Daemon, Reloader, Resolvers, status_of
 from portproxy.endpoints import Balancer, EndpointSet
 from portproxy.errors import PortproxyError, SetupError
@@ -97,7 +99,8 @@ class FedResolver:
 def worker_settings(settings: Settings) -> Settings:
     """What a worker runs: the data plane only; the supervisor keeps the rest."""
     return replace(settings, admin_address=None, create_interface=None,
-                   interface_addresses=(), workers=1)
+                   interface_addresses=(), workers=1, tcp_services_configmap=None,
+                   udp_services_configmap=None)
 
 
 async def worker_main(fd: int) -> int:
@@ -188,6 +191,7 @@ class Supervisor:
         self.reloader = reloader
         self.metrics = ProxyMetrics()
         self.resolvers = Resolvers(settings, self.metrics)
+        self.sources = ForwardSources(settings.forwards)
         self.targets: dict[Forward, TargetState] = {}
         self.workers = [WorkerHandle(i) for i in range(settings.workers)]
         self.retired: list[Any] = []
@@ -196,6 +200,7 @@ class Supervisor:
         self._signals = 0
         self._group: asyncio.TaskGroup | None = None
         self._resolving: dict[Forward, asyncio.Task[None]] = {}
+        self._watches: list[asyncio.Task[None]] = []
 
     # -- targets --------------------------------------------------------------------------
     def _target(self, forward: Forward) -> TargetState:
@@ -292,12 +297,18 @@ class Supervisor:
                                         signal.SIGINT)
 
     def _on_hup(self) -> None:
-        assert self.reloader is not None and self._group is not None
+        assert self.reloader is not None
         try:
             new = self.reloader()
         except PortproxyError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return
+        self.sources.static = new.forwards
+        self._apply(replace(new, forwards=self.sources.desired()))
+
+    def _apply(self, new: Settings) -> None:
+        """Send ``new`` to every worker; resolve added targets, forget removed ones."""
+        assert self._group is not None
         self.settings = replace(new, workers=len(self.workers))
         for forward in [f for f in self.targets if f not in new.forwards]:
             del self.targets[forward]
@@ -309,7 +320,7 @@ class Supervisor:
         for forward, state in self.targets.items():
             if state.resolved:
                 self._broadcast("endpoints", forward.name, state.endpoints)
-        log.info("reloaded; workers apply the new forwards")
+        log.info("configuration changed; workers apply the new forwards")
 
     # -- running --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -332,7 +343,7 @@ class Supervisor:
                                    if w.proc is not None))
             if admin is not None:
                 await admin.stop()
-            for task in self._resolving.values():
+            for task in [*self._resolving.values(), *self._watches]:
                 task.cancel()
             await self.resolvers.close()
         if problem:
@@ -347,6 +358,12 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.reloader is not None:
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        assert self._group is not None
+        for ref in configmap_refs(self.settings):
+            self._watches.append(self._group.create_task(follow_configmap(
+                ref, self.resolvers.kube(), self.settings.forward_defaults, self.sources,
+                lambda: self._apply(replace(self.settings, forwards=self.sources.desired()))),
+                name=f"configmap {ref}"))
         log.info("supervising %d workers", len(self.workers))
         return admin
 

@@ -1,0 +1,109 @@
+"""ConfigMap mode end to end: the real CLI, the real client, the fake API server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.e2e.cli import PortproxyProcess
+from tests.k8s.conftest import ep, write_kubeconfig
+from tests.k8s.fakeapi import FakeKube
+from tests.net.harness import EchoServer, free_port, recv_all
+
+
+@pytest.fixture
+def backends() -> Iterator[tuple[EchoServer, EchoServer]]:
+    first, second = EchoServer(), EchoServer()
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+def service(fake: FakeKube, name: str, backend: EchoServer) -> None:
+    fake.service("web", name, [{"name": "tcp", "port": 80, "protocol": "TCP"}])
+    fake.endpoint_slice("web", name, f"{name}-abc", [ep("127.0.0.1")],
+                        [{"name": "tcp", "port": backend.port, "protocol": "TCP"}])
+
+
+def exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
+
+
+def served(port: int, payload: bytes) -> bool:
+    try:
+        return exchange(port, payload) == payload
+    except OSError:
+        return False
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_configmap_entries_open_change_and_close_forwards(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]) -> None:
+    first, second = backends
+    service(fake, "one", first)
+    service(fake, "two", second)
+    fake.configmap("ingress", "tcp-services", {})
+    port = free_port()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    proc = PortproxyProcess(["run", "--kubeconfig", str(kubeconfig), "--tcp-services-configmap",
+                             "ingress/tcp-services", "--admin-address", "none",
+                             "--drain-timeout", "30s"])
+    try:
+        proc.wait_for_line("tcp-services ingress/tcp-services: 0 entries")
+        fake.configmap("ingress", "tcp-services", {str(port): "web/one:80"})  # key added
+        # The port opens at once; connections are reset until the endpoints are known.
+        wait_for(lambda: served(port, b"to one"), what="the port to open and serve")
+        assert first.accepted >= 1
+
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"held")
+        assert held.recv(4) == b"held"
+
+        fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})  # changed
+        proc.wait_for_line("tcp-services ingress/tcp-services: 1 entry")
+
+        def reaches_second() -> bool:
+            return served(port, b"to two?") and second.accepted > 0
+        wait_for(reaches_second, what="new connections to reach the new target")
+        held.sendall(b"old connection untouched")
+        assert held.recv(24) == b"old connection untouched"
+
+        fake.configmap("ingress", "tcp-services", {})  # key deleted
+        wait_for(lambda: refused(port), what="the port to close")
+        held.sendall(b"draining")
+        assert held.recv(8) == b"draining"
+        held.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+
+
+def test_decode_proxy_is_refused_with_a_reason(fake: FakeKube, tmp_path: Path) -> None:
+    fake.configmap("ingress", "tcp-services", {"9100": "web/one:80:PROXY"})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    proc = PortproxyProcess(["run", "--kubeconfig", str(kubeconfig), "--tcp-services-configmap",
+                             "ingress/tcp-services", "--admin-address", "none"])
+    try:
+        proc.wait_for_line("decoding a PROXY header from clients is not supported")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
