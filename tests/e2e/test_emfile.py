@@ -1,0 +1,66 @@
+"""Out of file descriptors: accept backs off and counts, the listener survives."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+from tests.conftest import wait_for
+from tests.net.harness import EchoServer, free_port, recv_all
+
+FD_LIMIT = 64
+
+
+def limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def test_emfile_backs_off_and_recovers() -> None:
+    backend = EchoServer()
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portproxy", "run", "-f",
+         f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}", "--admin-address",
+         f"127.0.0.1:{admin}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    clients: list[socket.socket] = []
+    try:
+        wait_for(lambda: any("admin endpoint on" in line for line in lines),
+                 what="portproxy to start")
+        for _ in range(FD_LIMIT):  # more connections than the proxy has descriptors for
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            clients.append(client)
+        wait_for(lambda: any("accept failed (Too many open files)" in line for line in lines),
+                 what="the EMFILE back-off")
+        assert proc.poll() is None  # alive
+        for client in clients:
+            client.close()
+        clients.clear()
+
+        def works() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    client.sendall(b"again")
+                    client.shutdown(socket.SHUT_WR)
+                    return recv_all(client) == b"again"
+            except OSError:
+                return False
+        wait_for(works, timeout=20, what="the listener to serve again")
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+        errors = [line for line in metrics.splitlines()
+                  if line.startswith("portproxy_accept_errors_total{")]
+        assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 1
+    finally:
+        for client in clients:
+            client.close()
+        proc.terminate()
+        proc.wait(20)
+        backend.close()
