@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import socketserver
@@ -147,6 +148,30 @@ def test_image_metadata_and_contents(image: str) -> None:
     # vfs_cap_data v2: magic|effective flag, then permitted bits 0-31 (little endian)
     permitted = int.from_bytes(bytes.fromhex(facts["fcaps"])[4:8], "little")
     assert permitted == CAP_NET_BIND_SERVICE
+
+
+# Docker and Kubernetes (unlike podman) give a non-root process no ambient capabilities: only
+# the interpreter's file capability lets it bind port 80. setpriv reproduces that start: uid
+# 10001, bounding set {NET_BIND_SERVICE}, inheritable and ambient empty, no_new_privs (what
+# allowPrivilegeEscalation: false sets). The same interpreter copied without its file
+# capability must fail, or the first half proves nothing.
+BIND_80 = "import socket; socket.socket().bind(('127.0.0.1', 80)); print('bound')"
+DROP_TO_NON_ROOT = ["setpriv", "--reuid", str(IMAGE_UID), "--regid", str(IMAGE_UID),
+                    "--clear-groups", "--inh-caps", "-all", "--ambient-caps", "-all",
+                    "--bounding-set", "-all,+net_bind_service", "--no-new-privs"]
+
+
+def test_file_capability_binds_without_ambient_caps(image: str) -> None:
+    script = (f'cp "$(readlink -f /usr/bin/python3)" /tmp/plain-python; '
+              f'{shlex.join(DROP_TO_NON_ROOT)} python3 -c "{BIND_80}"; '
+              f'{shlex.join(DROP_TO_NON_ROOT)} /tmp/plain-python -c "{BIND_80}" 2>&1 '
+              "| tail -1")
+    result = podman("run", "--rm", "--network", "none", "--user", "0", "--cap-drop", "ALL",
+                    "--cap-add", "NET_BIND_SERVICE,SETUID,SETGID,SETPCAP",
+                    "--entrypoint", "sh", image, "-c", script)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "bound", result.stdout + result.stderr
+    assert "PermissionError" in lines[-1], result.stdout + result.stderr
 
 
 class EchoHandler(socketserver.BaseRequestHandler):
