@@ -15,6 +15,7 @@ from tests.e2e.cli import PortproxyProcess
 from tests.net.harness import free_port, recv_all
 
 HAPROXY = shutil.which("haproxy")
+REPORT = "%[src] %[src_port] %[dst] %[dst_port]"  # what HAProxy learned from the header
 pytestmark = pytest.mark.skipif(HAPROXY is None,
                                 reason="haproxy is not installed (Debian package haproxy)")
 
@@ -34,7 +35,7 @@ defaults
     timeout server 30s
 frontend reporter
     bind 127.0.0.1:{port} accept-proxy
-    http-request return status 200 content-type text/plain lf-string "%[src] %[src_port] %[dst] %[dst_port]"
+    http-request return status 200 content-type text/plain lf-string "{REPORT}"
 """)
     assert HAPROXY is not None
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE,
