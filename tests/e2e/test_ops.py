@@ -186,3 +186,59 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_readyz_waits_for_resolution_and_metrics_move(backend: EchoServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ok_port, bad_port, admin = free_port(), free_port(), free_port()
+    proc = PortproxyProcess([
+        "run", "-f", f"tcp://127.0.0.1:{ok_port}=127.0.0.1:{backend.port}",
+        "-f", f"tcp://127.0.0.1:{bad_port}=unresolvable.invalid:80",
+        "--admin-address", f"127.0.0.1:{admin}"])
+    try:
+        proc.wait_for_line("admin endpoint on")
+        status, body = http_get(admin, "/readyz")
+        assert status == 503
+        assert f"tcp/127.0.0.1:{bad_port}" in body and "not resolved" in body
+        assert f"tcp/127.0.0.1:{ok_port} " not in body
+        assert http_get(admin, "/healthz")[0] == 200
+
+        def samples() -> dict[tuple[str, str], float]:
+            text = http_get(admin, "/metrics")[1]
+            values = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    key = (sample.name, ",".join(f"{k}={v}" for k, v in
+                                                 sorted(sample.labels.items())))
+                    values[key] = sample.value
+            return values
+        forward = f"forward=tcp/127.0.0.1:{ok_port}"
+        before = samples()
+        with socket.create_connection(("127.0.0.1", ok_port), timeout=10) as client:
+            client.sendall(b"m" * 1000)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"m" * 1000
+        wait_for(lambda: samples().get(("portproxy_connections_closed_total",
+                                        f"{forward},reason=ok")) == 1, what="the close")
+        after = samples()
+        assert after[("portproxy_connections_total", f"{forward},result=ok")] == \
+            before.get(("portproxy_connections_total", f"{forward},result=ok"), 0) + 1
+        assert after[("portproxy_bytes_total", f"direction=upstream,{forward}")] == 1000
+        assert after[("portproxy_bytes_total", f"direction=downstream,{forward}")] == 1000
+        assert after[("portproxy_upstream_connect_seconds_count", forward)] == 1
+        assert after[("portproxy_endpoints", forward)] == 1
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.stop()
