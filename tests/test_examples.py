@@ -30,7 +30,17 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 YAML_FILES = ("daemonset-hostnetwork.yaml", "pod-hostport.yaml", "configmap-mode.yaml")
-IMAGE_UID = 10001
+
+
+def image_uid() -> int:
+    """The UID the Dockerfile runs as: the examples' runAsUser must be the same number."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    users = re.findall(r"^USER\s+(\d+)(?::\d+)?\s*$", text, re.M)
+    assert users, "the Dockerfile has no numeric USER"
+    return int(users[-1])
+
+
+IMAGE_UID = image_uid()
 ADMIN_PORT = 9753
 NODE_NAME = "node-a"  # stands in for the downward API's spec.nodeName
 
