@@ -1,0 +1,139 @@
+"""What one Service looks like from its watches, and what a forward makes of it. Pure + asyncio.
+
+``ServiceView`` is the latest state of a Service and its EndpointSlices as the watches
+published it; ``resolve_view`` turns it into an ``Outcome`` for one forward (its port and
+mode). ``SharedService`` is the per-process, per-Service hub that every forward using the
+Service reads from: one set of watches, any number of consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from portproxy.endpoints import Endpoint, EndpointSet
+from portproxy.endpointslices import (
+    describe_ports,
+    endpoints_from_slices,
+    service_port_name,
+    service_port_number,
+)
+from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceView:
+    """The Service and its slices as last listed/watched; ``*_synced`` once listed."""
+
+    service_synced: bool = False
+    service: Obj | None = None
+    slices_synced: bool = False
+    slices: tuple[Obj, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a forward should use now.
+
+    ``endpoints`` None means "not resolved yet" (readiness waits); an empty set means the
+    target resolved to nothing (new connections are refused at once). ``external`` asks the
+    caller to resolve an ExternalName by DNS. ``problem`` is a line worth logging.
+    """
+
+    endpoints: EndpointSet | None = None
+    problem: str | None = None
+    external: HostTarget | None = None
+
+
+def _spec(service: Obj) -> Obj:
+    spec = service.get("spec") or {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _missing_port(target: ServiceTarget, service: Obj) -> Outcome:
+    return Outcome(EndpointSet(), f"Service {target.namespace}/{target.name} has no port "
+                                  f"{target.port!r} (ports: {describe_ports(service)})")
+
+
+def _external(target: ServiceTarget, service: Obj) -> Outcome:
+    host = str(_spec(service).get("externalName") or "")
+    if not host:
+        return Outcome(EndpointSet(), f"Service {target.namespace}/{target.name} is "
+                                      "ExternalName without an externalName")
+    port = target.port if isinstance(target.port, int) else service_port_number(service,
+                                                                                target.port)
+    if port is None:
+        return _missing_port(target, service)
+    return Outcome(external=HostTarget(host.rstrip("."), port))
+
+
+def resolve_view(view: ServiceView, target: ServiceTarget, mode: TargetMode) -> Outcome:
+    """The endpoints one forward should use given the current view of its Service."""
+    where = f"{target.namespace}/{target.name}"
+    if not view.service_synced:
+        return Outcome()
+    service = view.service
+    if service is None:
+        return Outcome(EndpointSet(), f"Service {where} not found; new connections are "
+                                      "refused until it exists (watching for it)")
+    spec = _spec(service)
+    if spec.get("type") == "ExternalName":
+        return _external(target, service)
+    if mode is TargetMode.CLUSTERIP:
+        return _cluster_ip(target, service)
+    name = service_port_name(service, target.port)
+    if name is None:
+        return _missing_port(target, service)
+    if not view.slices_synced:
+        return Outcome()
+    return Outcome(endpoints_from_slices(view.slices, name))
+
+
+def _cluster_ip(target: ServiceTarget, service: Obj) -> Outcome:
+    spec = _spec(service)
+    where = f"{target.namespace}/{target.name}"
+    ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if ip]
+    if "None" in ips:
+        return Outcome(EndpointSet(), f"Service {where} is headless (clusterIP: None), so "
+                                      "it has no ClusterIP to forward to; use mode=endpoints")
+    port = service_port_number(service, target.port)
+    if port is None:
+        return _missing_port(target, service)
+    if not ips:
+        return Outcome(EndpointSet(), f"Service {where} has no ClusterIP yet")
+    return Outcome(EndpointSet.of([Endpoint(ip, port) for ip in ips]))
+
+
+@dataclass(eq=False)
+class SharedService:
+    """One Service's watches and latest view, shared by every forward that targets it.
+
+    Lives on the event loop: watch threads hand updates over with ``call_soon_threadsafe``
+    and ``update`` runs on the loop, so consumers need no locks.
+    """
+
+    namespace: str
+    name: str
+    view: ServiceView = field(default_factory=ServiceView)
+    version: int = 0
+    consumers: int = 0
+    informers: dict[str, Any] = field(default_factory=dict)  # resource → Informer
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, **changes: Any) -> None:
+        self.view = replace(self.view, **changes)
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_newer(self, version: int, timeout: float | None = None) -> None:
+        """Return once ``self.version`` moved past ``version`` (or ``timeout`` passed)."""
+        if self.version != version:
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
