@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from portproxy.endpoints import Endpoint
+from portproxy.errors import SetupError
 from portproxy.proxyproto import parse_v2
 from portproxy.spec import ProxyProtocol
 from tests.conftest import wait_for
@@ -347,14 +348,23 @@ def test_metrics_and_endpoint_accounting(backend: UdpBackend, make_proxy: MakePr
 def test_tcp_listener_on_the_same_port_is_unaffected(backend: UdpBackend,
                                                      make_proxy: MakeProxy) -> None:
     """tcp+udp: the UDP socket binds beside a TCP listener on the same port."""
-    proxy = make_proxy([backend.endpoint])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("127.0.0.1", proxy.port))
-        tcp.listen()
-        with client() as sock:
-            sock.sendto(b"both", ("127.0.0.1", proxy.port))
-            assert sock.recvfrom(2048)[0] == b"both"
+    for _ in range(20):  # the TCP port's UDP twin may be taken by someone else: pick again
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen()
+            port = tcp.getsockname()[1]
+            try:
+                proxy = make_proxy([backend.endpoint], listen_port=port)
+            except SetupError:
+                continue
+            with client() as sock:
+                sock.sendto(b"both", ("127.0.0.1", port))
+                assert sock.recvfrom(2048)[0] == b"both"
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                pass  # the TCP listener still accepts
+            assert proxy.port == port
+            return
+    pytest.fail("no port free for both TCP and UDP")
 
 
 def test_endpoint_is_an_ipv6_backend_behind_an_ipv4_listener(

@@ -83,7 +83,7 @@ class UdpProxy:
     """A ``UdpForwarder`` running in a private event loop on a background thread."""
 
     def __init__(self, endpoints: list[Endpoint], listen_host: str = "127.0.0.1",
-                 **options: Any) -> None:
+                 listen_port: int = 0, **options: Any) -> None:
         self.metrics = ProxyMetrics()
         self.closed_flows: list[tuple[tuple[str, int], str, str]] = []
         self.loop = asyncio.new_event_loop()
@@ -92,7 +92,7 @@ class UdpProxy:
         first = endpoints[0] if endpoints else Endpoint("127.0.0.1", 9)
         self.forward = Forward(
             spec="test", protocols=(Protocol.UDP,),
-            listen=ListenAddress("ip" if listen_host else "any", listen_host, 0),
+            listen=ListenAddress("ip" if listen_host else "any", listen_host, listen_port),
             target=HostTarget(first.host, first.port),
             options=ForwardOptions(name="test", **options),
         )
@@ -106,7 +106,11 @@ class UdpProxy:
             engine.add_listener(listen_host)
             return engine
 
-        self.engine = self.call(build())
+        try:
+            self.engine = self.call(build())
+        except BaseException:
+            self._stop_loop()
+            raise
         self.port: int = self.engine.listeners[listen_host].getsockname()[1]
 
     def _access(self, forward: str, client: tuple[str, int], endpoint: str, up: int, down: int,
@@ -146,9 +150,12 @@ class UdpProxy:
         try:
             self.call(self.engine.drain(0))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 def client(host: str = "127.0.0.1") -> socket.socket:
