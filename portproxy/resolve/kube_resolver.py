@@ -76,6 +76,7 @@ class KubeServiceResolver:
 
     def _log_change(self, old: EndpointSet | None, new: EndpointSet) -> None:
         added, removed = (old or EndpointSet()).diff(new)
-        log.info("%s: %d endpoint(s)%s%s", self.describe(), len(new),
-                 f" +{[str(e) for e in added]}" if added else "",
-                 f" -{[str(e) for e in removed]}" if removed else "")
+        # Debug only: the consumer (TargetState) logs each forward's change at info.
+        log.debug("%s: %d endpoint(s)%s%s", self.describe(), len(new),
+                  f" +{[str(e) for e in added]}" if added else "",
+                  f" -{[str(e) for e in removed]}" if removed else "")
