@@ -31,8 +31,9 @@ denied         a client outside ``allow`` (checked when a flow would be created)
 no_endpoints   no endpoint to create a flow for, or to move a flow to
 draining       a new client during drain (existing flows are still served)
 refused        the backend answered ICMP port unreachable (the flow and listener live on)
-overload       a full socket buffer either way: the listener's (the kernel's own count, from
-               SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no socket for a new flow
+overload       a full socket buffer either way: the kernel's own count of datagrams dropped on
+               a full listener or flow socket (SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no
+               socket for a new flow
 too_big        a datagram plus the PROXY header exceeds the maximum datagram size
 error          any other send or receive failure (e.g. no route to the backend)
 evicted        counted per FLOW, not per datagram: a flow evicted at ``max-flows``; late
@@ -67,6 +68,7 @@ from portproxy.udp_flow import (
 )
 from portproxy.udp_pktinfo import (
     ANCILLARY_SIZE,
+    DROPS_ANCILLARY_SIZE,
     Ancillary,
     enable,
     kernel_drops,
@@ -136,6 +138,7 @@ class UdpForwarder:
             raise
         self.listeners[host] = sock
         self.ports[sock] = sock.getsockname()[1]
+        self.kernel_drops[sock] = 0
         self.loop.add_reader(sock.fileno(), self._on_datagram, sock)
         log.info("forward %s: listening on udp %s", self.name, _where(sock),
                  extra={"forward": self.name})
@@ -151,7 +154,7 @@ class UdpForwarder:
                 self._close(flow, "listener_removed")
         self.loop.remove_reader(sock.fileno())
         del self.ports[sock]
-        self.kernel_drops.pop(sock, None)
+        del self.kernel_drops[sock]
         sock.close()
         log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
 
@@ -181,7 +184,7 @@ class UdpForwarder:
                 self.count.error.inc()
                 continue
             if len(ancdata) > 1:  # the drop count rides along only after drops
-                self._kernel_dropped(lsock, ancdata)
+                self.kernel_drops[lsock] = self._count_drops(self.kernel_drops[lsock], ancdata)
             flow = table.get(client)
             if flow is None:
                 flow = self._new_flow(lsock, client, ancdata)
@@ -197,13 +200,14 @@ class UdpForwarder:
                 self.count.datagrams_up.inc()
                 self.count.bytes_up.inc(size)
 
-    def _kernel_dropped(self, lsock: socket.socket, ancdata: list[Ancillary]) -> None:
-        """Count the datagrams the kernel dropped on a full listener buffer as overload."""
+    def _count_drops(self, seen: int, ancdata: list[Ancillary]) -> int:
+        """Count as overload what a socket's kernel drop count (SO_RXQ_OVFL) grew by since
+        ``seen``; returns the new count to remember."""
         total = kernel_drops(ancdata)
-        seen = self.kernel_drops.get(lsock, 0)
-        if total > seen:
-            self.count.overload.inc(total - seen)
-            self.kernel_drops[lsock] = total
+        if total <= seen:
+            return seen
+        self.count.overload.inc(total - seen)
+        return total
 
     def _send_up(self, flow: Flow, size: int) -> bool:
         data = self.view[:size]
@@ -342,11 +346,11 @@ class UdpForwarder:
 
     # -- backend → client -----------------------------------------------------------------
     def _on_reply(self, flow: Flow) -> None:
-        sock, view = flow.sock, self.view
+        sock, view, buffers = flow.sock, self.view, (self.buffer,)
         sent = 0
         for _ in range(BATCH):
             try:
-                size = sock.recv_into(self.buffer)
+                size, ancdata, _flags, _ = sock.recvmsg_into(buffers, DROPS_ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
@@ -355,6 +359,8 @@ class UdpForwarder:
             except OSError:
                 self.count.error.inc()
                 break
+            if ancdata:  # replies the kernel dropped on this flow's full buffer
+                flow.drops = self._count_drops(flow.drops, ancdata)
             try:
                 flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
             except OSError as exc:

@@ -25,7 +25,7 @@ from portproxy.flowtable import FlowTable
 from portproxy.metrics import Counter, Gauge, ProxyMetrics
 from portproxy.sockets import family_of
 from portproxy.spec import IPNetwork
-from portproxy.udp_pktinfo import LocalAddress
+from portproxy.udp_pktinfo import LocalAddress, enable_drop_count
 
 #: During drain, a flow silent this long (either way) has no reply in flight any more and is
 #: closed; a reply later than this would have made a DNS client retry already.
@@ -33,6 +33,9 @@ DRAIN_QUIET = 2.0
 #: The loop may run a timer up to its clock resolution early; expiring a flow a millisecond
 #: early is harmless, re-arming for the same instant in a spin is not.
 TIMER_SLACK = 0.001
+#: Receive buffer asked for on each flow socket (capped by net.core.rmem_max): room for a
+#: burst of replies of the largest size; it is a cap, memory is only used while queued.
+FLOW_BUFFER = 1024 * 1024
 
 Client = tuple[Any, ...]
 """A client address as ``recvmsg`` returns it: ``(host, port)`` or IPv6's 4-tuple."""
@@ -41,8 +44,8 @@ Client = tuple[Any, ...]
 class Flow:
     """One client address and its connected socket to one endpoint."""
 
-    __slots__ = ("bytes_down", "bytes_up", "client", "endpoint", "generation", "header",
-                 "listener", "local", "sock", "started")
+    __slots__ = ("bytes_down", "bytes_up", "client", "drops", "endpoint", "generation",
+                 "header", "listener", "local", "sock", "started")
 
     def __init__(self, client: Client, listener: socket.socket, local: LocalAddress,
                  sock: socket.socket, endpoint: Endpoint, started: float) -> None:
@@ -59,6 +62,8 @@ class Flow:
         """The engine's endpoint generation when ``endpoint`` was last known to exist."""
         self.bytes_up = 0
         self.bytes_down = 0
+        self.drops = 0
+        """The kernel's count of replies dropped on ``sock`` already counted as overload."""
 
 
 Expired = list[tuple[Client, Flow]]
@@ -160,6 +165,8 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
         sock = socket.socket(family_of(endpoint.host), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FLOW_BUFFER)
+            enable_drop_count(sock)
             sock.connect((endpoint.host, endpoint.port))
         except OSError:
             sock.close()

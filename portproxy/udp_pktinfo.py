@@ -38,6 +38,8 @@ IPV6_RECVPKTINFO: int = socket.IPV6_RECVPKTINFO
 SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
 #: Ancillary buffer for recvmsg: one pktinfo of either family and the drop count, with slack.
 ANCILLARY_SIZE = socket.CMSG_SPACE(20) * 2 + socket.CMSG_SPACE(4)
+#: Ancillary buffer for a flow socket's recvmsg: the drop count only.
+DROPS_ANCILLARY_SIZE = socket.CMSG_SPACE(4) * 2
 
 Ancillary = tuple[int, int, bytes]
 _NO_IFINDEX = bytes(4)
@@ -57,10 +59,16 @@ class LocalAddress:
     """Ancillary data for ``sendmsg`` of every reply (empty: let the kernel choose)."""
 
 
+def enable_drop_count(sock: socket.socket) -> None:
+    """Ask the kernel to report, after the fact, the datagrams it dropped on ``sock`` for
+    want of receive buffer space."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+
+
 def enable(sock: socket.socket) -> None:
     """Ask the kernel to report each datagram's destination address on ``sock``, and the
     count of datagrams it dropped for want of buffer space."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    enable_drop_count(sock)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     else:

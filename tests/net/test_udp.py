@@ -448,3 +448,35 @@ def test_datagrams_the_kernel_drops_on_a_full_listener_are_counted(
         wait_for(lambda: proxy.datagrams("upstream") + proxy.dropped("overload") == sent,
                  what="every datagram relayed or counted")
     assert proxy.dropped("overload") > 0
+
+
+def test_replies_the_kernel_drops_on_a_full_flow_socket_are_counted(
+        backend: UdpBackend, make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint])
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(60)
+
+    with client() as sock:
+        sock.sendto(b"open", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"open"
+        flow_source = backend.received[0][1]
+        flow_sock = proxy.run(lambda: proxy.engine.table.peek(sock.getsockname())).sock
+        sent = 1
+        try:
+            proxy.loop.call_soon_threadsafe(stall)
+            assert stalled.wait(10)
+            burst = os.urandom(1400)
+            for _ in range(3000):  # ~4 MB of replies against a 2 MiB flow buffer
+                backend.sock.sendto(burst, flow_source)
+                sent += 1
+        finally:
+            release.set()
+        wait_for(lambda: queued(flow_sock) == 0, what="the proxy to empty the flow socket")
+        backend.sock.sendto(b"last", flow_source)  # carries the final drop count
+        sent += 1
+        wait_for(lambda: proxy.datagrams("downstream") + proxy.dropped("overload") == sent,
+                 what="every reply relayed or counted")
+    assert proxy.dropped("overload") > 0
