@@ -99,8 +99,10 @@ class FakeKube:
     """The fake API: start it, point a kubeconfig (or in-cluster env) at ``url``, drive it."""
 
     def __init__(self, token: str = "test-token",
-                 tls: tuple[str, str] | None = None, gone_as_http: bool = False) -> None:
+                 tls: tuple[str, str] | None = None, gone_as_http: bool = False,
+                 pieces_per_event: int = 1) -> None:
         self.token = token
+        self.pieces_per_event = pieces_per_event
         self.tls = tls
         self.gone_as_http = gone_as_http
         self.cond = threading.Condition()
@@ -480,4 +482,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, event: Obj) -> None:
         data = json.dumps(event).encode() + b"\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        # Optionally cut each event over several chunks: HTTP framing owes nothing to lines.
+        step = max(1, len(data) // self.api.pieces_per_event)
+        for start in range(0, len(data), step):
+            piece = data[start:start + step]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))

@@ -200,3 +200,22 @@ def test_forbidden_watch_after_allowed_list_then_granted(fake, settings, caplog)
         run_following(fake, settings, scenario)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "forbids watch on endpointslices" in errors[0], errors
+
+
+def test_events_split_across_chunks_are_reassembled(tmp_path: Path) -> None:
+    fake = FakeKube(pieces_per_event=7)
+    fake.start()
+    try:
+        settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path)
+
+        async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+            set_ready(fake, "10.1.0.1", "10.1.0.2")
+            await c.wait_for(lambda s: hosts(s) == TWO)
+            fake.send_bookmarks()
+            set_ready(fake, "10.1.0.2")
+            await c.wait_for(lambda s: hosts(s) == ["10.1.0.2:8080"])
+            assert restarts(metrics) == 0  # no line was ever garbled
+
+        run_following(fake, settings, scenario)
+    finally:
+        fake.stop()
