@@ -24,21 +24,8 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
   kernel still hashes to this socket are dropped for that short while (clients retry).
 - Payload bytes also count in ``portproxy_bytes_total`` (PROXY headers excluded).
 
-Drops are counted in ``portproxy_udp_dropped_total{reason}``; each datagram lost counts once:
-
-=============  ================================================================================
-denied         a client outside ``allow`` (checked when a flow would be created)
-no_endpoints   no endpoint to create a flow for, or to move a flow to
-draining       a new client during drain (existing flows are still served)
-refused        the backend answered ICMP port unreachable (the flow and listener live on)
-overload       a full socket buffer either way: the kernel's own count of datagrams dropped on
-               a full listener or flow socket (SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no
-               socket for a new flow
-too_big        a datagram plus the PROXY header exceeds the maximum datagram size
-error          any other send or receive failure (e.g. no route to the backend)
-evicted        counted per FLOW, not per datagram: a flow evicted at ``max-flows``; late
-               replies to it are dropped by the kernel
-=============  ================================================================================
+Drops are counted in ``portproxy_udp_dropped_total{reason}``; the reasons are listed on
+``portproxy.udp_flow.UdpCounters``.
 """
 
 from __future__ import annotations
@@ -324,10 +311,11 @@ class UdpForwarder:
         flow.sock.close()
         self.target.closed(old)
         flow.sock, flow.endpoint = connected
-        flow.generation = self.generation
+        flow.generation, flow.drops = self.generation, 0
         self.target.opened(flow.endpoint)
         self.loop.add_reader(flow.sock.fileno(), self._on_reply, flow)
-        log.info("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
+        # Debug: when an endpoint goes, every one of its flows moves (thousands, for DNS).
+        log.debug("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
         return True
 

@@ -72,7 +72,22 @@ Expired = list[tuple[Client, Flow]]
 class UdpCounters:
     """One forward's metric children, looked up once so the data path only adds numbers.
 
-    ``dropped`` reasons are documented in ``portproxy.udp``."""
+    Drops are counted in ``portproxy_udp_dropped_total{reason}``; each datagram lost counts once:
+
+    =============  ================================================================================
+    denied         a client outside ``allow`` (checked when a flow would be created)
+    no_endpoints   no endpoint to create a flow for, or to move a flow to
+    draining       a new client during drain (existing flows are still served)
+    refused        the backend answered ICMP port unreachable (the flow and listener live on)
+    overload       a full socket buffer either way: the kernel's own count of datagrams dropped on
+                   a full listener or flow socket (SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no
+                   socket for a new flow
+    too_big        a datagram plus the PROXY header exceeds the maximum datagram size
+    error          any other send or receive failure (e.g. no route to the backend)
+    evicted        counted per FLOW, not per datagram: a flow evicted at ``max-flows``; late
+                   replies to it are dropped by the kernel
+    =============  ================================================================================
+    """
 
     def __init__(self, metrics: ProxyMetrics, name: str) -> None:
         self.flows: Gauge = metrics.udp_flows.labels(name)
