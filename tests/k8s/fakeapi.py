@@ -93,6 +93,9 @@ class _State:
     stalled: set[int] = field(default_factory=set)
     active_streams: set[int] = field(default_factory=set)
     running: bool = True
+    error_gen: int = 0
+    error_status: Obj | None = None  # sent as an ERROR event to every open stream
+    hang: bool = False  # new requests get no answer at all until released
 
 
 class FakeKube:
@@ -238,6 +241,24 @@ class FakeKube:
             self.state.floor = self.state.rv
             self.state.history = [e for e in self.state.history if e.rv > self.state.floor]
 
+    def send_error_event(self, code: int, message: str) -> None:
+        """Every open stream gets an ERROR event with this Status, then ends."""
+        with self.cond:
+            self.state.error_gen += 1
+            self.state.error_status = status_body(code, "InternalError", message)
+            self.cond.notify_all()
+
+    def hang_requests(self, hang: bool) -> None:
+        """While on, requests are read but never answered (an API that accepts and stalls)."""
+        with self.cond:
+            self.state.hang = hang
+            self.cond.notify_all()
+
+    def _wait_unhung(self) -> None:
+        with self.cond:
+            while self.state.hang and self.state.running:
+                self.cond.wait(0.05)
+
     def send_bookmarks(self) -> None:
         with self.cond:
             self.state.bookmark_gen += 1
@@ -319,6 +340,7 @@ class FakeKube:
         rv = query.get("resourceVersion", "")
         with self.cond:
             drop_gen, bookmark_gen = self.state.drop_gen, self.state.bookmark_gen
+            error_gen = self.state.error_gen
             if rv in ("", "0"):
                 cursor = self.state.rv
                 initial = [{"type": "ADDED", "object": copy.deepcopy(o)}
@@ -339,6 +361,9 @@ class FakeKube:
                         # end of the stream at timeoutSeconds; only the client can give up.
                         self.cond.wait(0.5)
                         continue
+                    if self.state.error_gen != error_gen and self.state.error_status:
+                        yield {"type": "ERROR", "object": copy.deepcopy(self.state.error_status)}
+                        return
                     pending = [e for e in self.state.history if e.rv > cursor]
                     if pending or self.state.bookmark_gen != bookmark_gen:
                         break
@@ -432,6 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
                                              "the requested resource"))
             return
         refused = self.api._check(request)
+        self.api._wait_unhung()
         if refused:
             self._send_json(*refused)
         elif request.verb == "get":

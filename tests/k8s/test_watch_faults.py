@@ -219,3 +219,32 @@ def test_events_split_across_chunks_are_reassembled(tmp_path: Path) -> None:
         run_following(fake, settings, scenario)
     finally:
         fake.stop()
+
+
+def test_error_event_other_than_410_rewatches_without_relist(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.send_error_event(500, "etcdserver: request timed out")
+        await poll(lambda: restarts(metrics) >= 1, what="a restart after the ERROR event")
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+        assert fake.count("list", "endpointslices") == 1
+
+    run_following(fake, settings, scenario)
+
+
+def test_a_hanging_api_is_bounded_by_the_request_timeout(fake, settings) -> None:
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.hang_requests(True)
+        fake.drop_watches()
+        watches = fake.count("watch")
+        restarts_before = restarts(metrics)
+        # The re-watches hang unanswered; each gives up after its read timeout (a watch's is
+        # watchTimeout + request timeout = 3 s) and is tried again.
+        # Two rounds of both watches: the second round exists only if the first timed out.
+        await poll(lambda: fake.count("watch") >= watches + 4, what="timed-out attempts")
+        assert restarts(metrics) >= restarts_before + 4  # drop + timed-out round
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        fake.hang_requests(False)
+        await c.wait_for(lambda s: hosts(s) == TWO)
+
+    run_following(fake, settings, scenario)
