@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 image-test: $(STAMP)
-	$(PY) -m pytest -q tests/e2e/test_image.py
+	$(PY) -m pytest -q -rs tests/e2e/test_image.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

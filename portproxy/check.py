@@ -51,8 +51,8 @@ def bind_test(forward: Forward) -> None:
     kinds = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
     for host in listen_hosts(forward):
         for protocol in forward.protocols:
-            bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol]),
-                        forward.name).close()
+            bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
+                                    freebind=forward.options.freebind), forward.name).close()
 
 
 async def resolve_once(forward: Forward, kube: object | None) -> EndpointSet:

@@ -325,11 +325,14 @@ def run(ctx: click.Context, /, **params: Any) -> None:
 
 @main.command()
 @forward_options
+@daemon_options
 @click.option("--offline", is_flag=True, help="Parse and bind-test only; resolve nothing.")
 def check(**params: Any) -> None:
     """Parse, bind-test and resolve every forward once; print a table.
 
-    Exits 0 when everything would work at `run`, 2 for invalid input, 3 otherwise.
+    Takes every flag of `run` (so `run` can be swapped for `check` in any command line);
+    daemon-only flags are validated and otherwise ignored. Exits 0 when everything would
+    work at `run`, 2 for invalid input, 3 otherwise.
     """
 
     def body() -> None:

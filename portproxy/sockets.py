@@ -30,6 +30,9 @@ class BindRequest:
     kind: int = socket.SOCK_STREAM
     freebind: bool = False
     reuseport: bool = True
+    listen: bool = True
+    """TCP: call listen() now. A bound socket that does not listen yet receives nothing, not
+    even as a member of a SO_REUSEPORT group, yet the port is already reserved."""
 
 
 def _ipv6_available() -> bool:
@@ -64,7 +67,7 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind((host, request.port))
-        if request.kind == socket.SOCK_STREAM:
+        if request.kind == socket.SOCK_STREAM and request.listen:
             sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:

@@ -16,7 +16,7 @@ from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelayTimeouts
-from portproxy.sockets import BindRequest, bind_socket, family_of, tune_stream
+from portproxy.sockets import BACKLOG, BindRequest, bind_socket, family_of, tune_stream
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
 
@@ -153,6 +153,8 @@ class TcpForwarder:
         self.timeouts = RelayTimeouts(options.idle_timeout_for(Protocol.TCP), options.fin_timeout)
         self.allow = options.allow
         self.listeners: dict[str, socket.socket] = {}
+        self.waiting: dict[str, socket.socket] = {}
+        target.on_change(lambda _endpoints: self._listen_waiting())
         self.relays: set[Relay] = set()
         self.pending: set[_Connect] = set()
         self.relay_endpoints: dict[Relay, Endpoint] = {}
@@ -179,18 +181,43 @@ class TcpForwarder:
 
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
-        """Bind ``host`` ('' = all addresses) on the forward's port and start accepting."""
-        if host in self.listeners:
+        """Bind ``host`` ('' = all addresses) on the forward's port and accept on it.
+
+        The port is reserved at once (so a conflict fails the start), but listen() waits for
+        the target's first resolution: until then the socket takes no connections, so a new
+        instance starting beside a running one (SO_REUSEPORT, a rolling update) does not
+        receive clients it could only reset.
+        """
+        if host in self.listeners or host in self.waiting:
             return
-        sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind),
-                           self.name)
-        self.listeners[host] = sock
-        if self.accepting and not self.paused:
-            self.loop.add_reader(sock.fileno(), self._on_accept, sock)
-        log.info("forward %s: listening on tcp %s", self.name, _where(sock),
-                 extra={"forward": self.name})
+        sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind,
+                                       listen=False), self.name)
+        self.waiting[host] = sock
+        if self.target.resolved:
+            self._listen_waiting()
+        else:
+            log.info("forward %s: bound tcp %s; listening once the target is resolved",
+                     self.name, _where(sock), extra={"forward": self.name})
+
+    def _listen_waiting(self) -> None:
+        while self.waiting and self.accepting:
+            host, sock = self.waiting.popitem()
+            try:
+                sock.listen(BACKLOG)
+            except OSError as exc:
+                log.error("forward %s: cannot listen on %s: %s", self.name, _where(sock), exc)
+                sock.close()
+                continue
+            self.listeners[host] = sock
+            if not self.paused:
+                self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+            log.info("forward %s: listening on tcp %s", self.name, _where(sock),
+                     extra={"forward": self.name})
 
     def remove_listener(self, host: str) -> None:
+        waiting = self.waiting.pop(host, None)
+        if waiting is not None:
+            waiting.close()
         sock = self.listeners.pop(host, None)
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
@@ -215,7 +242,7 @@ class TcpForwarder:
 
     @property
     def bound(self) -> bool:
-        return bool(self.listeners)
+        return bool(self.listeners or self.waiting)
 
     def _pause(self) -> None:
         if not self.paused:
@@ -368,6 +395,8 @@ class TcpForwarder:
     # -- stopping -------------------------------------------------------------------------
     def stop_accepting(self) -> None:
         self.accepting = False
+        for host in list(self.waiting):
+            self.remove_listener(host)
         self.limit.cancel(self)
         self.global_limit.cancel(self)
         if self._backoff_timer is not None:

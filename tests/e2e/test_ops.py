@@ -156,6 +156,7 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
               f'"{spec_new}"]\n')
         proc.signal(signal.SIGHUP)
         proc.wait_for_line("reloaded: 1 unchanged, 1 added, 1 removed")
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{new}")
         with socket.create_connection(("127.0.0.1", new), timeout=10) as fresh:
             fresh.sendall(b"new forward")
             assert fresh.recv(11) == b"new forward"
