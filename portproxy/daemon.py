@@ -19,6 +19,7 @@ from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
+from portproxy.connect import Address
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
 from portproxy.ifbind import InterfaceBinding
@@ -34,7 +35,7 @@ from portproxy.spec import Forward, HostTarget, Protocol, ServiceTarget
 from portproxy.splice import splice_available
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
-from portproxy.tcp import Address, ProxyHeader, TcpForwarder
+from portproxy.tcp import ProxyHeader, TcpForwarder
 
 log = logging.getLogger("portproxy")
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 
+from portproxy.connect import Address, BackendConnect, client_ip, reset_close
 from portproxy.endpoints import Endpoint
 from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelayTimeouts
-from portproxy.sockets import BACKLOG, BindRequest, bind_socket, family_of, tune_stream
+from portproxy.sockets import BACKLOG, BindRequest, bind_socket, tune_stream
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
 
@@ -29,101 +28,9 @@ QUEUE_DRAIN_LIMIT = 4096
 #: Endpoints tried for one client before giving up (the retry budget).
 CONNECT_ATTEMPTS = 3
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
-Address = tuple[str, int]
 ProxyHeader = Callable[[Address, Address], bytes]
 AccessLog = Callable[[str, Address, str, int, int, float, str], None]
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close with RST: the client learns at once that nothing will be served."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
-
-
-def _client_ip(address: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(address[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-class _Connect:
-    """Connecting one accepted client to a backend, trying endpoints in order."""
-
-    __slots__ = ("attempts", "client", "client_addr", "endpoint", "engine", "last_error", "sock",
-                 "started", "timer")
-
-    def __init__(
-        self, engine: TcpForwarder, client: socket.socket, client_addr: Address,
-        attempts: list[Endpoint],
-    ) -> None:
-        self.engine = engine
-        self.client = client
-        self.client_addr = client_addr
-        self.attempts = attempts
-        self.sock: socket.socket | None = None
-        self.endpoint: Endpoint | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.started = 0.0
-        self.last_error = 0
-
-    def next(self) -> None:
-        engine = self.engine
-        if not self.attempts:
-            engine._connect_failed(self)
-            return
-        endpoint = self.endpoint = self.attempts.pop(0)
-        sock = self.sock = socket.socket(family_of(endpoint.host), socket.SOCK_STREAM)
-        sock.setblocking(False)
-        tune_stream(sock)
-        self.started = engine.loop.time()
-        err = sock.connect_ex((endpoint.host, endpoint.port))
-        if err == 0:
-            engine._connected(self)
-        elif err == errno.EINPROGRESS:
-            engine.loop.add_writer(sock.fileno(), self._on_writable)
-            self.timer = engine.loop.call_later(engine.connect_timeout, self._on_timeout)
-        else:
-            self._failed(err)
-
-    def _on_writable(self) -> None:
-        assert self.sock is not None
-        self.engine.loop.remove_writer(self.sock.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._failed(err)
-        else:
-            self.engine._connected(self)
-
-    def _on_timeout(self) -> None:
-        self.timer = None
-        assert self.sock is not None
-        self.engine.loop.remove_writer(self.sock.fileno())
-        self._failed(errno.ETIMEDOUT)
-
-    def _failed(self, err: int) -> None:
-        assert self.sock is not None and self.endpoint is not None
-        self.sock.close()
-        self.sock = None
-        self.last_error = err
-        self.engine._attempt_failed(self, self.endpoint, err)
-        self.next()
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.sock is not None:
-            self.engine.loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-        reset_close(self.client)
 
 
 class TcpForwarder:
@@ -156,7 +63,7 @@ class TcpForwarder:
         self.waiting: dict[str, socket.socket] = {}
         target.on_change(lambda _endpoints: self._listen_waiting())
         self.relays: set[Relay] = set()
-        self.pending: set[_Connect] = set()
+        self.pending: set[BackendConnect] = set()
         self.relay_endpoints: dict[Relay, Endpoint] = {}
         self.relay_clients: dict[Relay, Address] = {}
         self.accepting = True
@@ -306,7 +213,7 @@ class TcpForwarder:
 
     def _admit(self, client: socket.socket, address: Address) -> None:
         if self.allow:
-            ip = _client_ip(address)
+            ip = client_ip(address)
             if not any(ip in network for network in self.allow):
                 self.c_denied.inc()
                 reset_close(client)
@@ -318,7 +225,7 @@ class TcpForwarder:
             return
         client.setblocking(False)
         tune_stream(client)
-        attempt = _Connect(self, client, address, candidates[:CONNECT_ATTEMPTS])
+        attempt = BackendConnect(self, client, address, candidates[:CONNECT_ATTEMPTS])
         self.pending.add(attempt)
         self.limit.acquire()
         self.global_limit.acquire()
@@ -326,21 +233,21 @@ class TcpForwarder:
         attempt.next()
 
     # -- connecting -----------------------------------------------------------------------
-    def _attempt_failed(self, attempt: _Connect, endpoint: Endpoint, err: int) -> None:
+    def on_attempt_failed(self, attempt: BackendConnect, endpoint: Endpoint, err: int) -> None:
         self.target.health.failed(endpoint)
         reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
         log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,
                     attempt.client_addr[0], reason,
                     extra={"forward": self.name, "endpoint": str(endpoint)})
 
-    def _connect_failed(self, attempt: _Connect) -> None:
+    def on_connect_failed(self, attempt: BackendConnect) -> None:
         self.pending.discard(attempt)
         timed_out = attempt.last_error == errno.ETIMEDOUT
         (self.c_timeout if timed_out else self.c_refused).inc()
         reset_close(attempt.client)
         self._release_slot()
 
-    def _connected(self, attempt: _Connect) -> None:
+    def on_connected(self, attempt: BackendConnect) -> None:
         self.pending.discard(attempt)
         upstream, endpoint = attempt.sock, attempt.endpoint
         assert upstream is not None and endpoint is not None

@@ -1,0 +1,123 @@
+"""Connecting one accepted client to a backend: non-blocking connect, timeout, retries.
+
+A small state machine on loop callbacks (no task per connection): each endpoint of the
+balancer's order is tried in turn, within the retry budget, and the owner (the TCP engine)
+is told of every failed attempt, the final failure or the connected socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import struct
+from typing import Protocol
+
+from portproxy.endpoints import Endpoint
+from portproxy.sockets import family_of, tune_stream
+
+Address = tuple[str, int]
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ConnectOwner(Protocol):
+    loop: asyncio.AbstractEventLoop
+    connect_timeout: float
+
+    def on_connected(self, attempt: BackendConnect) -> None: ...
+
+    def on_connect_failed(self, attempt: BackendConnect) -> None: ...
+
+    def on_attempt_failed(self, attempt: BackendConnect, endpoint: Endpoint, err: int) -> None:
+        ...
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with RST: the client learns at once that nothing will be served."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+def client_ip(address: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class BackendConnect:
+    """Connecting one accepted client to a backend, trying endpoints in order."""
+
+    __slots__ = ("attempts", "client", "client_addr", "endpoint", "engine", "last_error", "sock",
+                 "started", "timer")
+
+    def __init__(
+        self, engine: ConnectOwner, client: socket.socket, client_addr: Address,
+        attempts: list[Endpoint],
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.client_addr = client_addr
+        self.attempts = attempts
+        self.sock: socket.socket | None = None
+        self.endpoint: Endpoint | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+        self.last_error = 0
+
+    def next(self) -> None:
+        engine = self.engine
+        if not self.attempts:
+            engine.on_connect_failed(self)
+            return
+        endpoint = self.endpoint = self.attempts.pop(0)
+        sock = self.sock = socket.socket(family_of(endpoint.host), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        tune_stream(sock)
+        self.started = engine.loop.time()
+        err = sock.connect_ex((endpoint.host, endpoint.port))
+        if err == 0:
+            engine.on_connected(self)
+        elif err == errno.EINPROGRESS:
+            engine.loop.add_writer(sock.fileno(), self._on_writable)
+            self.timer = engine.loop.call_later(engine.connect_timeout, self._on_timeout)
+        else:
+            self._failed(err)
+
+    def _on_writable(self) -> None:
+        assert self.sock is not None
+        self.engine.loop.remove_writer(self.sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(err)
+        else:
+            self.engine.on_connected(self)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        assert self.sock is not None
+        self.engine.loop.remove_writer(self.sock.fileno())
+        self._failed(errno.ETIMEDOUT)
+
+    def _failed(self, err: int) -> None:
+        assert self.sock is not None and self.endpoint is not None
+        self.sock.close()
+        self.sock = None
+        self.last_error = err
+        self.engine.on_attempt_failed(self, self.endpoint, err)
+        self.next()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.sock is not None:
+            self.engine.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+        reset_close(self.client)
