@@ -9,8 +9,8 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
   ``recvmsg_into`` returns: the payload is sent straight from the buffer (UDP sends are
   all-or-nothing into the kernel, so the buffer is free again when ``send`` returns).
 - Each flow owns a socket ``connect``-ed to its endpoint (so the kernel filters replies to
-  that endpoint and reports ICMP errors on it), also watched with ``add_reader``; replies go
-  out of the listening socket the client used, from the address it sent to.
+  that endpoint and reports ICMP errors on it), watched through the forward's ``FlowPoller``;
+  replies go out of the listening socket the client used, from the address it sent to.
 - Flow lifetimes live in ``FlowTable`` (idle expiry, LRU eviction at ``max-flows``) driven by
   ONE timer per forward; traffic never touches the timer.
 - ``proxy-protocol=v2``: a ``DGRAM`` header, built once per flow, is sent in front of every
@@ -47,6 +47,7 @@ from portproxy.udp_flow import (
     Client,
     Flow,
     FlowExpiry,
+    FlowPoller,
     UdpCounters,
     allowed,
     connect_first,
@@ -102,6 +103,7 @@ class UdpForwarder:
         self.view = memoryview(self.buffer)
         self.accepting = True
         self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
+        self.poller = FlowPoller(self.loop, self._on_reply)
         self._idle = asyncio.Event()
         self._idle.set()
         self.generation = 0
@@ -279,7 +281,7 @@ class UdpForwarder:
                             "active flow", self.name, self.table.limits.max_flows,
                             extra={"forward": self.name})
             self._close(removed[1], "evicted" if evicted else "expired")
-        self.loop.add_reader(flow.sock.fileno(), self._on_reply, flow)
+        self.poller.add(flow)
         self.target.opened(flow.endpoint)
         self.count.flows.inc()
         self._idle.clear()
@@ -307,13 +309,13 @@ class UdpForwarder:
             self._close(flow, "no_endpoints")
             return False
         old = flow.endpoint
-        self.loop.remove_reader(flow.sock.fileno())
+        self.poller.remove(flow)
         flow.sock.close()
         self.target.closed(old)
         flow.sock, flow.endpoint = connected
         flow.generation, flow.drops = self.generation, 0
         self.target.opened(flow.endpoint)
-        self.loop.add_reader(flow.sock.fileno(), self._on_reply, flow)
+        self.poller.add(flow)
         # Debug: when an endpoint goes, every one of its flows moves (thousands, for DNS).
         log.debug("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
@@ -321,7 +323,7 @@ class UdpForwarder:
 
     def _close(self, flow: Flow, result: str) -> None:
         """Release a flow already removed from the table."""
-        self.loop.remove_reader(flow.sock.fileno())
+        self.poller.remove(flow)
         flow.sock.close()
         self.target.closed(flow.endpoint)
         self.count.flows.dec()
@@ -369,8 +371,7 @@ class UdpForwarder:
         gives up on a forward it has just built."""
         self.accepting = False
         if not self.table:
-            for host in list(self.listeners):
-                self.remove_listener(host)
+            self._close_sockets()
 
     async def drain(self, timeout: float) -> None:
         """Serve existing flows until each has been quiet for ``DRAIN_QUIET`` seconds (or
@@ -390,8 +391,12 @@ class UdpForwarder:
         self.expiry.cancel()
         for _, flow in self.table.clear():
             self._close(flow, "drain_timeout")
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         for host in list(self.listeners):
             self.remove_listener(host)
+        self.poller.close()
 
 
 def _where(sock: socket.socket) -> str:

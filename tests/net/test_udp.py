@@ -24,6 +24,7 @@ from tests.net.udp_harness import (
     UdpProxy,
     client,
     ipv6_loopback_available,
+    loop_factory,
 )
 
 MakeProxy = Callable[..., UdpProxy]
@@ -45,12 +46,17 @@ def make_backend() -> Iterator[MakeBackend]:
             backend.close()
 
 
-@pytest.fixture
-def make_proxy() -> Iterator[MakeProxy]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def make_proxy(request: pytest.FixtureRequest) -> Iterator[MakeProxy]:
+    """Every engine test runs on asyncio's loop and on uvloop (what the CLI prefers)."""
+    factory = loop_factory(request.param)
+    if factory is None:
+        pytest.skip("uvloop is not installed (the 'fast' extra)")
     proxies: list[UdpProxy] = []
+    build = partial(UdpProxy, loop_factory=factory)
 
     def make(*args: Any, **kwargs: Any) -> UdpProxy:
-        proxy = UdpProxy(*args, **kwargs)
+        proxy = build(*args, **kwargs)
         proxies.append(proxy)
         return proxy
     try:
@@ -414,7 +420,7 @@ def test_ipv6_allowlist_on_a_dual_stack_listener(backend: UdpBackend,
 
 def queued(sock: socket.socket) -> int:
     """Bytes of the next datagram waiting in ``sock`` (0 when none): FIONREAD on UDP."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
 
 
 def test_datagrams_the_kernel_drops_on_a_full_listener_are_counted(
@@ -463,7 +469,9 @@ def test_replies_the_kernel_drops_on_a_full_flow_socket_are_counted(
         sock.sendto(b"open", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"open"
         flow_source = backend.received[0][1]
-        flow_sock = proxy.run(lambda: proxy.engine.table.peek(sock.getsockname())).sock
+        flow = proxy.run(lambda: proxy.engine.table.peek(sock.getsockname()))
+        assert flow is not None
+        flow_sock = flow.sock
         sent = 1
         try:
             proxy.loop.call_soon_threadsafe(stall)

@@ -5,19 +5,34 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
+from functools import partial
+
+import pytest
 
 from tests.conftest import wait_for
-from tests.net.udp_harness import UdpBackend, UdpProxy, client
+from tests.net.udp_harness import UdpBackend, UdpProxy, client, loop_factory
+
+ProxyOn = Callable[..., UdpProxy]
 
 
-def test_drain_delivers_in_flight_replies_and_refuses_new_clients() -> None:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def proxy_on(request: pytest.FixtureRequest) -> ProxyOn:
+    """``UdpProxy`` on asyncio's loop, then on uvloop's (what the CLI prefers)."""
+    factory = loop_factory(request.param)
+    if factory is None:
+        pytest.skip("uvloop is not installed (the 'fast' extra)")
+    return partial(UdpProxy, loop_factory=factory)
+
+
+def test_drain_delivers_in_flight_replies_and_refuses_new_clients(proxy_on: ProxyOn) -> None:
     gate = threading.Event()
 
     def held(data: bytes, _source: object) -> list[bytes]:
         gate.wait(30)  # the reply is "in flight" until the test opens the gate
         return [data]
 
-    with UdpBackend(handler=held) as backend, UdpProxy([backend.endpoint], listen_host="") \
+    with UdpBackend(handler=held) as backend, proxy_on([backend.endpoint], listen_host="") \
             as proxy, client() as old, client() as new:
         try:
             old.sendto(b"question", ("127.0.0.1", proxy.port))
@@ -36,8 +51,8 @@ def test_drain_delivers_in_flight_replies_and_refuses_new_clients() -> None:
         assert [data for data, _ in backend.received] == [b"question"]
 
 
-def test_drain_timeout_closes_flows_that_stay_busy() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy, client() as sock:
+def test_drain_timeout_closes_flows_that_stay_busy(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy, client() as sock:
         sock.sendto(b"start", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"start"
         drained = asyncio.run_coroutine_threadsafe(proxy.engine.drain(1.0), proxy.loop)
@@ -60,8 +75,8 @@ def test_drain_timeout_closes_flows_that_stay_busy() -> None:
         assert not proxy.run(lambda: proxy.engine.bound)
 
 
-def test_drain_without_idle_timeout_still_ends_quiet_flows() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint], idle_timeout=0) as proxy, \
+def test_drain_without_idle_timeout_still_ends_quiet_flows(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint], idle_timeout=0) as proxy, \
             client() as sock:
         sock.sendto(b"x", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"x"
@@ -69,14 +84,14 @@ def test_drain_without_idle_timeout_still_ends_quiet_flows() -> None:
         assert [result for _, _, result in proxy.closed_flows] == ["drained"]
 
 
-def test_drain_with_no_flows_closes_the_listener() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy:
+def test_drain_with_no_flows_closes_the_listener(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy:
         proxy.call(proxy.engine.drain(60), timeout=10)
         assert not proxy.run(lambda: proxy.engine.bound)
 
 
-def test_abort_all_closes_everything_at_once() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy, client() as sock:
+def test_abort_all_closes_everything_at_once(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy, client() as sock:
         sock.sendto(b"x", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"x"
         proxy.run(proxy.engine.stop_accepting)
@@ -88,8 +103,8 @@ def test_abort_all_closes_everything_at_once() -> None:
         assert proxy.run(lambda: proxy.metrics.udp_flows.labels("test").value) == 0
 
 
-def test_stop_accepting_without_flows_releases_the_port_at_once() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy:
+def test_stop_accepting_without_flows_releases_the_port_at_once(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy:
         proxy.run(proxy.engine.stop_accepting)
         assert not proxy.run(lambda: proxy.engine.bound)
         # The port is free again: a socket without SO_REUSEPORT can take it.

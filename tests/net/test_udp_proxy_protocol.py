@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
 
 from portproxy.proxyproto import decode_v2
 from portproxy.spec import ProxyProtocol
-from tests.net.udp_harness import UdpBackend, UdpProxy, client, ipv6_loopback_available
+from tests.net.udp_harness import (
+    UdpBackend,
+    UdpProxy,
+    client,
+    ipv6_loopback_available,
+    loop_factory,
+)
+
+ProxyOn = Callable[..., UdpProxy]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def proxy_on(request: pytest.FixtureRequest) -> ProxyOn:
+    """``UdpProxy`` on asyncio's loop, then on uvloop's (what the CLI prefers)."""
+    factory = loop_factory(request.param)
+    if factory is None:
+        pytest.skip("uvloop is not installed (the 'fast' extra)")
+    return partial(UdpProxy, loop_factory=factory)
 
 
 def describe_header(data: bytes, source: tuple[Any, ...]) -> list[bytes]:
@@ -20,9 +39,9 @@ def describe_header(data: bytes, source: tuple[Any, ...]) -> list[bytes]:
     return [facts.encode() + b"|" + payload]
 
 
-def test_every_datagram_carries_the_client_and_the_address_it_sent_to() -> None:
+def test_every_datagram_carries_the_client_and_the_address_it_sent_to(proxy_on: ProxyOn) -> None:
     with UdpBackend(handler=describe_header) as backend, \
-            UdpProxy([backend.endpoint], listen_host="",
+            proxy_on([backend.endpoint], listen_host="",
                      proxy_protocol=ProxyProtocol.V2) as proxy, \
             client("127.0.0.2") as sock:
         port = sock.getsockname()[1]
@@ -42,10 +61,10 @@ def test_every_datagram_carries_the_client_and_the_address_it_sent_to() -> None:
     assert len(backend.received) == 3
 
 
-def test_large_payload_behind_the_header_is_intact() -> None:
+def test_large_payload_behind_the_header_is_intact(proxy_on: ProxyOn) -> None:
     payload = os.urandom(65507 - 28)  # the largest that fits with the 28-byte IPv4 header
     with UdpBackend(handler=lambda data, _: [data[decode_v2(data).header_len:]]) as backend, \
-            UdpProxy([backend.endpoint], proxy_protocol=ProxyProtocol.V2) as proxy, \
+            proxy_on([backend.endpoint], proxy_protocol=ProxyProtocol.V2) as proxy, \
             client() as sock:
         sock.sendto(payload, ("127.0.0.1", proxy.port))
         assert sock.recvfrom(70000)[0] == payload
@@ -53,9 +72,9 @@ def test_large_payload_behind_the_header_is_intact() -> None:
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
-def test_ipv6_client_gets_an_ipv6_header() -> None:
+def test_ipv6_client_gets_an_ipv6_header(proxy_on: ProxyOn) -> None:
     with UdpBackend(handler=describe_header) as backend, \
-            UdpProxy([backend.endpoint], listen_host="",
+            proxy_on([backend.endpoint], listen_host="",
                      proxy_protocol=ProxyProtocol.V2) as proxy, \
             client("::1") as sock:
         sock.sendto(b"six", ("::1", proxy.port))
@@ -64,8 +83,8 @@ def test_ipv6_client_gets_an_ipv6_header() -> None:
     assert reply == f"proxy 2 dgram ('::1', {port}) ('::1', {proxy.port})|six"
 
 
-def test_without_the_option_datagrams_go_unchanged() -> None:
-    with UdpBackend() as backend, UdpProxy([backend.endpoint]) as proxy, client() as sock:
+def test_without_the_option_datagrams_go_unchanged(proxy_on: ProxyOn) -> None:
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy, client() as sock:
         sock.sendto(b"\r\n\r\n\x00\r\nQUIT\n looks like a header", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(4096)[0] == b"\r\n\r\n\x00\r\nQUIT\n looks like a header"
     assert backend.received[0][0] == b"\r\n\r\n\x00\r\nQUIT\n looks like a header"

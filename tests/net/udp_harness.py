@@ -83,10 +83,12 @@ class UdpProxy:
     """A ``UdpForwarder`` running in a private event loop on a background thread."""
 
     def __init__(self, endpoints: list[Endpoint], listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, **options: Any) -> None:
+                 listen_port: int = 0,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+                 **options: Any) -> None:
         self.metrics = ProxyMetrics()
         self.closed_flows: list[tuple[tuple[str, int], str, str]] = []
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         first = endpoints[0] if endpoints else Endpoint("127.0.0.1", 9)
@@ -156,6 +158,18 @@ class UdpProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``asyncio``'s loop, or uvloop's (the ``fast`` extra) when installed; None if not."""
+    if kind == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def client(host: str = "127.0.0.1") -> socket.socket:
