@@ -48,6 +48,7 @@ BACKEND_PORTS = Ports(BACKEND_TCP_PORT, IPERF_PORT, BACKEND_UDP_PORT, BACKEND_UD
 DNS_IDLE_SECONDS = 1
 """The old proxy-to-service image's DNS example used a 1 s timeout."""
 
+
 @dataclass(frozen=True, slots=True)
 class Launch:
     """One program of a forwarder."""

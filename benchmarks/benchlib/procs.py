@@ -55,6 +55,11 @@ class Proc:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
 
+    def terminate(self) -> None:
+        """SIGTERM the group without waiting."""
+        if self.popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the group, wait up to ``grace``, then SIGKILL whatever of it is left."""
         if self.popen.poll() is None:

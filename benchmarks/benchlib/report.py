@@ -53,7 +53,10 @@ def summarize(peers: list[Running], raw: Raw, meta: dict[str, Any]) -> dict[str,
     for entry in forwarders.values():
         entry["ratios"] = {f"vs_{ref}": _ratios(entry, forwarders.get(ref)) for ref in REFERENCES}
     workloads = {wl.key: {"title": wl.title, "reference": wl.reference,
-                          "metrics": {m.key: m.label for m in wl.metrics}} for wl in WORKLOADS}
+                          "metrics": {m.key: {"label": m.label,
+                                              "higher_is_better": m.higher_is_better}
+                                      for m in wl.metrics}}
+                 for wl in WORKLOADS}
     return {"meta": meta, "workloads": workloads, "forwarders": forwarders}
 
 

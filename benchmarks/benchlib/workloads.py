@@ -48,6 +48,8 @@ class Workload:
     udp: bool = False
     reference: str = "haproxy"
     """The peer the table's ratio column compares with (HAProxy has no UDP: nginx there)."""
+    fresh_process: bool = False
+    """Runs first in each repeat, against forwarders started for that repeat."""
 
 
 GBPS = Metric("gbps", "Gbit/s", True)
@@ -179,5 +181,6 @@ WORKLOADS: tuple[Workload, ...] = (
              (Metric("qps", "queries/s", True), Metric("loss_pct", "loss %", False), P99),
              _udp_oneshot, udp=True, reference="nginx"),
     Workload("idle_memory", "idle TCP connections: RSS per connection",
-             (Metric("kib_per_conn", "KiB/conn", False, needs_process=True),), _idle_memory),
+             (Metric("kib_per_conn", "KiB/conn", False, needs_process=True),), _idle_memory,
+             fresh_process=True),
 )
