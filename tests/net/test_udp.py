@@ -414,7 +414,8 @@ def test_ipv6_allowlist_on_a_dual_stack_listener(backend: UdpBackend,
         four.sendto(b"four", ("127.0.0.1", proxy.port))
         wait_for(lambda: proxy.dropped("denied") == 1, what="the IPv4 client's drop")
         six.sendto(b"six", ("::1", proxy.port))
-        assert six.recvfrom(2048)[0] == b"six"
+        reply, source = six.recvfrom(2048)
+    assert (reply, source[:2]) == (b"six", ("::1", proxy.port))
     assert [data for data, _ in backend.received] == [b"six"]
 
 
