@@ -26,6 +26,7 @@ REQUIREMENTS = (
     Requirement("socat", ("socat",)),
     Requirement("nginx", ("nginx-light", "libnginx-mod-stream")),
     Requirement("taskset", ("util-linux",)),
+    Requirement("ip", ("iproute2",)),
 )
 
 
