@@ -36,6 +36,7 @@ from portproxy.splice import splice_available
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
 from portproxy.tcp import ProxyHeader, TcpForwarder
+from portproxy.udp import UdpForwarder
 
 log = logging.getLogger("portproxy")
 
@@ -49,7 +50,7 @@ class ForwardRuntime:
     forward: Forward
     target: TargetState
     tcp: TcpForwarder | None = None
-    udp: Any = None
+    udp: UdpForwarder | None = None
     binding: InterfaceBinding | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     detail: str = ""
@@ -188,8 +189,6 @@ class Daemon:
                     forward, target, self.metrics, self.direction_type, self.global_limit,
                     self._tcp_access if access else None, _proxy_header(forward))
             if Protocol.UDP in forward.protocols:
-                from portproxy.udp import UdpForwarder
-
                 runtime.udp = UdpForwarder(forward, target, self.metrics,
                                            self._udp_access if access else None)
             self._bind(runtime)

@@ -282,7 +282,7 @@ class AccessLog:
     def record(self, entry: AccessRecord) -> None:
         if not self.enabled:
             return
-        what = "connection closed" if entry.protocol == "tcp" else "flow expired"
+        what = "connection closed" if entry.protocol == "tcp" else "flow closed"
         self._logger.info(f"{entry.protocol} {what}", extra={
             "forward": entry.forward, "client": entry.client, "endpoint": entry.endpoint,
             "bytes_up": entry.bytes_up, "bytes_down": entry.bytes_down,

@@ -240,7 +240,8 @@ class ProxyMetrics:
             "portproxy_udp_datagrams_total", "UDP datagrams relayed.", ("forward", "direction"))
         self.udp_dropped = r.counter(
             "portproxy_udp_dropped_total",
-            "UDP datagrams dropped, by reason (evicted, denied, overload, icmp, no_endpoints).",
+            "UDP datagrams dropped, by reason (denied, no_endpoints, draining, refused, "
+            "overload, too_big, error; evicted counts flows).",
             ("forward", "reason"))
         self.endpoints = r.gauge(
             "portproxy_endpoints", "Ready endpoints known.", ("forward",))

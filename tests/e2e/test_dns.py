@@ -119,7 +119,7 @@ def test_dig_accepts_replies_from_a_wildcard_listener_and_metrics_count_them(
         result = dig(server, port)
         assert answered(result), f"via {server}: {result.stdout}{result.stderr}"
 
-    proxy.wait_for_line("udp flow expired")  # the access log, once the flows went idle
+    proxy.wait_for_line("udp flow closed")  # the access log, once the flows went idle
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
         metrics = response.read().decode()
     assert 'portproxy_udp_datagrams_total{forward="dns",direction="upstream"} 2' in metrics

@@ -254,7 +254,7 @@ def test_access_log_json_shape_even_at_warning_level() -> None:
         "forward": "tcp/*:80", "client": "[2001:db8::7]:40000", "endpoint": "10.1.2.3:8080",
         "bytes_up": 123, "bytes_down": 45678, "duration": 1.235, "result": "ok",
     }
-    assert second["msg"] == "udp flow expired"
+    assert second["msg"] == "udp flow closed"
     assert second["endpoint"] == ""
     assert second["result"] == "expired"
 
