@@ -75,7 +75,16 @@ class BackendConnect:
             engine.on_connect_failed(self)
             return
         endpoint = self.endpoint = self.attempts.pop(0)
-        sock = self.sock = socket.socket(family_of(endpoint.host), socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family_of(endpoint.host), socket.SOCK_STREAM)
+        except OSError as exc:
+            # Out of descriptors (EMFILE) or memory: no endpoint can help, fail this client.
+            self.last_error = exc.errno or errno.EMFILE
+            engine.on_attempt_failed(self, endpoint, self.last_error)
+            self.attempts.clear()
+            engine.on_connect_failed(self)
+            return
+        self.sock = sock
         sock.setblocking(False)
         tune_stream(sock)
         self.started = engine.loop.time()

@@ -151,10 +151,11 @@ class TcpForwarder:
     def bound(self) -> bool:
         return bool(self.listeners or self.waiting)
 
-    def _pause(self) -> None:
+    def _pause(self, limit: bool = True) -> None:
         if not self.paused:
             self.paused = True
-            self.c_limit.inc()
+            if limit:
+                self.c_limit.inc()
             for sock in self.listeners.values():
                 self.loop.remove_reader(sock.fileno())
 
@@ -184,7 +185,7 @@ class TcpForwarder:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRNOS:
-                    self._accept_backoff(exc)
+                    self._resource_backoff(exc.errno or errno.EMFILE, "accept")
                     return
                 continue  # ECONNABORTED and friends concern one client only
             self._backoff = 0.0
@@ -198,13 +199,16 @@ class TcpForwarder:
         else:
             self._resume()
 
-    def _accept_backoff(self, exc: OSError) -> None:
-        """Out of file descriptors: stop accepting briefly instead of spinning on accept()."""
+    def _resource_backoff(self, err: int, during: str) -> None:
+        """Out of file descriptors (or memory): stop accepting briefly instead of spinning on
+        accept() or resetting every client; the back-off doubles up to 1 s."""
+        if self._backoff_timer is not None:
+            return
         self.c_accept_errors.inc()
         self._backoff = min(1.0, max(0.05, self._backoff * 2))
-        log.error("forward %s: accept failed (%s); pausing %.2fs", self.name,
-                  os.strerror(exc.errno or 0), self._backoff, extra={"forward": self.name})
-        self._pause()
+        log.error("forward %s: %s failed (%s); not accepting for %.2fs", self.name, during,
+                  os.strerror(err), self._backoff, extra={"forward": self.name})
+        self._pause(limit=False)
         self._backoff_timer = self.loop.call_later(self._backoff, self._end_backoff)
 
     def _end_backoff(self) -> None:
@@ -234,6 +238,9 @@ class TcpForwarder:
 
     # -- connecting -----------------------------------------------------------------------
     def on_attempt_failed(self, attempt: BackendConnect, endpoint: Endpoint, err: int) -> None:
+        if err in _RESOURCE_ERRNOS:  # ours, not the endpoint's fault
+            self._resource_backoff(err, "connect")
+            return
         self.target.health.failed(endpoint)
         reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
         log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,
