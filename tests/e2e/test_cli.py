@@ -75,6 +75,7 @@ def test_env_forwards_and_sigterm_drain(backend: EchoServer) -> None:
     proc = PortproxyProcess(["run", "--drain-timeout", "20s", "--admin-address", "none"],
                             env={"PORTPROXY_FORWARD": specs})
     try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port_a}")
         proc.wait_for_line(f"listening on tcp 127.0.0.1:{port_b}")
         held = socket.create_connection(("127.0.0.1", port_a), timeout=10)
         held.sendall(b"before")

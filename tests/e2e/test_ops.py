@@ -143,7 +143,8 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
                    f'forwards = ["{spec_keep}", "{spec_drop}"]\n')
     proc = PortproxyProcess(["run", "--config", str(config), "--drain-timeout", "20s"])
     try:
-        proc.wait_for_line("admin endpoint on")
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{keep}")
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{drop}")
         long_lived = socket.create_connection(("127.0.0.1", keep), timeout=10)
         on_dropped = socket.create_connection(("127.0.0.1", drop), timeout=10)
         sent = bytearray()
@@ -208,7 +209,7 @@ def test_readyz_waits_for_resolution_and_metrics_move(backend: EchoServer) -> No
         "-f", f"tcp://127.0.0.1:{bad_port}=unresolvable.invalid:80",
         "--admin-address", f"127.0.0.1:{admin}"])
     try:
-        proc.wait_for_line("admin endpoint on")
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{ok_port}")
         status, body = http_get(admin, "/readyz")
         assert status == 503
         assert f"tcp/127.0.0.1:{bad_port}" in body and "not resolved" in body

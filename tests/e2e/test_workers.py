@@ -56,6 +56,8 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
         proc.wait_for_line("supervising 2 workers")
         pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
                         what="both workers")
+        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
+                             for line in proc.lines) == 2, what="both workers to listen")
         for i in range(40):
             assert exchange(port, b"req %d" % i) == b"req %d" % i
         wait_for(lambda: metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
@@ -66,6 +68,8 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
         os.kill(pids[0], signal.SIGKILL)  # a crashed worker is restarted
         proc.wait_for_line("worker 0 exited")
         wait_for(lambda: worker_pids(proc)[0] != pids[0], what="worker 0 to be restarted")
+        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
+                             for line in proc.lines) == 3, what="the new worker to listen")
         for i in range(20):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
         # Counters of the dead worker are kept: the sum never goes backwards.
