@@ -67,8 +67,11 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind((host, request.port))
-        if request.kind == socket.SOCK_STREAM and request.listen:
-            sock.listen(BACKLOG)
+        if request.kind == socket.SOCK_STREAM:
+            # Accepted sockets inherit these on Linux: set once here, not per connection.
+            tune_stream(sock)
+            if request.listen:
+                sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -15,7 +15,7 @@ from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelayTimeouts
-from portproxy.sockets import BACKLOG, BindRequest, bind_socket, tune_stream
+from portproxy.sockets import BACKLOG, BindRequest, bind_socket
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
 
@@ -227,8 +227,7 @@ class TcpForwarder:
             self.c_no_endpoints.inc()
             reset_close(client)
             return
-        client.setblocking(False)
-        tune_stream(client)
+        client.setblocking(False)  # TCP_NODELAY and keepalive come from the listener
         attempt = BackendConnect(self, client, address, candidates[:CONNECT_ATTEMPTS])
         self.pending.add(attempt)
         self.limit.acquire()

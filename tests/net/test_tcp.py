@@ -313,3 +313,16 @@ def test_backend_reset_resets_client(pump: str) -> None:
     finally:
         proxy.close()
         server.close()
+
+
+def test_both_sides_have_nodelay_and_keepalive(proxy: ProxyThread) -> None:
+    with proxy.connect() as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+
+        def options() -> list[tuple[int, int]]:
+            relay = next(iter(proxy.engine.relays))
+            return [(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                     s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+                    for s in (relay.client, relay.peer)]
+        assert [(bool(a), bool(b)) for a, b in proxy.run(options)] == [(True, True)] * 2
