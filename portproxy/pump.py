@@ -37,8 +37,8 @@ class Direction:
     """src → dst; subclasses implement ``_fill`` (read) and ``_flush`` (write)."""
 
     __slots__ = (
-        "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "relay", "src", "src_fd",
-        "writing",
+        "capacity", "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "relay", "src",
+        "src_fd", "writing",
     )
 
     def __init__(
@@ -51,6 +51,8 @@ class Direction:
         self.src_fd = src.fileno()
         self.dst_fd = dst.fileno()
         self.counter = counter
+        self.capacity = COPY_CHUNK
+        """Most one read can return; a shorter read means the socket had no more."""
         self.nbytes = 0
         self.eof = False
         self.done = False
@@ -77,6 +79,10 @@ class Direction:
                     self.loop.remove_reader(self.src_fd)
                     self.loop.add_writer(self.dst_fd, self.on_writable)
                     self.writing = True
+                    return
+                if n < self.capacity:
+                    # A short read drained the socket: reading again now would only return
+                    # EAGAIN (one wasted system call per message on request/response traffic).
                     return
         except OSError as exc:
             self.relay.abort(exc)

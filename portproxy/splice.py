@@ -79,11 +79,13 @@ class SpliceDirection(Direction):
         super().__init__(relay, src, dst, counter)
         self.pipe: Pipe | None = None
         self.pending = 0
+        self.capacity = PIPE_SIZE
 
     def _fill(self) -> int:
         pipe = self.pipe
         if pipe is None:
             pipe = self.pipe = POOL.acquire()
+            self.capacity = pipe.size
         try:
             n = os.splice(self.src_fd, pipe.w, pipe.size, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
