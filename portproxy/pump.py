@@ -99,11 +99,17 @@ class Direction:
             self.relay.abort(exc)
 
     def _finish(self) -> None:
-        """End of stream with nothing pending: pass the half-close on."""
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is already gone; the other direction will notice
+        """End of stream with nothing pending: pass the half-close on.
+
+        When the other direction is already done the relay closes both sockets right away,
+        and close() sends the FIN itself (nothing is left unread on either socket), so the
+        shutdown() would be a wasted system call.
+        """
+        if not self.relay.other_done(self):
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is already gone; the other direction will notice
         self.done = True
         self.release()
         self.relay.direction_done()

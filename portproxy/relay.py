@@ -105,6 +105,9 @@ class Relay:
             self._arm()  # traffic moved the deadline: one timer, re-armed lazily
 
     # -- endings --------------------------------------------------------------------------
+    def other_done(self, direction: Direction) -> bool:
+        return (self.down if direction is self.up else self.up).done
+
     def direction_done(self) -> None:
         if self.up.done and self.down.done:
             self.close()
