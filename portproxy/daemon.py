@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
@@ -22,7 +22,6 @@ from portproxy.configmap_watch import follow_configmap
 from portproxy.connect import Address
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
-from portproxy.ifbind import InterfaceBinding
 from portproxy.limits import SharedLimit
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
@@ -37,6 +36,9 @@ from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
 from portproxy.tcp import ProxyHeader, TcpForwarder
 from portproxy.udp import UdpForwarder
+
+if TYPE_CHECKING:
+    from portproxy.ifbind import InterfaceBinding
 
 log = logging.getLogger("portproxy")
 
@@ -201,6 +203,9 @@ class Daemon:
         forward = runtime.forward
         listen = forward.listen
         if listen.kind == "interface":
+            # Imported here: pyroute2 takes ~0.5 s to import; only interface forwards need it.
+            from portproxy.ifbind import InterfaceBinding
+
             runtime.binding = InterfaceBinding(forward.name, listen, runtime.engines,
                                                forward.options.wait_interface,
                                                runtime.set_detail)
