@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import targets
 from .forwarders import Running
 from .settings import REFERENCES
 from .workloads import WORKLOADS, Figures, Metric, Workload
@@ -57,7 +58,9 @@ def summarize(peers: list[Running], raw: Raw, meta: dict[str, Any]) -> dict[str,
                                               "higher_is_better": m.higher_is_better}
                                       for m in wl.metrics}}
                  for wl in WORKLOADS}
-    return {"meta": meta, "workloads": workloads, "forwarders": forwarders}
+    summary: dict[str, Any] = {"meta": meta, "workloads": workloads, "forwarders": forwarders}
+    summary["targets"] = targets.evaluate(summary)
+    return summary
 
 
 def _ratios(entry: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, dict[str, float]]:
@@ -111,6 +114,17 @@ def _workload_table(summary: dict[str, Any], wl: Workload) -> list[str]:
     return [*lines, ""]
 
 
+def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["### Targets", "", "| target | forwarder | workload | measured | needed | |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        value = row["measured"]
+        shown = "–" if value is None else (f"{value:.2f}×" if row["reference"] else _fmt(value))
+        lines.append(f"| {row['target']} | {row['forwarder']} | {row['workload']} | {shown} | "
+                     f"{row['needed']} | {row['verdict']} |")
+    return [*lines, ""]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = ["# portproxy benchmark", ""]
@@ -122,6 +136,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "`–` means no figure.", ""]
     for wl in WORKLOADS:
         lines += _workload_table(summary, wl)
+    lines += _targets_table(summary["targets"])
     notes = [f"- {name}: {entry['status']} — {entry['reason']}"
              for name, entry in summary["forwarders"].items() if entry["reason"]]
     errors = [f"- {name} / {wl}: {err}" for name, entry in summary["forwarders"].items()

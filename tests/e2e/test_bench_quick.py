@@ -127,3 +127,13 @@ def test_ratios_are_reported(summary: dict, reference: str) -> None:
                    for n in (name, reference)):
                 continue
             assert metric in entry["ratios"][f"vs_{reference}"][wl], f"{name}/{wl}"
+
+
+def test_targets_have_a_figure_for_every_measured_forwarder(summary: dict) -> None:
+    forwarders = summary["forwarders"]
+    assert summary["targets"], "no targets evaluated"
+    for row in summary["targets"]:
+        assert row["verdict"] in {"met", "missed", "no figure"}
+        involved = [row["forwarder"]] + ([row["reference"]] if row["reference"] else [])
+        if all(forwarders[name]["status"] == "ok" for name in involved):
+            assert row["verdict"] != "no figure", row
