@@ -58,9 +58,13 @@ from portproxy.udp_pktinfo import (
     ANCILLARY_SIZE,
     DROPS_ANCILLARY_SIZE,
     Ancillary,
+    LocalAddress,
+    bound_address,
     enable,
+    enable_drop_count,
     kernel_drops,
     local_address,
+    needs_pktinfo,
     pktinfo_of,
 )
 
@@ -74,6 +78,9 @@ RECV_BUFFER = 65536
 #: Kernel buffers asked for on listening sockets (capped by net.core.rmem_max/wmem_max):
 #: they hold the bursts of every client of the forward, and every reply goes out through them.
 LISTENER_BUFFER = 4 * 1024 * 1024
+#: Decoded local addresses kept per forward (wildcard listeners): a host has a few; the cap
+#: only matters if something odd (many addresses, interface indexes) keeps adding entries.
+LOCAL_CACHE = 256
 #: Endpoints tried when a flow's socket cannot be created or connected.
 CONNECT_ATTEMPTS = 3
 
@@ -99,6 +106,10 @@ class UdpForwarder:
         """The port each listening socket is bound to (the PROXY header's destination port)."""
         self.kernel_drops: dict[socket.socket, int] = {}
         """Per listening socket, the kernel's drop count already counted as overload."""
+        self.bound_local: dict[socket.socket, LocalAddress] = {}
+        """Per listening socket bound to one address, that address (replies need no pktinfo)."""
+        self.locals: dict[bytes, LocalAddress] = {}
+        """Wildcard listeners: decoded pktinfo by its raw bytes (a few local addresses)."""
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.accepting = True
@@ -118,8 +129,12 @@ class UdpForwarder:
             return
         request = BindRequest(host, self.forward.listen.port, socket.SOCK_DGRAM, freebind)
         sock = bind_socket(request, self.name)
+        wildcard = needs_pktinfo(sock)
         try:
-            enable(sock)
+            if wildcard:
+                enable(sock)
+            else:
+                enable_drop_count(sock)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_BUFFER)
         except OSError:
@@ -128,7 +143,9 @@ class UdpForwarder:
         self.listeners[host] = sock
         self.ports[sock] = sock.getsockname()[1]
         self.kernel_drops[sock] = 0
-        self.loop.add_reader(sock.fileno(), self._on_datagram, sock)
+        if not wildcard:
+            self.bound_local[sock] = bound_address(sock)
+        self.loop.add_reader(sock.fileno(), self._on_datagram, sock, wildcard)
         log.info("forward %s: listening on udp %s", self.name, _where(sock),
                  extra={"forward": self.name})
 
@@ -144,6 +161,7 @@ class UdpForwarder:
         self.loop.remove_reader(sock.fileno())
         del self.ports[sock]
         del self.kernel_drops[sock]
+        self.bound_local.pop(sock, None)
         sock.close()
         log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
 
@@ -161,33 +179,47 @@ class UdpForwarder:
         return len(self.table)
 
     # -- client → backend -----------------------------------------------------------------
-    def _on_datagram(self, lsock: socket.socket) -> None:
-        buffers = (self.buffer,)
-        table = self.table
+    def _on_datagram(self, lsock: socket.socket, wildcard: bool) -> None:
+        # The per-datagram path: names are bound to locals and counters bumped in place
+        # (``.value +=``), because attribute lookups and calls are most of its Python cost.
+        buffers, view = (self.buffer,), self.view
+        get = self.table.get
+        count = self.count
+        datagrams, payload = count.datagrams_up, count.bytes_up
         for _ in range(BATCH):
             try:
                 size, ancdata, _flags, client = lsock.recvmsg_into(buffers, ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self.count.error.inc()
+                count.error.value += 1
                 continue
-            if len(ancdata) > 1:  # the drop count rides along only after drops
+            # A wildcard listener's datagrams all carry pktinfo; the drop count rides along
+            # only after drops.
+            if len(ancdata) > wildcard:
                 self.kernel_drops[lsock] = self._count_drops(self.kernel_drops[lsock], ancdata)
-            flow = table.get(client)
+            flow = get(client)
             if flow is None:
-                flow = self._new_flow(lsock, client, ancdata)
+                flow = self._new_flow(lsock, client, ancdata, wildcard)
                 if flow is None:
                     continue
             else:
-                if flow.listener is not lsock or pktinfo_of(ancdata) != flow.local.raw:
-                    self._relocate(flow, lsock, ancdata)
+                if flow.listener is not lsock or (
+                        wildcard and pktinfo_of(ancdata) != flow.local.raw):
+                    self._relocate(flow, lsock, ancdata, wildcard)
                 if flow.generation != self.generation and not self._endpoint_ok(flow):
                     continue
-            if self._send_up(flow, size):
-                flow.bytes_up += size
-                self.count.datagrams_up.inc()
-                self.count.bytes_up.inc(size)
+            try:
+                if flow.header is None:
+                    flow.sock.send(view[:size])
+                else:
+                    flow.sock.sendmsg((flow.header, view[:size]))
+            except OSError as exc:
+                if not self._send_again(flow, size, exc):
+                    continue
+            flow.bytes_up += size
+            datagrams.value += 1
+            payload.value += size
 
     def _count_drops(self, seen: int, ancdata: list[Ancillary]) -> int:
         """Count as overload what a socket's kernel drop count (SO_RXQ_OVFL) grew by since
@@ -198,23 +230,27 @@ class UdpForwarder:
         self.count.overload.inc(total - seen)
         return total
 
-    def _send_up(self, flow: Flow, size: int) -> bool:
+    def _send_again(self, flow: Flow, size: int, exc: OSError) -> bool:
+        """After sending to the backend failed with ``exc``: whether a second try went out."""
+        if not isinstance(exc, ConnectionRefusedError):
+            self._send_failed(exc)
+            return False
+        # An earlier datagram drew ICMP port unreachable; the kernel reports it on this send
+        # (and clears it) instead of sending: count it, try again once.
+        self._refused(flow)
         data = self.view[:size]
-        for _ in range(2):
-            try:
-                if flow.header is None:
-                    flow.sock.send(data)
-                else:
-                    flow.sock.sendmsg((flow.header, data))
-                return True
-            except ConnectionRefusedError:
-                # An earlier datagram drew ICMP port unreachable; the kernel reports it on
-                # this send (and clears it) instead of sending: count it, try again once.
-                self._refused(flow)
-            except OSError as exc:
-                self._send_failed(exc)
-                return False
-        return False
+        try:
+            if flow.header is None:
+                flow.sock.send(data)
+            else:
+                flow.sock.sendmsg((flow.header, data))
+        except ConnectionRefusedError:
+            self._refused(flow)
+            return False
+        except OSError as exc2:
+            self._send_failed(exc2)
+            return False
+        return True
 
     def _send_failed(self, exc: OSError) -> None:
         if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM):
@@ -231,8 +267,8 @@ class UdpForwarder:
                     extra={"forward": self.name, "endpoint": str(flow.endpoint)})
 
     # -- flows ------------------------------------------------------------------------------
-    def _new_flow(self, lsock: socket.socket, client: Client,
-                  ancdata: list[Ancillary]) -> Flow | None:
+    def _new_flow(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
+                  wildcard: bool) -> Flow | None:
         if not self.accepting:
             self.count.draining.inc()
             return None
@@ -243,7 +279,7 @@ class UdpForwarder:
         if connected is None:
             return None
         sock, endpoint = connected
-        local = local_address(ancdata, lsock)
+        local = self._local(lsock, ancdata, wildcard)
         flow = Flow(client, lsock, local, sock, endpoint, self.loop.time())
         flow.generation = self.generation
         flow.header = self._header(flow)
@@ -287,12 +323,28 @@ class UdpForwarder:
         self._idle.clear()
         self.expiry.arm()
 
-    def _relocate(self, flow: Flow, lsock: socket.socket,
-                  ancdata: list[Ancillary]) -> None:
+    def _relocate(self, flow: Flow, lsock: socket.socket, ancdata: list[Ancillary],
+                  wildcard: bool) -> None:
         """The client now sends to another local address: answer from that one."""
         flow.listener = lsock
-        flow.local = local_address(ancdata, lsock)
+        flow.local = self._local(lsock, ancdata, wildcard)
         flow.header = self._header(flow)
+
+    def _local(self, lsock: socket.socket, ancdata: list[Ancillary],
+               wildcard: bool) -> LocalAddress:
+        """Where the client sent to: a listener's own address, or (wildcard) decoded from
+        the pktinfo, once per distinct local address rather than once per flow."""
+        if not wildcard:
+            return self.bound_local[lsock]
+        raw = pktinfo_of(ancdata)
+        local = self.locals.get(raw)
+        if local is None:
+            local = local_address(ancdata, lsock)
+            if raw:
+                if len(self.locals) >= LOCAL_CACHE:
+                    self.locals.clear()
+                self.locals[raw] = local
+        return local
 
     def _endpoints_changed(self, endpoints: EndpointSet) -> None:
         self.generation += 1
@@ -335,10 +387,12 @@ class UdpForwarder:
             self._idle.set()
 
     # -- backend → client -----------------------------------------------------------------
-    def _on_reply(self, flow: Flow) -> None:
+    def _on_reply(self, flow: Flow, batch: int) -> None:
+        """Relay up to ``batch`` replies waiting on ``flow``'s socket to its client."""
         sock, view, buffers = flow.sock, self.view, (self.buffer,)
+        count = self.count
         sent = 0
-        for _ in range(BATCH):
+        for _ in range(batch):
             try:
                 size, ancdata, _flags, _ = sock.recvmsg_into(buffers, DROPS_ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -347,20 +401,23 @@ class UdpForwarder:
                 self._refused(flow)  # ICMP port unreachable; the flow stays
                 continue
             except OSError:
-                self.count.error.inc()
+                count.error.value += 1
                 break
             if ancdata:  # replies the kernel dropped on this flow's full buffer
                 flow.drops = self._count_drops(flow.drops, ancdata)
             try:
-                flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
+                if flow.local.reply:
+                    flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
+                else:  # a listener bound to one address: replies leave from it anyway
+                    flow.listener.sendto(view[:size], flow.client)
             except OSError as exc:
                 self._send_failed(exc)
                 continue
             sent += 1
             flow.bytes_down += size
-            self.count.bytes_down.inc(size)
+            count.bytes_down.value += size
         if sent:
-            self.count.datagrams_down.inc(sent)
+            count.datagrams_down.value += sent
             self.table.touch(flow.client)
 
     # -- stopping -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ it never saw.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
@@ -73,6 +74,23 @@ def enable(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def needs_pktinfo(sock: socket.socket) -> bool:
+    """Whether replies on ``sock`` need pktinfo to leave from the right address: a socket
+    bound to one unicast address sends from it anyway (no ancillary data to parse per
+    datagram then); a wildcard, multicast or broadcast one does not."""
+    host = sock.getsockname()[0]
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return True
+    return ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255"
+
+
+def bound_address(sock: socket.socket) -> LocalAddress:
+    """The ``LocalAddress`` of a socket bound to one address (no pktinfo needed)."""
+    return LocalAddress(b"", str(sock.getsockname()[0]).split("%", 1)[0], ())
 
 
 def pktinfo_of(ancdata: list[Ancillary]) -> bytes:

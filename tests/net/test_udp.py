@@ -277,6 +277,17 @@ def test_one_client_moving_between_local_addresses(backend: UdpBackend,
     assert proxy.flows == 1
 
 
+def test_a_listener_bound_to_one_address_replies_from_it(backend: UdpBackend,
+                                                        make_proxy: MakeProxy) -> None:
+    # No pktinfo on such a listener: the kernel's source for its replies is its address.
+    proxy = make_proxy([backend.endpoint], listen_host="127.0.0.2")
+    with client("127.0.0.1") as sock:
+        for payload in (b"one", b"two"):
+            sock.sendto(payload, ("127.0.0.2", proxy.port))
+            assert sock.recvfrom(2048) == (payload, ("127.0.0.2", proxy.port))
+    assert proxy.flows == 1
+
+
 @pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])
 def test_allowlist_drops_and_counts_other_clients(
         backend: UdpBackend, make_proxy: MakeProxy, listen_host: str) -> None:

@@ -11,6 +11,7 @@ from portproxy.udp_pktinfo import (
     SO_RXQ_OVFL,
     kernel_drops,
     local_address,
+    needs_pktinfo,
     pktinfo_of,
 )
 
@@ -78,3 +79,16 @@ def test_kernel_drop_count() -> None:
     raw = in_pktinfo(1, "127.0.0.1", "127.0.0.1")
     assert kernel_drops([count, (socket.IPPROTO_IP, IP_PKTINFO, raw)]) == 1234
     assert kernel_drops([(socket.IPPROTO_IP, IP_PKTINFO, raw)]) == -1
+
+
+def test_only_wildcard_multicast_and_broadcast_listeners_need_pktinfo() -> None:
+    def bound(family: socket.AddressFamily, host: str) -> bool:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, 0))
+            return needs_pktinfo(sock)
+
+    assert bound(socket.AF_INET, "0.0.0.0")
+    assert bound(socket.AF_INET6, "::")
+    assert not bound(socket.AF_INET, "127.0.0.2")
+    assert not bound(socket.AF_INET6, "::1")
+    assert bound(socket.AF_INET, "224.0.0.251")
