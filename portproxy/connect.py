@@ -15,6 +15,7 @@ import struct
 from typing import Protocol
 
 from portproxy.endpoints import Endpoint
+from portproxy.poller import Poller
 from portproxy.sockets import family_of, tune_stream
 
 Address = tuple[str, int]
@@ -23,6 +24,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 class ConnectOwner(Protocol):
     loop: asyncio.AbstractEventLoop
+    poller: Poller
     connect_timeout: float
 
     def on_connected(self, attempt: BackendConnect) -> None: ...
@@ -93,14 +95,14 @@ class BackendConnect:
         if err == 0:
             engine.on_connected(self)
         elif err == errno.EINPROGRESS:
-            engine.loop.add_writer(sock.fileno(), self._on_writable)
+            engine.poller.add_writer(sock.fileno(), self._on_writable)
             self.timer = engine.loop.call_later(engine.connect_timeout, self._on_timeout)
         else:
             self._failed(err)
 
     def _on_writable(self) -> None:
         assert self.sock is not None
-        self.engine.loop.remove_writer(self.sock.fileno())
+        self.engine.poller.remove_writer(self.sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -113,7 +115,7 @@ class BackendConnect:
     def _on_timeout(self) -> None:
         self.timer = None
         assert self.sock is not None
-        self.engine.loop.remove_writer(self.sock.fileno())
+        self.engine.poller.remove_writer(self.sock.fileno())
         self._failed(errno.ETIMEDOUT)
 
     def _failed(self, err: int) -> None:
@@ -128,6 +130,6 @@ class BackendConnect:
         if self.timer is not None:
             self.timer.cancel()
         if self.sock is not None:
-            self.engine.loop.remove_writer(self.sock.fileno())
+            self.engine.poller.remove_writer(self.sock.fileno())
             self.sock.close()
         reset_close(self.client)

@@ -37,8 +37,8 @@ class Direction:
     """src → dst; subclasses implement ``_fill`` (read) and ``_flush`` (write)."""
 
     __slots__ = (
-        "capacity", "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "relay", "src",
-        "src_fd", "writing",
+        "capacity", "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "poller", "relay",
+        "src", "src_fd", "writing",
     )
 
     def __init__(
@@ -46,6 +46,7 @@ class Direction:
     ) -> None:
         self.relay = relay
         self.loop: asyncio.AbstractEventLoop = relay.loop
+        self.poller = relay.poller
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -59,7 +60,7 @@ class Direction:
         self.writing = False
 
     def start(self) -> None:
-        self.loop.add_reader(self.src_fd, self.on_readable)
+        self.poller.add_reader(self.src_fd, self.on_readable)
 
     def on_readable(self) -> None:
         try:
@@ -68,7 +69,7 @@ class Direction:
                 if n < 0:
                     return
                 if n == 0:
-                    self.loop.remove_reader(self.src_fd)
+                    self.poller.remove_reader(self.src_fd)
                     self.eof = True
                     self._finish()
                     return
@@ -76,8 +77,8 @@ class Direction:
                 self.counter.value += n
                 self.relay.last_activity = self.loop.time()
                 if not self._flush():
-                    self.loop.remove_reader(self.src_fd)
-                    self.loop.add_writer(self.dst_fd, self.on_writable)
+                    self.poller.remove_reader(self.src_fd)
+                    self.poller.add_writer(self.dst_fd, self.on_writable)
                     self.writing = True
                     return
                 if n < self.capacity:
@@ -91,10 +92,10 @@ class Direction:
         try:
             if not self._flush():
                 return
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
             self.relay.last_activity = self.loop.time()
-            self.loop.add_reader(self.src_fd, self.on_readable)
+            self.poller.add_reader(self.src_fd, self.on_readable)
         except OSError as exc:
             self.relay.abort(exc)
 
@@ -117,9 +118,9 @@ class Direction:
     def stop(self) -> None:
         """Unregister from the loop (idempotent)."""
         if not self.eof and not self.writing:
-            self.loop.remove_reader(self.src_fd)
+            self.poller.remove_reader(self.src_fd)
         if self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.poller.remove_writer(self.dst_fd)
             self.writing = False
         self.eof = True
 

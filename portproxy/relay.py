@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from portproxy.metrics import Counter
+from portproxy.poller import poller_for
 from portproxy.pump import CopyDirection, Direction
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -38,6 +39,7 @@ class Relay:
         "loop",
         "on_close",
         "peer",
+        "poller",
         "result",
         "started",
         "timeouts",
@@ -56,6 +58,7 @@ class Relay:
         on_close: Callable[[Relay], None],
     ) -> None:
         self.loop = loop
+        self.poller = poller_for(loop)
         self.client = client
         self.peer = upstream
         self.timeouts = timeouts

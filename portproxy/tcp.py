@@ -13,6 +13,7 @@ from portproxy.connect import Address, BackendConnect, client_ip, reset_close
 from portproxy.endpoints import Endpoint
 from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
+from portproxy.poller import poller_for
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelayTimeouts
 from portproxy.sockets import BACKLOG, BindRequest, bind_socket
@@ -47,6 +48,7 @@ class TcpForwarder:
         proxy_header: ProxyHeader | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.poller = poller_for(self.loop)
         self.forward = forward
         self.name = forward.name
         self.target = target

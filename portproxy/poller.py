@@ -1,0 +1,97 @@
+"""One epoll set for every relay and pending connect of an event loop.
+
+asyncio's ``add_reader``/``remove_reader`` cost several Python calls and a ``Handle`` each, and
+every readiness event becomes a scheduled callback. A proxy registers and unregisters sockets
+on every connection and on every backpressure transition, so the data plane keeps its own
+epoll set, watched by the loop as a single descriptor: registering is a dictionary update
+and one ``epoll_ctl``, an event is a direct call. Level-triggered, like the loop's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import weakref
+from collections.abc import Callable
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+#: Events handled per wake-up; the rest wait for the next turn of the loop (fairness).
+MAX_EVENTS = 512
+
+Callback = Callable[[], None]
+
+
+class Poller:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._masks: dict[int, int] = {}
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
+        old = self._masks.get(fd, 0)
+        if mask == old:
+            return
+        if not mask:
+            del self._masks[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # already closed: the kernel dropped it from the set
+            return
+        self._masks[fd] = mask
+        if old:
+            try:
+                self._epoll.modify(fd, mask)
+                return
+            except FileNotFoundError:
+                pass  # a socket closed while registered, its number now reused
+        self._epoll.register(fd, mask)
+
+    def _dispatch(self) -> None:
+        readers, writers = self._readers, self._writers
+        # Callbacks are looked up before any runs: a callback may close a socket and a new one
+        # may reuse its number within this batch; the identity check below keeps a stale event
+        # from reaching the new owner.
+        batch = [(readers.get(fd), writers.get(fd), fd, events)
+                 for fd, events in self._epoll.poll(0, MAX_EVENTS)]
+        for reader, writer, fd, events in batch:
+            if reader is not None and events & (_IN | _ERR) and readers.get(fd) is reader:
+                reader()
+            if writer is not None and events & (_OUT | _ERR) and writers.get(fd) is writer:
+                writer()
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = (
+    weakref.WeakKeyDictionary())
+
+
+def poller_for(loop: asyncio.AbstractEventLoop) -> Poller:
+    """The loop's poller, created on first use (one per loop, so per worker process)."""
+    poller = _POLLERS.get(loop)
+    if poller is None:
+        poller = _POLLERS[loop] = Poller(loop)
+    return poller
