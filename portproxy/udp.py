@@ -31,7 +31,6 @@ Drops are counted in ``portproxy_udp_dropped_total{reason}``; the reasons are li
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 
@@ -58,12 +57,9 @@ from portproxy.udp_pktinfo import (
     ANCILLARY_SIZE,
     DROPS_ANCILLARY_SIZE,
     Ancillary,
-    LocalAddress,
-    bound_address,
+    LocalAddresses,
     enable,
     enable_drop_count,
-    kernel_drops,
-    local_address,
     needs_pktinfo,
     pktinfo_of,
 )
@@ -78,9 +74,6 @@ RECV_BUFFER = 65536
 #: Kernel buffers asked for on listening sockets (capped by net.core.rmem_max/wmem_max):
 #: they hold the bursts of every client of the forward, and every reply goes out through them.
 LISTENER_BUFFER = 4 * 1024 * 1024
-#: Decoded local addresses kept per forward (wildcard listeners): a host has a few; the cap
-#: only matters if something odd (many addresses, interface indexes) keeps adding entries.
-LOCAL_CACHE = 256
 #: Endpoints tried when a flow's socket cannot be created or connected.
 CONNECT_ATTEMPTS = 3
 
@@ -106,10 +99,7 @@ class UdpForwarder:
         """The port each listening socket is bound to (the PROXY header's destination port)."""
         self.kernel_drops: dict[socket.socket, int] = {}
         """Per listening socket, the kernel's drop count already counted as overload."""
-        self.bound_local: dict[socket.socket, LocalAddress] = {}
-        """Per listening socket bound to one address, that address (replies need no pktinfo)."""
-        self.locals: dict[bytes, LocalAddress] = {}
-        """Wildcard listeners: decoded pktinfo by its raw bytes (a few local addresses)."""
+        self.locals = LocalAddresses()
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.accepting = True
@@ -143,8 +133,7 @@ class UdpForwarder:
         self.listeners[host] = sock
         self.ports[sock] = sock.getsockname()[1]
         self.kernel_drops[sock] = 0
-        if not wildcard:
-            self.bound_local[sock] = bound_address(sock)
+        self.locals.add(sock, wildcard)
         self.loop.add_reader(sock.fileno(), self._on_datagram, sock, wildcard)
         log.info("forward %s: listening on udp %s", self.name, _where(sock),
                  extra={"forward": self.name})
@@ -161,7 +150,7 @@ class UdpForwarder:
         self.loop.remove_reader(sock.fileno())
         del self.ports[sock]
         del self.kernel_drops[sock]
-        self.bound_local.pop(sock, None)
+        self.locals.remove(sock)
         sock.close()
         log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
 
@@ -197,7 +186,7 @@ class UdpForwarder:
             # A wildcard listener's datagrams all carry pktinfo; the drop count rides along
             # only after drops.
             if len(ancdata) > wildcard:
-                self.kernel_drops[lsock] = self._count_drops(self.kernel_drops[lsock], ancdata)
+                self.kernel_drops[lsock] = count.kernel_drops(self.kernel_drops[lsock], ancdata)
             flow = get(client)
             if flow is None:
                 flow = self._new_flow(lsock, client, ancdata, wildcard)
@@ -221,23 +210,14 @@ class UdpForwarder:
             datagrams.value += 1
             payload.value += size
 
-    def _count_drops(self, seen: int, ancdata: list[Ancillary]) -> int:
-        """Count as overload what a socket's kernel drop count (SO_RXQ_OVFL) grew by since
-        ``seen``; returns the new count to remember."""
-        total = kernel_drops(ancdata)
-        if total <= seen:
-            return seen
-        self.count.overload.inc(total - seen)
-        return total
-
     def _send_again(self, flow: Flow, size: int, exc: OSError) -> bool:
         """After sending to the backend failed with ``exc``: whether a second try went out."""
         if not isinstance(exc, ConnectionRefusedError):
-            self._send_failed(exc)
+            self.count.send_failed(exc)
             return False
         # An earlier datagram drew ICMP port unreachable; the kernel reports it on this send
         # (and clears it) instead of sending: count it, try again once.
-        self._refused(flow)
+        self.count.refused_by(flow.endpoint)
         data = self.view[:size]
         try:
             if flow.header is None:
@@ -245,26 +225,12 @@ class UdpForwarder:
             else:
                 flow.sock.sendmsg((flow.header, data))
         except ConnectionRefusedError:
-            self._refused(flow)
+            self.count.refused_by(flow.endpoint)
             return False
         except OSError as exc2:
-            self._send_failed(exc2)
+            self.count.send_failed(exc2)
             return False
         return True
-
-    def _send_failed(self, exc: OSError) -> None:
-        if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM):
-            self.count.overload.inc()
-        elif exc.errno == errno.EMSGSIZE:
-            self.count.too_big.inc()
-        else:
-            self.count.error.inc()
-
-    def _refused(self, flow: Flow) -> None:
-        self.count.refused.inc()
-        log.warning("forward %s: backend %s refused a datagram (ICMP port unreachable)",
-                    self.name, flow.endpoint,
-                    extra={"forward": self.name, "endpoint": str(flow.endpoint)})
 
     # -- flows ------------------------------------------------------------------------------
     def _new_flow(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
@@ -279,7 +245,7 @@ class UdpForwarder:
         if connected is None:
             return None
         sock, endpoint = connected
-        local = self._local(lsock, ancdata, wildcard)
+        local = self.locals.of(lsock, ancdata, wildcard)
         flow = Flow(client, lsock, local, sock, endpoint, self.loop.time())
         flow.generation = self.generation
         flow.header = self._header(flow)
@@ -312,10 +278,7 @@ class UdpForwarder:
         if removed is not None:
             evicted = self.table.evictions != evictions
             if evicted:
-                self.count.evicted.inc()
-                log.warning("forward %s: max-flows %d reached; evicting the least recently "
-                            "active flow", self.name, self.table.limits.max_flows,
-                            extra={"forward": self.name})
+                self.count.evicted_one(self.loop.time(), self.table.limits.max_flows)
             self._close(removed[1], "evicted" if evicted else "expired")
         self.poller.add(flow)
         self.target.opened(flow.endpoint)
@@ -327,24 +290,8 @@ class UdpForwarder:
                   wildcard: bool) -> None:
         """The client now sends to another local address: answer from that one."""
         flow.listener = lsock
-        flow.local = self._local(lsock, ancdata, wildcard)
+        flow.local = self.locals.of(lsock, ancdata, wildcard)
         flow.header = self._header(flow)
-
-    def _local(self, lsock: socket.socket, ancdata: list[Ancillary],
-               wildcard: bool) -> LocalAddress:
-        """Where the client sent to: a listener's own address, or (wildcard) decoded from
-        the pktinfo, once per distinct local address rather than once per flow."""
-        if not wildcard:
-            return self.bound_local[lsock]
-        raw = pktinfo_of(ancdata)
-        local = self.locals.get(raw)
-        if local is None:
-            local = local_address(ancdata, lsock)
-            if raw:
-                if len(self.locals) >= LOCAL_CACHE:
-                    self.locals.clear()
-                self.locals[raw] = local
-        return local
 
     def _endpoints_changed(self, endpoints: EndpointSet) -> None:
         self.generation += 1
@@ -398,20 +345,20 @@ class UdpForwarder:
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
-                self._refused(flow)  # ICMP port unreachable; the flow stays
+                self.count.refused_by(flow.endpoint)  # ICMP port unreachable; the flow stays
                 continue
             except OSError:
                 count.error.value += 1
                 break
             if ancdata:  # replies the kernel dropped on this flow's full buffer
-                flow.drops = self._count_drops(flow.drops, ancdata)
+                flow.drops = count.kernel_drops(flow.drops, ancdata)
             try:
                 if flow.local.reply:
                     flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
                 else:  # a listener bound to one address: replies leave from it anyway
                     flow.listener.sendto(view[:size], flow.client)
             except OSError as exc:
-                self._send_failed(exc)
+                self.count.send_failed(exc)
                 continue
             sent += 1
             flow.bytes_down += size

@@ -135,3 +135,38 @@ def _from_in6_pktinfo(data: bytes) -> LocalAddress:
     link_local = address[0] == 0xFE and address[1] & 0xC0 == 0x80
     ifindex = data[16:20] if link_local else _NO_IFINDEX
     return LocalAddress(data, host, ((socket.IPPROTO_IPV6, IPV6_PKTINFO, address + ifindex),))
+
+
+#: Decoded local addresses kept per forward: a host has a few; the cap only matters if
+#: something odd (many addresses, interface indexes) keeps adding entries.
+LOCAL_CACHE = 256
+
+
+class LocalAddresses:
+    """Where clients sent to, per listening socket of a forward: the socket's own address
+    when it is bound to one, else decoded from the pktinfo once per distinct local address
+    (not once per flow)."""
+
+    def __init__(self) -> None:
+        self.bound: dict[socket.socket, LocalAddress] = {}
+        self.decoded: dict[bytes, LocalAddress] = {}
+
+    def add(self, sock: socket.socket, wildcard: bool) -> None:
+        if not wildcard:
+            self.bound[sock] = bound_address(sock)
+
+    def remove(self, sock: socket.socket) -> None:
+        self.bound.pop(sock, None)
+
+    def of(self, sock: socket.socket, ancdata: list[Ancillary], wildcard: bool) -> LocalAddress:
+        if not wildcard:
+            return self.bound[sock]
+        raw = pktinfo_of(ancdata)
+        local = self.decoded.get(raw)
+        if local is None:
+            local = local_address(ancdata, sock)
+            if raw:
+                if len(self.decoded) >= LOCAL_CACHE:
+                    self.decoded.clear()
+                self.decoded[raw] = local
+        return local
