@@ -328,7 +328,8 @@ class TcpForwarder:
         self.stop_accepting()
         if self.active:
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                async with asyncio.timeout(timeout):  # cancellation-safe, unlike wait_for
+                    await self._idle.wait()
             except TimeoutError:
                 pass
         self.abort_all()
