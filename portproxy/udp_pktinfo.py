@@ -18,6 +18,11 @@ Linux details this relies on (checked on the kernels we support):
 - IPv6 keeps the interface index only for link-local addresses, which need it to mean
   anything; a multicast destination cannot be a source, so replies then go without PKTINFO.
 
+Only listeners that need it get pktinfo (``needs_pktinfo``): a socket bound to one unicast
+address already sends from that address, so there the per-datagram ancillary parsing and
+the ancillary data on every reply are skipped (``LocalAddresses`` hands out the bound
+address instead).
+
 The same ancillary data also carries ``SO_RXQ_OVFL``: the socket's running count of datagrams
 the kernel dropped because its receive buffer was full. The kernel attaches it only once a
 drop has happened, so it costs nothing until a flood, and then the engine can count drops
