@@ -53,6 +53,7 @@ from portproxy.udp_flow import (
     allowed,
     connect_first,
     log_address,
+    table_clock,
     unmapped,
 )
 from portproxy.udp_pktinfo import (
@@ -95,7 +96,7 @@ class UdpForwarder:
         self.proxy_v2 = options.proxy_protocol == ProxyProtocol.V2
         self.idle_timeout = options.idle_timeout_for(Protocol.UDP)
         self.table: FlowTable[Client, Flow] = FlowTable(
-            FlowLimits(self.idle_timeout, options.max_flows), self.loop.time)
+            FlowLimits(self.idle_timeout, options.max_flows), table_clock(self.loop))
         self.listeners: dict[str, socket.socket] = {}
         self.ports: dict[socket.socket, int] = {}
         """The port each listening socket is bound to (the PROXY header's destination port)."""

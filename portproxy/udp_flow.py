@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import select
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -276,6 +277,15 @@ class FlowExpiry:
             if flow is not None:
                 quiet.append((client, flow))
         return quiet
+
+
+def table_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The flow table's clock, read twice per round trip: asyncio's own ``loop.time`` is a
+    Python function around ``time.monotonic``, so take the latter directly (one frame less
+    per read); other loops (uvloop keeps its own cached clock) keep ``loop.time``."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 
 def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoint] | None:
