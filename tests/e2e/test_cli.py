@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import signal
 import socket
-from collections.abc import Iterator
-
-import pytest
 
 from portproxy import __version__
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess, run_cli
 from tests.net.harness import EchoServer, free_port, recv_all
-
-
-@pytest.fixture
-def backend() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_version() -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from portproxy.cli import legacy_spec
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess, run_cli
 from tests.net.harness import EchoServer, free_port, recv_all
-
-
-@pytest.fixture
-def backend() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_check_offline_prints_a_table_and_passes() -> None:

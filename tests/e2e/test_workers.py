@@ -6,22 +6,10 @@ import os
 import signal
 import socket
 import urllib.request
-from collections.abc import Iterator
-
-import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
 from tests.net.harness import EchoServer, free_port, recv_all
-
-
-@pytest.fixture
-def backend() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def metric(admin: int, prefix: str) -> float:
