@@ -90,6 +90,18 @@ def _target_mode(forward: Forward) -> str:
     return "static" if target.is_ip else "dns"
 
 
+def reloaded(reloader: Reloader, sources: ForwardSources) -> Settings | None:
+    """The configuration read again (SIGHUP) plus the ConfigMap forwards, or None when the
+    file is broken (said in the log; the running configuration stays)."""
+    try:
+        new = reloader()
+    except PortproxyError as exc:
+        log.error("reload rejected, keeping the running configuration: %s", exc)
+        return None
+    sources.static = new.forwards
+    return replace(new, forwards=sources.desired())
+
+
 class Resolvers:
     """Creates each forward's resolver; owns the Kubernetes client (one per process)."""
 
@@ -259,13 +271,9 @@ class Daemon:
     # -- reload ---------------------------------------------------------------------------
     def request_reload(self) -> None:
         assert self.reloader is not None
-        try:
-            new = self.reloader()
-        except PortproxyError as exc:
-            log.error("reload rejected, keeping the running configuration: %s", exc)
-            return
-        self.sources.static = new.forwards
-        self.apply(replace(new, forwards=self.sources.desired()))
+        new = reloaded(self.reloader, self.sources)
+        if new is not None:
+            self.apply(new)
 
     def _apply_sources(self) -> None:
         self.apply(replace(self.settings, forwards=self.sources.desired()))

@@ -33,7 +33,7 @@ from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
-from portproxy.daemon import Daemon, Reloader, Resolvers, status_of
+from portproxy.daemon import Daemon, Reloader, Resolvers, reloaded, status_of
 from portproxy.endpoints import Balancer, EndpointSet
 from portproxy.errors import PortproxyError, SetupError
 from portproxy.metrics import ProxyMetrics, Registry
@@ -298,13 +298,9 @@ class Supervisor:
 
     def _on_hup(self) -> None:
         assert self.reloader is not None
-        try:
-            new = self.reloader()
-        except PortproxyError as exc:
-            log.error("reload rejected, keeping the running configuration: %s", exc)
-            return
-        self.sources.static = new.forwards
-        self._apply(replace(new, forwards=self.sources.desired()))
+        new = reloaded(self.reloader, self.sources)
+        if new is not None:
+            self._apply(new)
 
     def _apply(self, new: Settings) -> None:
         """Send ``new`` to every worker; resolve added targets, forget removed ones."""

@@ -94,3 +94,26 @@ def test_a_worker_that_cannot_bind_fails_the_start() -> None:
             proc.stop()
     finally:
         holder.close()
+
+
+def test_sighup_reaches_every_worker(backend: EchoServer, tmp_path) -> None:
+    first, second = free_port(), free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(f'admin-address = "none"\nforwards = '
+                      f'["tcp://127.0.0.1:{first}=127.0.0.1:{backend.port}"]\n')
+    proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config)])
+    try:
+        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{first}" in line
+                             for line in proc.lines) == 2, what="both workers to listen")
+        config.write_text(f'admin-address = "none"\nforwards = '
+                          f'["tcp://127.0.0.1:{first}=127.0.0.1:{backend.port}", '
+                          f'"tcp://127.0.0.1:{second}=127.0.0.1:{backend.port}"]\n')
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{second}" in line
+                             for line in proc.lines) == 2, what="both workers to add it")
+        for i in range(10):  # the kernel spreads these over both workers
+            assert exchange(second, b"new %d" % i) == b"new %d" % i
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
