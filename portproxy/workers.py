@@ -118,6 +118,13 @@ async def worker_main(fd: int) -> int:
 
     daemon = Daemon(worker_settings(settings), resolver_factory=factory)
     ready = asyncio.Event()
+    orphaned = asyncio.Event()
+
+    def supervisor_gone() -> None:
+        if not orphaned.is_set():  # once: a second request would skip the drain
+            orphaned.set()
+            log.warning("worker %d: the supervisor is gone; draining and leaving", os.getpid())
+            daemon.request_stop()
 
     async def listen() -> None:
         try:
@@ -127,16 +134,21 @@ async def worker_main(fd: int) -> int:
                     fed[message[1]].push(message[2])
                 elif message[0] == "settings":
                     daemon.apply(worker_settings(message[1]))
-        except EOFError:
-            daemon.request_stop()  # the supervisor is gone: drain and leave
+        except (EOFError, OSError):
+            # A supervisor killed with our reports unread in its socket shows up as
+            # ECONNRESET rather than EOF.
+            supervisor_gone()
 
     async def report() -> None:
         await ready.wait()
-        await link.send("ready", os.getpid())
-        while True:
-            await link.send("stats", daemon.metrics.registry.snapshot(),
-                            daemon.forward_statuses())
-            await asyncio.sleep(STATS_INTERVAL)
+        try:
+            await link.send("ready", os.getpid())
+            while True:
+                await link.send("stats", daemon.metrics.registry.snapshot(),
+                                daemon.forward_statuses())
+                await asyncio.sleep(STATS_INTERVAL)
+        except OSError:
+            supervisor_gone()
 
     tasks = [asyncio.create_task(listen(), name="supervisor link"),
              asyncio.create_task(report(), name="worker report")]

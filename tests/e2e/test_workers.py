@@ -117,3 +117,48 @@ def test_sighup_reaches_every_worker(backend: EchoServer, tmp_path) -> None:
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+def unread_bytes(pid: int) -> int:
+    """Bytes waiting in the receive queues of ``pid``'s unix sockets (``ss -x``)."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-x", "-p"], capture_output=True, text=True).stdout
+    return sum(int(line.split()[2]) for line in out.splitlines()
+               if f"pid={pid}," in line and line.split()[2].isdigit())
+
+
+def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> None:
+    port = free_port()
+    proc = PortproxyProcess(["run", "--workers", "2", "-f",
+                             f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--admin-address", "none", "--drain-timeout", "5s"])
+    try:
+        pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
+                        what="both workers")
+        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
+                             for line in proc.lines) == 2, what="both workers to listen")
+        for i in range(20):
+            assert exchange(port, b"%d" % i) == b"%d" % i
+        # Stopped, the supervisor leaves the workers' reports unread; killed like that, its
+        # sockets reset (ECONNRESET) instead of ending with EOF.
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: unread_bytes(proc.proc.pid) > 0, what="reports to pile up")
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        wait_for(lambda: all(gone(pid) for pid in pids.values()), timeout=30,
+                 what="orphaned workers to drain and exit")
+    finally:
+        proc.stop()
+        for pid in worker_pids(proc).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
