@@ -81,15 +81,36 @@ def echo(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
-class ProxyThread:
+class LoopThread:
+    """An event loop running on a background thread, driven from the test's thread."""
+
+    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+                 = asyncio.new_event_loop) -> None:
+        self.loop = loop_factory()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+        return self.call(wrapper())
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class ProxyThread(LoopThread):
     """A ``TcpForwarder`` running in a private event loop on a background thread."""
 
     def __init__(self, target_port: int, pump: str, target_host: str = "127.0.0.1",
                  listen_host: str = "127.0.0.1", global_limit: int = 0, **options: Any) -> None:
+        super().__init__()
         self.metrics = ProxyMetrics()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
         forward = Forward(
             spec="test", protocols=(Protocol.TCP,),
             listen=ListenAddress("ip" if listen_host else "any", listen_host, 0),
@@ -112,14 +133,6 @@ class ProxyThread:
         self.host = listen_host or "127.0.0.1"
         self.port: int = self.engine.listeners[listen_host].getsockname()[1]
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def run(self, fn: Callable[[], T]) -> T:
-        async def wrapper() -> T:
-            return fn()
-        return self.call(wrapper())
-
     def counter(self, result: str) -> float:
         return self.run(lambda: self.metrics.connections.labels("test", result).value)
 
@@ -136,9 +149,7 @@ class ProxyThread:
         try:
             self.call(self.engine.drain(0))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
 
 
 def sha(data: bytes | bytearray) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import select
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from portproxy.endpoints import Balancer, Endpoint, EndpointSet
@@ -15,6 +15,7 @@ from portproxy.resolve.static import StaticResolver
 from portproxy.spec import Forward, ForwardOptions, HostTarget, ListenAddress, Protocol
 from portproxy.target import TargetState
 from portproxy.udp import UdpForwarder
+from tests.net.harness import LoopThread
 
 T = TypeVar("T")
 Handler = Callable[[bytes, tuple[Any, ...]], list[bytes]]
@@ -79,18 +80,16 @@ class UdpBackend:
         self._wake_w.close()
 
 
-class UdpProxy:
+class UdpProxy(LoopThread):
     """A ``UdpForwarder`` running in a private event loop on a background thread."""
 
     def __init__(self, endpoints: list[Endpoint], listen_host: str = "127.0.0.1",
                  listen_port: int = 0,
                  loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
                  **options: Any) -> None:
+        super().__init__(loop_factory)
         self.metrics = ProxyMetrics()
         self.closed_flows: list[tuple[tuple[str, int], str, str]] = []
-        self.loop = loop_factory()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
         first = endpoints[0] if endpoints else Endpoint("127.0.0.1", 9)
         self.forward = Forward(
             spec="test", protocols=(Protocol.UDP,),
@@ -119,14 +118,6 @@ class UdpProxy:
                 duration: float, result: str) -> None:
         self.closed_flows.append((client, endpoint, result))
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def run(self, fn: Callable[[], T]) -> T:
-        async def wrapper() -> T:
-            return fn()
-        return self.call(wrapper())
-
     def dropped(self, reason: str) -> float:
         return self.run(lambda: self.metrics.udp_dropped.labels("test", reason).value)
 
@@ -153,11 +144,6 @@ class UdpProxy:
             self.call(self.engine.drain(0))
         finally:
             self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
