@@ -27,9 +27,9 @@ from portproxy.spec import (
     ProxyProtocol,
     TargetMode,
     options_from_pairs,
-    parse_duration,
     parse_forward,
 )
+from portproxy.spec_values import parse_duration
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SETUP = 0, 1, 2, 3
 F = TypeVar("F", bound=Callable[..., Any])

@@ -3,6 +3,10 @@
 Pure parsing into frozen dataclasses; no sockets, no DNS, no clock. Every error is a
 ``ConfigError`` that quotes the spec and names the offending part, e.g.
 ``invalid --forward 'tcp://:99999=x:1': port 99999 is out of range 1-65535``.
+
+This module holds the grammar (listen address, target, options) and the option table (which
+key takes which kind of value); the value syntaxes themselves (durations, CIDR lists...) are
+in ``spec_values``, shared with the flags and the config file.
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from typing import Literal
 
 from portproxy.endpoints import BalancePolicy
 from portproxy.errors import ConfigError
+from portproxy.spec_values import (
+    InvalidPart,
+    allowlist,
+    count,
+    duration,
+    enum_member,
+    flag,
+    label,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,32 +48,6 @@ class TargetMode(StrEnum):
 class ProxyProtocol(StrEnum):
     V1 = "v1"
     V2 = "v2"
-
-
-class _Invalid(Exception):
-    """A reason, without the spec around it; ``parse_forward`` adds the context."""
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """``500ms``, ``30s``, ``5m``, ``1h`` or plain seconds → seconds (float, >= 0)."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise ConfigError(
-            f"invalid duration {text!r}: use a number with an optional unit ms, s, m or h "
-            "(e.g. 500ms, 30s, 5m, 1h)"
-        )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def format_duration(seconds: float) -> str:
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{round(seconds * 1000)}ms"
 
 
 DEFAULT_TCP_IDLE_TIMEOUT = 3600.0
@@ -195,15 +182,14 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:/\-+*\[\]]{1,100}$")
 
 
 def parse_port(text: str, what: str = "port") -> int:
     if not text.isdigit():
-        raise _Invalid(f"{what} {text!r} is not a number")
+        raise InvalidPart(f"{what} {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
-        raise _Invalid(f"{what} {port} is out of range 1-65535")
+        raise InvalidPart(f"{what} {port} is out of range 1-65535")
     return port
 
 
@@ -212,16 +198,16 @@ def _parse_listen(text: str) -> tuple[tuple[Protocol, ...], ListenAddress]:
     if "://" in text:
         scheme, _, text = text.partition("://")
         if scheme.lower() not in _PROTOCOLS:
-            raise _Invalid(f"protocol {scheme!r} is not one of tcp, udp, tcp+udp")
+            raise InvalidPart(f"protocol {scheme!r} is not one of tcp, udp, tcp+udp")
         protocols = _PROTOCOLS[scheme.lower()]
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise _Invalid(f"listen address {text!r}: expected [IPv6]:PORT")
+            raise InvalidPart(f"listen address {text!r}: expected [IPv6]:PORT")
         try:
             address = ipaddress.IPv6Address(host)
         except ValueError:
-            raise _Invalid(f"listen address {host!r} is not an IPv6 address") from None
+            raise InvalidPart(f"listen address {host!r} is not an IPv6 address") from None
         return protocols, ListenAddress("ip", str(address), parse_port(rest[1:]))
     host, sep, port_text = text.rpartition(":")
     if not sep:
@@ -229,22 +215,22 @@ def _parse_listen(text: str) -> tuple[tuple[Protocol, ...], ListenAddress]:
     if host in ("", "*"):
         return protocols, ListenAddress("any", "", parse_port(port_text))
     if ":" in host:
-        raise _Invalid(f"listen address {host!r}: write IPv6 addresses in brackets, [{host}]")
+        raise InvalidPart(f"listen address {host!r}: write IPv6 addresses in brackets, [{host}]")
     if re.fullmatch(r"[\d.]+", host):
         try:
             return protocols, ListenAddress(
                 "ip", str(ipaddress.IPv4Address(host)), parse_port(port_text))
         except ipaddress.AddressValueError:
-            raise _Invalid(f"listen address {host!r} is not an IPv4 address") from None
+            raise InvalidPart(f"listen address {host!r} is not an IPv4 address") from None
     return protocols, _parse_interface(host, parse_port(port_text))
 
 
 def _parse_interface(text: str, port: int) -> ListenAddress:
     name, _, family = text.partition("/")
     if family not in ("", "ipv4", "ipv6"):
-        raise _Invalid(f"interface {text!r}: the family after '/' must be ipv4 or ipv6")
+        raise InvalidPart(f"interface {text!r}: the family after '/' must be ipv4 or ipv6")
     if not _INTERFACE.match(name):
-        raise _Invalid(
+        raise InvalidPart(
             f"listen address {name!r} is neither an IP address nor an interface name "
             "(1-15 characters of letters, digits, '-', '_', '.')"
         )
@@ -255,36 +241,36 @@ def _parse_interface(text: str, port: int) -> ListenAddress:
 
 def _parse_target(text: str) -> Target:
     if not text:
-        raise _Invalid("target is missing after '='")
+        raise InvalidPart("target is missing after '='")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise _Invalid(f"target {text!r}: expected [IPv6]:PORT")
+            raise InvalidPart(f"target {text!r}: expected [IPv6]:PORT")
         try:
             address = ipaddress.IPv6Address(host)
         except ValueError:
-            raise _Invalid(f"target {host!r} is not an IPv6 address") from None
+            raise InvalidPart(f"target {host!r} is not an IPv6 address") from None
         return HostTarget(str(address), parse_port(rest[1:], "target port"))
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise _Invalid(f"target {text!r} needs a port: HOST:PORT or NAMESPACE/NAME:PORT")
+        raise InvalidPart(f"target {text!r} needs a port: HOST:PORT or NAMESPACE/NAME:PORT")
     if "/" in host:
         return _parse_service(host, port_text)
     if ":" in host:
-        raise _Invalid(f"target {host!r}: write IPv6 addresses in brackets, [{host}]")
+        raise InvalidPart(f"target {host!r}: write IPv6 addresses in brackets, [{host}]")
     return HostTarget(_validate_host(host), parse_port(port_text, "target port"))
 
 
 def _parse_service(host: str, port_text: str) -> ServiceTarget:
     namespace, _, name = host.partition("/")
     if not _DNS_LABEL.match(namespace):
-        raise _Invalid(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
+        raise InvalidPart(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
     if not _DNS_1035.match(name):
-        raise _Invalid(f"service name {name!r} is not a valid Kubernetes Service name")
+        raise InvalidPart(f"service name {name!r} is not a valid Kubernetes Service name")
     if port_text.isdigit():
         return ServiceTarget(namespace, name, parse_port(port_text, "service port"))
     if not _PORT_NAME.match(port_text) or not re.search("[a-z]", port_text):
-        raise _Invalid(
+        raise InvalidPart(
             f"service port {port_text!r} is neither a number nor a valid port name "
             "(lowercase letters, digits and '-', at most 15)"
         )
@@ -296,46 +282,11 @@ def _validate_host(host: str) -> str:
         try:
             return str(ipaddress.IPv4Address(host))
         except ipaddress.AddressValueError:
-            raise _Invalid(f"target {host!r} is not a valid IPv4 address") from None
+            raise InvalidPart(f"target {host!r} is not a valid IPv4 address") from None
     labels = host.rstrip(".").split(".")
-    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
-        raise _Invalid(f"target host {host!r} is not a valid IP address or DNS name")
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(part) for part in labels):
+        raise InvalidPart(f"target host {host!r} is not a valid IP address or DNS name")
     return host
-
-
-def _positive_duration(key: str, value: str, allow_zero: bool) -> float:
-    try:
-        seconds = parse_duration(value)
-    except ConfigError as exc:
-        raise _Invalid(f"{key}: {exc}") from None
-    if seconds == 0 and not allow_zero:
-        raise _Invalid(f"{key} must be greater than 0")
-    return seconds
-
-
-def _count(key: str, value: str) -> int:
-    if not value.isdigit():
-        raise _Invalid(f"{key}={value!r} is not a whole number")
-    return int(value)
-
-
-def _allowlist(value: str) -> tuple[IPNetwork, ...]:
-    networks: list[IPNetwork] = []
-    for part in value.split(";"):
-        if not part.strip():
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part.strip(), strict=False))
-        except ValueError:
-            raise _Invalid(f"allow: {part!r} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8)") from None
-    return tuple(networks)
-
-
-def _enum_value(key: str, value: str, enum: type[StrEnum]) -> str:
-    allowed = [e.value for e in enum]
-    if value not in allowed:
-        raise _Invalid(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    return value
 
 
 _FLAG_KEYS = ("wait-interface", "freebind")
@@ -347,29 +298,25 @@ def option_values(pairs: Mapping[str, str]) -> dict[str, object]:
     for key, value in pairs.items():
         attr = key.replace("-", "_")
         if key == "mode":
-            values[attr] = TargetMode(_enum_value(key, value, TargetMode))
+            values[attr] = enum_member(key, value, TargetMode)
         elif key == "balance":
-            values[attr] = BalancePolicy(_enum_value(key, value, BalancePolicy))
+            values[attr] = enum_member(key, value, BalancePolicy)
         elif key == "proxy-protocol":
-            values[attr] = ProxyProtocol(_enum_value(key, value, ProxyProtocol))
+            values[attr] = enum_member(key, value, ProxyProtocol)
         elif key == "connect-timeout":
-            values[attr] = _positive_duration(key, value, allow_zero=False)
+            values[attr] = duration(key, value, allow_zero=False)
         elif key in ("idle-timeout", "fin-timeout"):
-            values[attr] = _positive_duration(key, value, allow_zero=True)
+            values[attr] = duration(key, value, allow_zero=True)
         elif key in ("max-conns", "max-flows"):
-            values[attr] = _count(key, value)
+            values[attr] = count(key, value)
         elif key == "allow":
-            values[attr] = _allowlist(value)
+            values[attr] = allowlist(value)
         elif key in _FLAG_KEYS:
-            if value.lower() not in ("", "true", "yes", "1", "false", "no", "0"):
-                raise _Invalid(f"{key}={value!r}: use true or false")
-            values[attr] = value.lower() in ("", "true", "yes", "1")
+            values[attr] = flag(key, value)
         elif key == "name":
-            if not _NAME.match(value):
-                raise _Invalid(f"name={value!r}: use 1-100 letters, digits or . _ - : / + *")
-            values[attr] = value
+            values[attr] = label(key, value)
         else:
-            raise _Invalid(f"unknown option {key!r} (known: {', '.join(OPTION_KEYS)})")
+            raise InvalidPart(f"unknown option {key!r} (known: {', '.join(OPTION_KEYS)})")
     return values
 
 
@@ -379,11 +326,11 @@ def _split_options(parts: list[str]) -> dict[str, str]:
         key, sep, value = part.partition("=")
         key = key.strip().lower()
         if not key:
-            raise _Invalid(f"option {part!r} has no key")
+            raise InvalidPart(f"option {part!r} has no key")
         if not sep and key not in _FLAG_KEYS:
-            raise _Invalid(f"option {key!r} needs a value: {key}=VALUE")
+            raise InvalidPart(f"option {key!r} needs a value: {key}=VALUE")
         if key in pairs:
-            raise _Invalid(f"option {key!r} is given twice")
+            raise InvalidPart(f"option {key!r} is given twice")
         pairs[key] = value.strip()
     return pairs
 
@@ -392,7 +339,7 @@ def options_from_pairs(pairs: Mapping[str, str], base: ForwardOptions) -> Forwar
     """Apply validated ``key=value`` options on top of ``base`` (raises ConfigError)."""
     try:
         return replace(base, **option_values(pairs))  # type: ignore[arg-type]
-    except _Invalid as exc:
+    except InvalidPart as exc:
         raise ConfigError(str(exc)) from None
 
 
@@ -400,19 +347,19 @@ def parse_forward(text: str, defaults: ForwardOptions | None = None) -> Forward:
     """Parse one ``--forward`` spec; ``defaults`` carries the global ``--KEY`` options."""
     try:
         return _parse_forward(text, defaults or ForwardOptions())
-    except _Invalid as exc:
+    except InvalidPart as exc:
         raise ConfigError(f"invalid --forward {text!r}: {exc}") from None
 
 
 def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
     stripped = text.strip()
     if not stripped:
-        raise _Invalid("the spec is empty; expected [PROTO://][ADDRESS:]PORT=TARGET")
+        raise InvalidPart("the spec is empty; expected [PROTO://][ADDRESS:]PORT=TARGET")
     if any(ch.isspace() for ch in stripped):
-        raise _Invalid("the spec contains whitespace")
+        raise InvalidPart("the spec contains whitespace")
     listen_text, sep, rest = stripped.partition("=")
     if not sep:
-        raise _Invalid("missing '=': expected [PROTO://][ADDRESS:]PORT=TARGET")
+        raise InvalidPart("missing '=': expected [PROTO://][ADDRESS:]PORT=TARGET")
     protocols, listen = _parse_listen(listen_text)
     target_text, *option_parts = rest.split(",")
     target = _parse_target(target_text)
@@ -426,8 +373,8 @@ def _check_consistency(
     options: ForwardOptions,
 ) -> None:
     if options.proxy_protocol is ProxyProtocol.V1 and Protocol.UDP in protocols:
-        raise _Invalid("proxy-protocol=v1 is TCP only; UDP forwards can use v2")
+        raise InvalidPart("proxy-protocol=v1 is TCP only; UDP forwards can use v2")
     if options.wait_interface and listen.kind != "interface":
-        raise _Invalid("wait-interface only applies to an interface listen address")
+        raise InvalidPart("wait-interface only applies to an interface listen address")
     if options.freebind and listen.kind != "ip":
-        raise _Invalid("freebind only applies to an IP listen address")
+        raise InvalidPart("freebind only applies to an IP listen address")

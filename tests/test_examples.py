@@ -290,7 +290,7 @@ def forward_specs(container: dict[str, Any]) -> list[str]:
 
 
 def duration_seconds(text: str) -> float:
-    from portproxy.spec import parse_duration
+    from portproxy.spec_values import parse_duration
 
     return float(parse_duration(text))
 

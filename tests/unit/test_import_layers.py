@@ -19,7 +19,7 @@ OWNERS = {
     "pyroute2": {"netlink.py"},
     "click": {"cli.py"},
 }
-PURE = ["spec.py", "endpoints.py", "flowtable.py", "proxyproto.py", "metrics.py",
+PURE = ["spec.py", "spec_values.py", "endpoints.py", "flowtable.py", "proxyproto.py", "metrics.py",
         "configmap.py", "status.py", "errors.py", "endpointslices.py"]
 IO_MODULES = {"socket", "asyncio", "os", "subprocess", "selectors", "threading", "select",
               "fcntl", "urllib", "http", "ssl", "signal"}

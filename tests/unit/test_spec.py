@@ -18,9 +18,9 @@ from portproxy.spec import (
     ProxyProtocol,
     ServiceTarget,
     TargetMode,
-    parse_duration,
     parse_forward,
 )
+from portproxy.spec_values import parse_duration
 
 TCP, UDP = (Protocol.TCP,), (Protocol.UDP,)
 

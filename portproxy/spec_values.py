@@ -1,0 +1,97 @@
+"""Option values of the forward spec: the text of one ``key=value`` → a typed value.
+
+Durations (``500ms``, ``30s``), whole numbers, CIDR allowlists, enum names, true/false and
+labels. Pure: no sockets, no clock. Which key takes which kind of value is the option table
+in ``spec.py``; this module only knows the value syntaxes, so a flag (``--idle-timeout``),
+a spec option (``,idle-timeout=``) and a file key all accept the same text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import TypeVar
+
+from portproxy.errors import ConfigError
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class InvalidPart(Exception):
+    """A reason, without the spec around it; ``parse_forward`` adds the context."""
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_LABEL = re.compile(r"^[A-Za-z0-9_.:/\-+*\[\]]{1,100}$")
+_TRUE = ("", "true", "yes", "1")
+_FALSE = ("false", "no", "0")
+
+
+def parse_duration(text: str) -> float:
+    """``500ms``, ``30s``, ``5m``, ``1h`` or plain seconds → seconds (float, >= 0)."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ConfigError(
+            f"invalid duration {text!r}: use a number with an optional unit ms, s, m or h "
+            "(e.g. 500ms, 30s, 5m, 1h)"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+def duration(key: str, value: str, allow_zero: bool) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ConfigError as exc:
+        raise InvalidPart(f"{key}: {exc}") from None
+    if seconds == 0 and not allow_zero:
+        raise InvalidPart(f"{key} must be greater than 0")
+    return seconds
+
+
+def count(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise InvalidPart(f"{key}={value!r} is not a whole number")
+    return int(value)
+
+
+def allowlist(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``CIDR;CIDR...`` → networks; host bits are allowed (10.1.2.3/8 means 10.0.0.0/8)."""
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for part in value.split(";"):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise InvalidPart(
+                f"allow: {part!r} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8)") from None
+    return tuple(networks)
+
+
+def enum_member(key: str, value: str, enum: type[E]) -> E:
+    allowed = [e.value for e in enum]
+    if value not in allowed:
+        raise InvalidPart(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return enum(value)
+
+
+def flag(key: str, value: str) -> bool:
+    """A flag option; given without ``=VALUE`` it arrives here as ``""``, meaning true."""
+    if value.lower() not in _TRUE + _FALSE:
+        raise InvalidPart(f"{key}={value!r}: use true or false")
+    return value.lower() in _TRUE
+
+
+def label(key: str, value: str) -> str:
+    if not _LABEL.match(value):
+        raise InvalidPart(f"{key}={value!r}: use 1-100 letters, digits or . _ - : / + *")
+    return value
