@@ -12,23 +12,17 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from portproxy import __version__
+from portproxy.cli_settings import settings_from
 from portproxy.config import Settings
 from portproxy.endpoints import BalancePolicy
 from portproxy.errors import ConfigError, SetupError
-from portproxy.spec import (
-    Forward,
-    ForwardOptions,
-    ProxyProtocol,
-    TargetMode,
-    options_from_pairs,
-    parse_forward,
-)
+from portproxy.spec import ProxyProtocol, TargetMode
 from portproxy.spec_values import parse_duration
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SETUP = 0, 1, 2, 3
@@ -166,93 +160,6 @@ daemon_options = _options(
 def fail(message: str, code: int) -> NoReturn:
     click.echo(f"portproxy: error: {message}", err=True)
     sys.exit(code)
-
-
-def default_options(params: dict[str, Any]) -> ForwardOptions:
-    pairs = {"mode": params["mode"], "balance": params["balance"],
-             "max-flows": str(params["max_flows"])}
-    if params["proxy_protocol"]:
-        pairs["proxy-protocol"] = params["proxy_protocol"]
-    if params["allow"]:
-        pairs["allow"] = params["allow"]
-    try:
-        base = options_from_pairs(pairs, ForwardOptions())
-    except ConfigError as exc:
-        raise ConfigError(f"invalid global option: {exc}") from None
-    return ForwardOptions(
-        mode=base.mode, balance=base.balance, max_flows=base.max_flows,
-        proxy_protocol=base.proxy_protocol, allow=base.allow,
-        connect_timeout=params["connect_timeout"], idle_timeout=params["idle_timeout"],
-        fin_timeout=params["fin_timeout"],
-    )
-
-
-def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: bool = False
-                   ) -> tuple[Forward, ...]:
-    if not specs and not allow_none:
-        raise ConfigError("no forwards given: use -f/--forward SPEC (or PORTPROXY_FORWARD)")
-    forwards = tuple(parse_forward(spec, defaults) for spec in specs)
-    seen: dict[tuple[str, str, int], str] = {}
-    for forward in forwards:
-        for protocol in forward.protocols:
-            key = (protocol.value, forward.listen.host, forward.listen.port)
-            if key in seen:
-                raise ConfigError(f"invalid --forward {forward.spec!r}: {protocol.value} "
-                                  f"{forward.listen} is already used by {seen[key]!r}")
-            seen[key] = forward.spec
-    names = [f.name for f in forwards]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"two forwards are named {name!r}; names must be unique")
-    return forwards
-
-
-def settings_from(params: dict[str, Any]) -> Settings:
-    from portproxy.admin import parse_admin_address
-
-    defaults = default_options(params)
-    configmaps = (params["tcp_services_configmap"], params["udp_services_configmap"])
-    settings = Settings(
-        forwards=build_forwards(params["forwards"], defaults, allow_none=any(configmaps)),
-        forward_defaults=defaults,
-        tcp_services_configmap=configmaps[0] or None,
-        udp_services_configmap=configmaps[1] or None,
-        drain_timeout=params.get("drain_timeout", 30.0),
-        use_splice=not params.get("no_splice", False),
-        admin_address=parse_admin_address(params.get("admin_address") or "none"),
-        max_conns=params.get("max_conns", 0),
-        access_log=params.get("access_log", False),
-        kubeconfig=params["kubeconfig"],
-        kube_context=params["kube_context"],
-        node_name=params["node_name"] or None,
-        config_file=params["config"],
-        create_interface=params.get("create_interface"),
-        workers=params.get("workers", 1),
-        log_level=params.get("log_level", "info"),
-        log_format=params.get("log_format", "text"),
-        interface_addresses=_vip_addresses(params),
-    )
-    from portproxy.configmap import configmap_refs
-
-    configmap_refs(settings)  # NS/NAME checked now: a typo is exit 2, not a log line later
-    return settings
-
-
-def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:
-    import ipaddress
-
-    addresses = tuple(params.get("addresses") or ())
-    if addresses and not params.get("create_interface"):
-        raise ConfigError("--address needs --create-interface NAME")
-    if params.get("create_interface") and not addresses:
-        raise ConfigError("--create-interface needs at least one --address CIDR")
-    for address in addresses:
-        try:
-            ipaddress.ip_interface(address)
-        except ValueError:
-            raise ConfigError(f"invalid --address {address!r}: not an IP address or CIDR "
-                              "(e.g. 169.254.20.10/32)") from None
-    return addresses
 
 
 def run_guarded(body: Callable[[], None]) -> NoReturn:

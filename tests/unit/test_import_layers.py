@@ -24,7 +24,8 @@ PURE = ["spec.py", "spec_values.py", "endpoints.py", "flowtable.py", "proxyproto
 IO_MODULES = {"socket", "asyncio", "os", "subprocess", "selectors", "threading", "select",
               "fcntl", "urllib", "http", "ssl", "signal"}
 #: Modules that may only be imported by the layers above them.
-UPPER = {"portproxy.cli": {"__main__.py"}, "portproxy.daemon": {"cli.py", "workers.py"},
+UPPER = {"portproxy.cli": {"__main__.py"}, "portproxy.cli_settings": {"cli.py"},
+         "portproxy.daemon": {"cli.py", "workers.py"},
          "portproxy.workers": {"cli.py"}}
 
 

@@ -1,0 +1,102 @@
+"""The parsed flags of ``run`` and ``check`` → one validated ``Settings``.
+
+No click here: the flags arrive as click's params dict, named as ``cli.py`` declares them.
+What is checked here is what no single flag can check on its own: the global option
+defaults as a whole, forwards that would share a port or a name, and ``--address`` VIPs
+that need ``--create-interface``. Every problem is a ``ConfigError`` (exit 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+from portproxy.config import Settings
+from portproxy.errors import ConfigError
+from portproxy.spec import Forward, ForwardOptions, options_from_pairs, parse_forward
+
+
+def default_options(params: dict[str, Any]) -> ForwardOptions:
+    pairs = {"mode": params["mode"], "balance": params["balance"],
+             "max-flows": str(params["max_flows"])}
+    if params["proxy_protocol"]:
+        pairs["proxy-protocol"] = params["proxy_protocol"]
+    if params["allow"]:
+        pairs["allow"] = params["allow"]
+    try:
+        base = options_from_pairs(pairs, ForwardOptions())
+    except ConfigError as exc:
+        raise ConfigError(f"invalid global option: {exc}") from None
+    return ForwardOptions(
+        mode=base.mode, balance=base.balance, max_flows=base.max_flows,
+        proxy_protocol=base.proxy_protocol, allow=base.allow,
+        connect_timeout=params["connect_timeout"], idle_timeout=params["idle_timeout"],
+        fin_timeout=params["fin_timeout"],
+    )
+
+
+def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: bool = False
+                   ) -> tuple[Forward, ...]:
+    if not specs and not allow_none:
+        raise ConfigError("no forwards given: use -f/--forward SPEC (or PORTPROXY_FORWARD)")
+    forwards = tuple(parse_forward(spec, defaults) for spec in specs)
+    seen: dict[tuple[str, str, int], str] = {}
+    for forward in forwards:
+        for protocol in forward.protocols:
+            key = (protocol.value, forward.listen.host, forward.listen.port)
+            if key in seen:
+                raise ConfigError(f"invalid --forward {forward.spec!r}: {protocol.value} "
+                                  f"{forward.listen} is already used by {seen[key]!r}")
+            seen[key] = forward.spec
+    names = [f.name for f in forwards]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two forwards are named {name!r}; names must be unique")
+    return forwards
+
+
+def settings_from(params: dict[str, Any]) -> Settings:
+    from portproxy.admin import parse_admin_address
+
+    defaults = default_options(params)
+    configmaps = (params["tcp_services_configmap"], params["udp_services_configmap"])
+    settings = Settings(
+        forwards=build_forwards(params["forwards"], defaults, allow_none=any(configmaps)),
+        forward_defaults=defaults,
+        tcp_services_configmap=configmaps[0] or None,
+        udp_services_configmap=configmaps[1] or None,
+        drain_timeout=params.get("drain_timeout", 30.0),
+        use_splice=not params.get("no_splice", False),
+        admin_address=parse_admin_address(params.get("admin_address") or "none"),
+        max_conns=params.get("max_conns", 0),
+        access_log=params.get("access_log", False),
+        kubeconfig=params["kubeconfig"],
+        kube_context=params["kube_context"],
+        node_name=params["node_name"] or None,
+        config_file=params["config"],
+        create_interface=params.get("create_interface"),
+        workers=params.get("workers", 1),
+        log_level=params.get("log_level", "info"),
+        log_format=params.get("log_format", "text"),
+        interface_addresses=_vip_addresses(params),
+    )
+    from portproxy.configmap import configmap_refs
+
+    configmap_refs(settings)  # NS/NAME checked now: a typo is exit 2, not a log line later
+    return settings
+
+
+def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:
+    addresses = tuple(params.get("addresses") or ())
+    if addresses and not params.get("create_interface"):
+        raise ConfigError("--address needs --create-interface NAME")
+    if params.get("create_interface") and not addresses:
+        raise ConfigError("--create-interface needs at least one --address CIDR")
+    for address in addresses:
+        try:
+            ipaddress.ip_interface(address)
+        except ValueError:
+            raise ConfigError(f"invalid --address {address!r}: not an IP address or CIDR "
+                              "(e.g. 169.254.20.10/32)") from None
+    return addresses
