@@ -12,8 +12,8 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
@@ -22,56 +22,23 @@ from portproxy.configmap_watch import follow_configmap
 from portproxy.connect import Address
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
+from portproxy.forward_runtime import ForwardRuntime, status_of
 from portproxy.limits import SharedLimit
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_header
 from portproxy.relay import direction_type
-from portproxy.resolve import Resolver
-from portproxy.resolve.dns import DnsResolver
-from portproxy.resolve.static import StaticResolver
-from portproxy.spec import Forward, HostTarget, Protocol, ServiceTarget
+from portproxy.resolver_factory import ResolverFactory, Resolvers
+from portproxy.spec import Forward, Protocol
 from portproxy.splice import splice_available
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
 from portproxy.tcp import ProxyHeader, TcpForwarder
 from portproxy.udp import UdpForwarder
 
-if TYPE_CHECKING:
-    from portproxy.ifbind import InterfaceBinding
-
 log = logging.getLogger("portproxy")
 
 Reloader = Callable[[], Settings]
-
-
-@dataclass(eq=False)
-class ForwardRuntime:
-    """Everything running for one forward."""
-
-    forward: Forward
-    target: TargetState
-    tcp: TcpForwarder | None = None
-    udp: UdpForwarder | None = None
-    binding: InterfaceBinding | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    detail: str = ""
-
-    @property
-    def engines(self) -> list[Any]:
-        return [e for e in (self.tcp, self.udp) if e is not None]
-
-    def stop_accepting(self) -> None:
-        for engine in self.engines:
-            engine.stop_accepting()
-
-    async def drain(self, timeout: float) -> None:
-        await asyncio.gather(*(engine.drain(timeout) for engine in self.engines))
-        for task in self.tasks:
-            task.cancel()
-
-    def set_detail(self, detail: str) -> None:
-        self.detail = detail
 
 
 def choose_pump(use_splice: bool) -> str:
@@ -81,13 +48,6 @@ def choose_pump(use_splice: bool) -> str:
     if not ok:
         log.warning("zero-copy pump unavailable (%s); using the copy pump", reason)
     return "splice" if ok else "copy"
-
-
-def _target_mode(forward: Forward) -> str:
-    target = forward.target
-    if isinstance(target, ServiceTarget):
-        return forward.options.mode.value
-    return "static" if target.is_ip else "dns"
 
 
 def reloaded(reloader: Reloader, sources: ForwardSources) -> Settings | None:
@@ -100,61 +60,6 @@ def reloaded(reloader: Reloader, sources: ForwardSources) -> Settings | None:
         return None
     sources.static = new.forwards
     return replace(new, forwards=sources.desired())
-
-
-class Resolvers:
-    """Creates each forward's resolver; owns the Kubernetes client (one per process)."""
-
-    def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self._kube: Any = None
-
-    def for_forward(self, forward: Forward) -> Resolver:
-        target = forward.target
-        if isinstance(target, ServiceTarget):
-            resolver: Resolver = self.kube().resolver(target, forward.options.mode)
-            return resolver
-        assert isinstance(target, HostTarget)
-        return StaticResolver(target) if target.is_ip else DnsResolver(target)
-
-    def kube(self) -> Any:
-        # Imported on first use: processes without Service targets never load the client.
-        from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
-
-        if self._kube is None:
-            self._kube = KubeResolvers(
-                KubeSettings(kubeconfig=self.settings.kubeconfig,
-                             context=self.settings.kube_context,
-                             node_name=self.settings.node_name),
-                self.metrics)
-        return self._kube
-
-    async def close(self) -> None:
-        if self._kube is not None:
-            await self._kube.close()
-
-
-ResolverFactory = Callable[[Forward], Resolver]
-
-
-def status_of(forward: Forward, target: TargetState, engines: list[Any], detail: str
-              ) -> ForwardStatus:
-    tcp = [e for e in engines if isinstance(e, TcpForwarder)]
-    udp = [e for e in engines if not isinstance(e, TcpForwarder)]
-    return ForwardStatus(
-        name=forward.name,
-        protocols=tuple(p.value for p in forward.protocols),
-        listen=str(forward.listen),
-        target=str(forward.target),
-        mode=_target_mode(forward),
-        endpoints=tuple(str(e) for e in target.endpoints.endpoints),
-        bound=bool(engines) and all(engine.bound for engine in engines) and not detail,
-        resolved=target.resolved,
-        active_connections=sum(e.active for e in tcp),
-        udp_flows=sum(e.flows for e in udp),
-        detail=detail,
-    )
 
 
 class Daemon:

@@ -33,10 +33,12 @@ from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
-from portproxy.daemon import Daemon, Reloader, Resolvers, reloaded, status_of
+from portproxy.daemon import Daemon, Reloader, reloaded
 from portproxy.endpoints import Balancer, EndpointSet
 from portproxy.errors import PortproxyError, SetupError
+from portproxy.forward_runtime import status_of
 from portproxy.metrics import ProxyMetrics, Registry
+from portproxy.resolver_factory import Resolvers
 from portproxy.spec import Forward
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
