@@ -10,7 +10,9 @@ every worker; SIGHUP reloads the file once and sends the result to all.
 
 The kernel keeps a UDP client on one worker: SO_REUSEPORT picks the socket by a hash of the
 4-tuple, which only changes when a worker's socket joins or leaves the group (a restart).
-Messages are pickles: both ends are this program, started by its own supervisor.
+
+This module is the supervisor; the worker's side is ``worker_process.py`` and the messages
+between them are ``worker_link.py``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -33,142 +31,23 @@ from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
-from portproxy.daemon import Daemon, Reloader, reloaded
-from portproxy.endpoints import Balancer, EndpointSet
-from portproxy.errors import PortproxyError, SetupError
+from portproxy.daemon import Reloader, reloaded
+from portproxy.endpoints import Balancer
+from portproxy.errors import SetupError
 from portproxy.forward_runtime import status_of
 from portproxy.metrics import ProxyMetrics, Registry
 from portproxy.resolver_factory import Resolvers
 from portproxy.spec import Forward
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
+from portproxy.worker_link import Link
 
 log = logging.getLogger("portproxy.workers")
 
-_HEADER = struct.Struct("!I")
-STATS_INTERVAL = 1.0
-"""Seconds between a worker's metric reports; the resolution of /metrics with workers."""
 RESTART_DELAY = 1.0
 """Seconds before restarting a crashed worker, so a crash loop cannot spin."""
 
 
-class Link:
-    """Length-prefixed pickled messages over a non-blocking stream socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
-    async def send(self, *message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        await self.loop.sock_sendall(self.sock, _HEADER.pack(len(data)) + data)
-
-    async def _exactly(self, size: int) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < size:
-            chunk = await self.loop.sock_recv(self.sock, size - len(chunks))
-            if not chunk:
-                raise EOFError
-            chunks += chunk
-        return bytes(chunks)
-
-    async def receive(self) -> tuple[Any, ...]:
-        (size,) = _HEADER.unpack(await self._exactly(_HEADER.size))
-        message: tuple[Any, ...] = pickle.loads(await self._exactly(size))
-        return message
-
-
-# -- worker side ---------------------------------------------------------------------------
-class FedResolver:
-    """A resolver whose snapshots come from the supervisor."""
-
-    def __init__(self, forward: Forward) -> None:
-        self.forward = forward
-        self._queue: asyncio.Queue[EndpointSet] = asyncio.Queue()
-
-    def push(self, endpoints: EndpointSet) -> None:
-        self._queue.put_nowait(endpoints)
-
-    def describe(self) -> str:
-        return str(self.forward.target)
-
-    async def watch(self) -> AsyncIterator[EndpointSet]:
-        while True:
-            yield await self._queue.get()
-
-
-def worker_settings(settings: Settings) -> Settings:
-    """What a worker runs: the data plane only; the supervisor keeps the rest."""
-    return replace(settings, admin_address=None, create_interface=None,
-                   interface_addresses=(), workers=1, tcp_services_configmap=None,
-                   udp_services_configmap=None)
-
-
-async def worker_main(fd: int) -> int:
-    link = Link(socket.socket(fileno=fd))
-    kind, settings = await link.receive()
-    assert kind == "settings"
-    from portproxy.logs import setup_logging
-
-    limiter = setup_logging(settings.log_level, settings.log_format)
-    fed: dict[str, FedResolver] = {}
-
-    def factory(forward: Forward) -> FedResolver:
-        resolver = fed[forward.name] = FedResolver(forward)
-        return resolver
-
-    daemon = Daemon(worker_settings(settings), resolver_factory=factory)
-    ready = asyncio.Event()
-    orphaned = asyncio.Event()
-
-    def supervisor_gone() -> None:
-        if not orphaned.is_set():  # once: a second request would skip the drain
-            orphaned.set()
-            log.warning("worker %d: the supervisor is gone; draining and leaving", os.getpid())
-            daemon.request_stop()
-
-    async def listen() -> None:
-        try:
-            while True:
-                message = await link.receive()
-                if message[0] == "endpoints" and message[1] in fed:
-                    fed[message[1]].push(message[2])
-                elif message[0] == "settings":
-                    daemon.apply(worker_settings(message[1]))
-        except (EOFError, OSError):
-            # A supervisor killed with our reports unread in its socket shows up as
-            # ECONNRESET rather than EOF.
-            supervisor_gone()
-
-    async def report() -> None:
-        await ready.wait()
-        try:
-            await link.send("ready", os.getpid())
-            while True:
-                await link.send("stats", daemon.metrics.registry.snapshot(),
-                                daemon.forward_statuses())
-                await asyncio.sleep(STATS_INTERVAL)
-        except OSError:
-            supervisor_gone()
-
-    tasks = [asyncio.create_task(listen(), name="supervisor link"),
-             asyncio.create_task(report(), name="worker report")]
-    try:
-        await daemon.run(ready=ready.set)
-    except PortproxyError as exc:
-        await link.send("failed", str(exc))
-        return 3
-    finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await link.send("stats", daemon.metrics.registry.snapshot(), [])
-        limiter.flush(everything=True)
-    return 0
-
-
-# -- supervisor side -----------------------------------------------------------------------
 class WorkerHandle:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -239,7 +118,7 @@ class Supervisor:
     async def _spawn(self, worker: WorkerHandle) -> None:
         parent, child = socket.socketpair()
         worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "portproxy.workers", str(child.fileno())],
+            [sys.executable, "-m", "portproxy.worker_process", str(child.fileno())],
             pass_fds=[child.fileno()], start_new_session=True)
         child.close()
         worker.link = Link(parent)
@@ -391,15 +270,3 @@ class Supervisor:
         log.info("admin endpoint on %s", admin.address)
         return admin
 
-
-def main() -> None:
-    """Entry point of a worker process (started by the supervisor, in its own session so a
-    terminal's Ctrl-C reaches only the supervisor, which forwards one signal)."""
-    from portproxy.loop import install_fast_loop
-
-    install_fast_loop()
-    sys.exit(asyncio.run(worker_main(int(sys.argv[1]))))
-
-
-if __name__ == "__main__":
-    main()

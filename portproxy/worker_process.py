@@ -1,0 +1,133 @@
+"""One worker process of ``--workers``: the data plane, fed by its supervisor.
+
+The worker runs a ``Daemon`` with its own listeners (SO_REUSEPORT) but no admin endpoint,
+VIP interface or API watches: its settings and every endpoint change arrive over the
+link from the supervisor, and it reports readiness, then metric snapshots and statuses
+each second. It drains and leaves when the supervisor is gone. ``workers.py`` starts it
+as ``python -m portproxy.worker_process FD``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from portproxy.config import Settings
+from portproxy.daemon import Daemon
+from portproxy.endpoints import EndpointSet
+from portproxy.errors import PortproxyError
+from portproxy.spec import Forward
+from portproxy.worker_link import Link
+
+# The supervisor's logger name: one name for everything --workers logs, whichever process.
+log = logging.getLogger("portproxy.workers")
+
+STATS_INTERVAL = 1.0
+"""Seconds between a worker's metric reports; the resolution of /metrics with workers."""
+
+
+class FedResolver:
+    """A resolver whose snapshots come from the supervisor."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+        self._queue: asyncio.Queue[EndpointSet] = asyncio.Queue()
+
+    def push(self, endpoints: EndpointSet) -> None:
+        self._queue.put_nowait(endpoints)
+
+    def describe(self) -> str:
+        return str(self.forward.target)
+
+    async def watch(self) -> AsyncIterator[EndpointSet]:
+        while True:
+            yield await self._queue.get()
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """What a worker runs: the data plane only; the supervisor keeps the rest."""
+    return replace(settings, admin_address=None, create_interface=None,
+                   interface_addresses=(), workers=1, tcp_services_configmap=None,
+                   udp_services_configmap=None)
+
+
+async def worker_main(fd: int) -> int:
+    link = Link(socket.socket(fileno=fd))
+    kind, settings = await link.receive()
+    assert kind == "settings"
+    from portproxy.logs import setup_logging
+
+    limiter = setup_logging(settings.log_level, settings.log_format)
+    fed: dict[str, FedResolver] = {}
+
+    def factory(forward: Forward) -> FedResolver:
+        resolver = fed[forward.name] = FedResolver(forward)
+        return resolver
+
+    daemon = Daemon(worker_settings(settings), resolver_factory=factory)
+    ready = asyncio.Event()
+    orphaned = asyncio.Event()
+
+    def supervisor_gone() -> None:
+        if not orphaned.is_set():  # once: a second request would skip the drain
+            orphaned.set()
+            log.warning("worker %d: the supervisor is gone; draining and leaving", os.getpid())
+            daemon.request_stop()
+
+    async def listen() -> None:
+        try:
+            while True:
+                message = await link.receive()
+                if message[0] == "endpoints" and message[1] in fed:
+                    fed[message[1]].push(message[2])
+                elif message[0] == "settings":
+                    daemon.apply(worker_settings(message[1]))
+        except (EOFError, OSError):
+            # A supervisor killed with our reports unread in its socket shows up as
+            # ECONNRESET rather than EOF.
+            supervisor_gone()
+
+    async def report() -> None:
+        await ready.wait()
+        try:
+            await link.send("ready", os.getpid())
+            while True:
+                await link.send("stats", daemon.metrics.registry.snapshot(),
+                                daemon.forward_statuses())
+                await asyncio.sleep(STATS_INTERVAL)
+        except OSError:
+            supervisor_gone()
+
+    tasks = [asyncio.create_task(listen(), name="supervisor link"),
+             asyncio.create_task(report(), name="worker report")]
+    try:
+        await daemon.run(ready=ready.set)
+    except PortproxyError as exc:
+        await link.send("failed", str(exc))
+        return 3
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await link.send("stats", daemon.metrics.registry.snapshot(), [])
+        limiter.flush(everything=True)
+    return 0
+
+
+def main() -> None:
+    """Entry point of a worker process (started by the supervisor, in its own session so a
+    terminal's Ctrl-C reaches only the supervisor, which forwards one signal)."""
+    from portproxy.loop import install_fast_loop
+
+    install_fast_loop()
+    sys.exit(asyncio.run(worker_main(int(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()
