@@ -11,45 +11,33 @@ Which addresses count as an interface's addresses (``interface_addresses``, snap
     DAD failed are left out: bind() on them fails with EADDRNOTAVAIL.  A tentative address
     shows up in a later snapshot, when the kernel announces that DAD succeeded.
 
-pyroute2's asyncio core keeps per-thread state and wants a stock selector loop, so every
-pyroute2 call runs on a private event loop in a worker thread (a netlink request to the
-kernel takes microseconds); the caller's loop, maybe uvloop, only ever sees a plain stdlib
-netlink socket used as a wake-up for the watcher.
+Every pyroute2 call here runs on a private event loop (``netlink_runner``); the caller's
+loop, maybe uvloop, only ever sees the plain stdlib socket of ``netlink_events``, which
+says when a watched interface may have changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import ipaddress
 import os
 import socket
-import struct
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink import NLM_F_DUMP_INTR
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELADDR,
-    RTM_DELLINK,
-    RTM_NEWADDR,
-    RTM_NEWLINK,
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_LINK,
-)
 
 from portproxy.errors import ConfigError, SetupError
+from portproxy.netlink_events import open_event_socket, wait_relevant
+from portproxy.netlink_runner import netlink_executor, run_blocking, run_private
 
 Family = Literal["any", "ipv4", "ipv6"]
 """Which address families of an interface to use: both, or one of them."""
 
-_T = TypeVar("_T")
 _IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # linux/if_addr.h and linux/if.h: a stable kernel ABI.
@@ -60,17 +48,8 @@ _IFF_UP = 0x1
 _IFNAMSIZ = 16
 _LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
 
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
-# ifinfomsg and ifaddrmsg both carry the interface index at offset 4 of their payload.
-_INDEX = struct.Struct("=i")
-_EVENT_BUFSIZE = 65536
 _DUMP_ATTEMPTS = 5
 """Re-dumps when the kernel flags a dump as interrupted by a concurrent change."""
-_EVENT_RCVBUF = 1 << 20
-"""Receive buffer of the event socket: room for a burst of a few thousand events."""
-
-_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
 
 
 class NoLinkDriver(SetupError):
@@ -125,13 +104,13 @@ def interface_exists(name: str) -> bool:
 
     Like every function here, a name the kernel would refuse is a ConfigError."""
     _check_name(name)
-    return _blocking(lambda: _read_snapshot(name, "any")).exists
+    return run_blocking(lambda: _read_snapshot(name, "any")).exists
 
 
 def interface_addresses(name: str, family: Family = "any") -> list[str]:
     """The usable addresses of ``name`` (IPv4 first); SetupError if it does not exist."""
     _check_name(name)
-    snapshot = _blocking(lambda: _read_snapshot(name, family))
+    snapshot = run_blocking(lambda: _read_snapshot(name, family))
     if not snapshot.exists:
         raise SetupError(f"interface {name!r} does not exist")
     return snapshot.sorted_addresses()
@@ -142,7 +121,7 @@ async def read_snapshot(name: str, family: Family = "any") -> AddressSnapshot:
     _check_name(name)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        _executor(), _run_private, lambda: _read_snapshot(name, family)
+        netlink_executor(), run_private, lambda: _read_snapshot(name, family)
     )
 
 
@@ -159,7 +138,7 @@ async def watch_addresses(name: str, family: Family = "any") -> AsyncIterator[Ad
     _check_name(name)
     loop = asyncio.get_running_loop()
     # Subscribe before the first read, so that no change can slip between read and watch.
-    sock = _open_event_socket(family)
+    sock = open_event_socket(ipv4=family != "ipv6", ipv6=family != "ipv4")
     try:
         last: AddressSnapshot | None = None
         while True:
@@ -167,7 +146,7 @@ async def watch_addresses(name: str, family: Family = "any") -> AsyncIterator[Ad
             if snapshot != last:
                 last = snapshot
                 yield snapshot
-            await _wait_relevant(loop, sock, snapshot.index)
+            await wait_relevant(loop, sock, snapshot.index)
     finally:
         sock.close()
 
@@ -186,14 +165,14 @@ def create_dummy_interface(
     """
     _check_name(name)
     wanted = _parse_cidrs(cidrs)
-    return _blocking(lambda: _create(name, wanted, kind))
+    return run_blocking(lambda: _create(name, wanted, kind))
 
 
 def remove_created(created: CreatedInterface) -> None:
     """Undo ``create_dummy_interface``: delete the link if it was created, else the
     addresses it added.  Things already gone are fine; other failures raise SetupError
     after everything else was tried."""
-    _blocking(lambda: _remove(created))
+    run_blocking(lambda: _remove(created))
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -241,110 +220,7 @@ def _usable_address(
     return str(ip)
 
 
-def _relevant(data: bytes, index: int | None) -> bool:
-    """Whether a buffer of rtnetlink event messages may change the watched interface.
-
-    Only headers are read (the kernel ABI of nlmsghdr, ifinfomsg and ifaddrmsg); this is a
-    filter for busy nodes, where other interfaces come and go all the time, not a parser
-    of state.  Anything unexpected counts as relevant.
-    """
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
-        payload = offset + _NLMSGHDR.size
-        if length < _NLMSGHDR.size or payload + 8 > len(data):
-            return True  # truncated or malformed: look, to be safe
-        msg_index = _INDEX.unpack_from(data, payload + 4)[0]
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
-            # While the name is unknown any link may be it (created, renamed to it).
-            if index is None or msg_index == index:
-                return True
-        elif kind in (RTM_NEWADDR, RTM_DELADDR):
-            if msg_index == index:
-                return True
-        else:
-            return True
-        offset += (length + 3) & ~3
-    return False
-
-
-# ---------------------------------------------------------------- event socket
-
-
-def _open_event_socket(family: Family) -> socket.socket:
-    groups = RTMGRP_LINK
-    if family != "ipv6":
-        groups |= RTMGRP_IPV4_IFADDR
-    if family != "ipv4":
-        groups |= RTMGRP_IPV6_IFADDR
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _EVENT_RCVBUF)
-        sock.bind((0, groups))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise SetupError(f"cannot subscribe to netlink address events: {exc.strerror}") from exc
-    return sock
-
-
-async def _wait_relevant(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, index: int | None
-) -> None:
-    """Return once events that may concern ``index`` arrived, having drained the socket,
-    so that a burst of events costs one re-read."""
-    while True:
-        try:
-            relevant = _relevant(await loop.sock_recv(sock, _EVENT_BUFSIZE), index)
-        except OSError as exc:
-            if exc.errno != errno.ENOBUFS:
-                raise
-            relevant = True  # events were dropped: only a re-read can tell what changed
-        while True:
-            try:
-                relevant = _relevant(sock.recv(_EVENT_BUFSIZE), index) or relevant
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                relevant = True
-        if relevant:
-            return
-
-
 # ---------------------------------------------------------------- pyroute2 calls
-
-
-def _run_private(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run a pyroute2 coroutine on a private stock event loop in this thread."""
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(factory())
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads of our own: the default executor may be full of long blocking calls (API
-    watches), and a new address must not wait for one of them to finish."""
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="portproxy-netlink"
-            )
-        return _EXECUTOR
-
-
-def _blocking(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run a pyroute2 coroutine to completion from synchronous code.
-
-    A thread that already runs an event loop cannot start another one, so then the work
-    goes to a worker thread (and blocks the caller's loop for that netlink request).
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run_private(factory)
-    return _executor().submit(_run_private, factory).result()
 
 
 def _setup_error(name: str, action: str, exc: NetlinkError | OSError, kind: str = "") -> SetupError:

@@ -13,6 +13,7 @@ import struct
 import pytest
 
 from portproxy import netlink as nl
+from portproxy import netlink_events as events
 from portproxy.errors import ConfigError
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE = 16, 17, 20, 21, 24
@@ -29,28 +30,28 @@ def message(kind: int, index: int, attrs: bytes = b"") -> bytes:
 
 @pytest.mark.parametrize("kind", [RTM_NEWADDR, RTM_DELADDR, RTM_NEWLINK, RTM_DELLINK])
 def test_events_of_the_watched_index_are_relevant(kind: int) -> None:
-    assert nl._relevant(message(kind, 7), 7)
-    assert not nl._relevant(message(kind, 8), 7)
+    assert events.relevant(message(kind, 7), 7)
+    assert not events.relevant(message(kind, 8), 7)
 
 
 def test_while_the_interface_is_missing_any_link_event_is_relevant() -> None:
-    assert nl._relevant(message(RTM_NEWLINK, 12), None)
-    assert nl._relevant(message(RTM_DELLINK, 12), None)
-    assert not nl._relevant(message(RTM_NEWADDR, 12), None)
+    assert events.relevant(message(RTM_NEWLINK, 12), None)
+    assert events.relevant(message(RTM_DELLINK, 12), None)
+    assert not events.relevant(message(RTM_NEWADDR, 12), None)
 
 
 def test_a_relevant_message_after_irrelevant_ones_in_one_buffer_is_found() -> None:
     odd = message(RTM_NEWADDR, 3, attrs=b"\x05\x00\x01\x00\x01")  # 5-byte attr, padded
     assert len(odd) % 4 == 0
     buffer = odd + message(RTM_NEWLINK, 4) + message(RTM_DELADDR, 7)
-    assert nl._relevant(buffer, 7)
-    assert not nl._relevant(odd + message(RTM_NEWLINK, 4), 7)
+    assert events.relevant(buffer, 7)
+    assert not events.relevant(odd + message(RTM_NEWLINK, 4), 7)
 
 
 def test_unexpected_or_truncated_messages_count_as_relevant() -> None:
-    assert nl._relevant(message(RTM_NEWROUTE, 99), 7)
-    assert nl._relevant(message(RTM_NEWADDR, 7)[:20], 3)
-    assert not nl._relevant(b"", 7)
+    assert events.relevant(message(RTM_NEWROUTE, 99), 7)
+    assert events.relevant(message(RTM_NEWADDR, 7)[:20], 3)
+    assert not events.relevant(b"", 7)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,9 @@ IO_MODULES = {"socket", "asyncio", "os", "subprocess", "selectors", "threading",
 UPPER = {"portproxy.cli": {"__main__.py"}, "portproxy.cli_settings": {"cli.py"},
          "portproxy.daemon": {"cli.py", "workers.py", "worker_process.py"},
          "portproxy.workers": {"cli.py"},
-         "portproxy.worker_process": set()}  # a process entry point (python -m), never imported
+         "portproxy.worker_process": set(),  # a process entry point (python -m), never imported
+         # netlink.py's own parts: everything else reaches the kernel through its API.
+         "portproxy.netlink_events": {"netlink.py"}, "portproxy.netlink_runner": {"netlink.py"}}
 
 
 def imports_of(path: Path) -> set[str]:
