@@ -16,17 +16,25 @@ Test-side controls mutate objects (every mutation gets the next global resourceV
 a history entry) and inject faults: 401/403 for a verb/resource/namespace, abrupt stream
 drops (no terminating chunk), stalls (a stream goes silent but stays open), compaction, an
 outage (the port refuses connections) and a restart that loses history.
+
+A client that goes away mid-request (reset, broken pipe, refused TLS handshake) is a normal
+event and ends that request quietly. Any other exception escaping a handler is a bug in this
+fake: it is printed and kept in ``FakeKube.errors``, and ``serving()`` (which the fixtures
+use) fails the test at teardown if there are any.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +46,17 @@ Obj = dict[str, Any]
 GROUPS = {"services": "", "configmaps": "", "endpointslices": "discovery.k8s.io"}
 KINDS = {"services": ("Service", "v1"), "configmaps": ("ConfigMap", "v1"),
          "endpointslices": ("EndpointSlice", "discovery.k8s.io/v1")}
+
+
+# How a departed client shows up on the server side. SSL EOF/zero-return are TLS's spelling
+# of a peer that closed; ConnectionError covers EPIPE, ECONNRESET and ECONNABORTED.
+CLIENT_GONE: tuple[type[BaseException], ...] = (ConnectionError, ssl.SSLEOFError,
+                                                ssl.SSLZeroReturnError)
+STOP_JOIN_SECONDS = 5.0  # stop() waits this long for handler threads before calling it a bug
+
+
+class _HandshakeFailed(Exception):
+    """The client refused or abandoned the TLS handshake (e.g. it does not trust our CA)."""
 
 
 def status_body(code: int, reason: str, message: str) -> Obj:
@@ -112,9 +131,12 @@ class FakeKube:
         self.state = _State()
         self.requests: list[Request] = []
         self.port = 0
-        self._server: ThreadingHTTPServer | None = None
+        # Tracebacks of exceptions that escaped a handler and were not a client going away.
+        self.errors: list[str] = []
+        self.departures = 0  # requests that ended because the client went away
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
+        self._handlers: dict[threading.Thread, socket.socket] = {}
         self._next_stream = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -125,8 +147,7 @@ class FakeKube:
 
     def start(self) -> None:
         handler = type("Handler", (_Handler,), {"api": self})
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", self.port), handler, self)
         if self.tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.tls)
@@ -141,20 +162,54 @@ class FakeKube:
         self._thread.start()
 
     def stop(self) -> None:
-        """Outage: close the port (connections are refused) and cut every open connection."""
+        """Outage: close the port (connections are refused) and cut every open connection.
+
+        Returns once every handler thread has ended, so ``errors`` is complete afterwards.
+        """
         server, self._server = self._server, None
         if server is None:
             return
         server.shutdown()
-        server.server_close()
+        server.server_close()  # the port now refuses; handler threads are joined below
         with self.cond:
             self.state.running = False
             self.cond.notify_all()
-            connections = list(self._connections)
-        for conn in connections:
+            handlers = dict(self._handlers)
+        for conn in handlers.values():
             _abort(conn)
         if self._thread:
-            self._thread.join(5)
+            self._thread.join(STOP_JOIN_SECONDS)
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
+        for thread in handlers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in handlers if t.is_alive()]
+        if stuck:  # every wait in a handler watches `running`: one that ignores it is a bug
+            self._record_error(f"handler threads {stuck} still running "
+                               f"{STOP_JOIN_SECONDS}s after stop()\n")
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[FakeKube]:
+        """Start, yield, stop; then fail if any handler hit an unexpected exception."""
+        self.start()
+        try:
+            yield self
+        except BaseException as error:  # keep the test's own failure, mention ours
+            self.stop()
+            if self.errors:
+                error.add_note(self._errors_report())
+            raise
+        self.stop()
+        self.assert_no_errors()
+
+    def assert_no_errors(self) -> None:
+        if self.errors:
+            raise AssertionError(self._errors_report())
+
+    def _errors_report(self) -> str:
+        with self.cond:
+            errors = list(self.errors)
+        return (f"the fake API server hit {len(errors)} unexpected handler exception(s):\n"
+                + "\n".join(errors))
 
     def restart(self) -> None:
         """An API server restart whose watch cache starts empty: old resourceVersions → 410."""
@@ -285,9 +340,23 @@ class FakeKube:
 
     # --- serving (handler thread side) -----------------------------------------------------
 
-    def _register(self, conn: socket.socket, add: bool) -> None:
+    def _track(self, thread: threading.Thread, conn: socket.socket) -> None:
+        # Called from the accept loop, so by the time stop()'s shutdown() returns every
+        # accepted connection is here to be cut, including TLS ones still handshaking.
         with self.cond:
-            (self._connections.add if add else self._connections.discard)(conn)
+            self._handlers[thread] = conn
+
+    def _untrack(self, thread: threading.Thread) -> None:
+        with self.cond:
+            self._handlers.pop(thread, None)
+
+    def _record_error(self, text: str) -> None:
+        with self.cond:
+            self.errors.append(text)
+
+    def _departed(self) -> None:
+        with self.cond:
+            self.departures += 1
 
     def _check(self, request: Request) -> tuple[int, Obj] | None:
         with self.cond:
@@ -404,6 +473,41 @@ def _abort(conn: socket.socket) -> None:
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    """Tracks its handler threads and sorts what escapes them: departures vs. bugs."""
+
+    daemon_threads = True
+    block_on_close = False  # FakeKube.stop() cuts connections first, then joins (bounded)
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler],
+                 api: FakeKube) -> None:
+        super().__init__(address, handler)
+        self.api = api
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address),
+                                  name=f"fakeapi-{client_address[1]}", daemon=True)
+        self.api._track(thread, request)
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.api._untrack(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Called inside the ``except`` that caught what escaped the handler.
+        error = sys.exc_info()[1]
+        if isinstance(error, (*CLIENT_GONE, _HandshakeFailed)):
+            self.api._departed()
+            return
+        text = traceback.format_exc()
+        self.api._record_error(text)
+        print(f"fake API server: unexpected handler exception\n{text}", file=sys.stderr)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     api: FakeKube
@@ -411,16 +515,12 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(5)
-            self.request.do_handshake()
+            try:
+                self.request.do_handshake()
+            except OSError as error:  # SSLError, reset, timeout: the client never arrived
+                raise _HandshakeFailed(str(error)) from error
             self.request.settimeout(None)
         super().setup()
-        self.api._register(self.connection, True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.api._register(self.connection, False)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest output readable
@@ -489,8 +589,9 @@ class _Handler(BaseHTTPRequestHandler):
                     assert isinstance(item, dict)
                     self._chunk(item)
             self.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            self.close_connection = True  # the client went away
+        except CLIENT_GONE:
+            self.close_connection = True  # the client went away: nobody to stream to
+            self.api._departed()
         finally:
             self.api._close_stream(stream_id)
 
@@ -502,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not readable:
             return False
         try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
         except OSError:
             return True
 
