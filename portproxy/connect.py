@@ -14,6 +14,7 @@ import socket
 import struct
 from typing import Protocol
 
+from portproxy.deadlines import Deadlines, Slot
 from portproxy.endpoints import Endpoint
 from portproxy.poller import Poller
 from portproxy.sockets import family_of, tune_stream
@@ -25,6 +26,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class ConnectOwner(Protocol):
     loop: asyncio.AbstractEventLoop
     poller: Poller
+    deadlines: Deadlines
     connect_timeout: float
 
     def on_connected(self, attempt: BackendConnect) -> None: ...
@@ -54,8 +56,8 @@ def client_ip(address: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 class BackendConnect:
     """Connecting one accepted client to a backend, trying endpoints in order."""
 
-    __slots__ = ("attempts", "client", "client_addr", "endpoint", "engine", "last_error", "sock",
-                 "started", "timer")
+    __slots__ = ("attempts", "client", "client_addr", "deadline", "endpoint", "engine",
+                 "last_error", "sock", "started")
 
     def __init__(
         self, engine: ConnectOwner, client: socket.socket, client_addr: Address,
@@ -67,7 +69,7 @@ class BackendConnect:
         self.attempts = attempts
         self.sock: socket.socket | None = None
         self.endpoint: Endpoint | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: Slot | None = None
         self.started = 0.0
         self.last_error = 0
 
@@ -90,36 +92,37 @@ class BackendConnect:
             return
         self.sock = sock
         tune_stream(sock)
-        self.started = engine.loop.time()
+        self.started = now = engine.loop.time()
         err = sock.connect_ex((endpoint.host, endpoint.port))
         if err == 0:
             engine.on_connected(self)
         elif err == errno.EINPROGRESS:
             engine.poller.add_writer(sock.fileno(), self._on_writable)
-            self.timer = engine.loop.call_later(engine.connect_timeout, self._on_timeout)
+            self.deadline = engine.deadlines.add(now + engine.connect_timeout, self,
+                                                 self._on_timeout)
         else:
             self._failed(err)
 
     def _on_writable(self) -> None:
         assert self.sock is not None
-        self.engine.poller.remove_writer(self.sock.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline is not None:
+            self.engine.deadlines.remove(self.deadline, self)
+            self.deadline = None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._failed(err)
         else:
+            # The relay registers this socket as a reader next: one epoll_ctl, not two.
+            self.engine.poller.take_writer(self.sock.fileno())
             self.engine.on_connected(self)
 
     def _on_timeout(self) -> None:
-        self.timer = None
-        assert self.sock is not None
-        self.engine.poller.remove_writer(self.sock.fileno())
+        self.deadline = None
         self._failed(errno.ETIMEDOUT)
 
     def _failed(self, err: int) -> None:
         assert self.sock is not None and self.endpoint is not None
+        self.engine.poller.discard(self.sock.fileno())
         self.sock.close()
         self.sock = None
         self.last_error = err
@@ -127,9 +130,10 @@ class BackendConnect:
         self.next()
 
     def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.deadline is not None:
+            self.engine.deadlines.remove(self.deadline, self)
+            self.deadline = None
         if self.sock is not None:
-            self.engine.poller.remove_writer(self.sock.fileno())
+            self.engine.poller.discard(self.sock.fileno())
             self.sock.close()
         reset_close(self.client)

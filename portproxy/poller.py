@@ -47,6 +47,23 @@ class Poller:
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
+    def take_writer(self, fd: int) -> None:
+        """Drop ``fd``'s writer callback but leave the kernel's registration as it is: the
+        caller registers a reader next (a connected socket becomes a relay's source), which
+        turns the writer's registration into the reader's with one ``epoll_ctl(MOD)``
+        instead of a DEL and an ADD. Until then a write event for ``fd`` finds no callback
+        and is ignored."""
+        self._writers.pop(fd, None)
+
+    def discard(self, fd: int) -> None:
+        """Forget ``fd``; call just before closing it. No ``epoll_ctl(DEL)``: closing the
+        socket takes it out of the set (its only descriptor: sockets are never duplicated,
+        and child processes are started with fork+exec), which saves a system call for
+        each of a connection's sockets."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._masks.pop(fd, None)
+
     def _update(self, fd: int) -> None:
         mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
         old = self._masks.get(fd, 0)

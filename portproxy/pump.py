@@ -37,8 +37,8 @@ class Direction:
     """src → dst; subclasses implement ``_fill`` (read) and ``_flush`` (write)."""
 
     __slots__ = (
-        "capacity", "counter", "done", "dst", "dst_fd", "eof", "loop", "nbytes", "poller", "relay",
-        "src", "src_fd", "writing",
+        "capacity", "chunk", "chunk_shared", "counter", "done", "dst", "dst_fd", "eof", "loop",
+        "nbytes", "poller", "relay", "src", "src_fd", "writing",
     )
 
     def __init__(
@@ -58,6 +58,9 @@ class Direction:
         self.eof = False
         self.done = False
         self.writing = False
+        self.chunk: memoryview | None = None
+        """Copying: bytes read and not yet sent (a view of the shared buffer, or a copy)."""
+        self.chunk_shared = False
 
     def start(self) -> None:
         self.poller.add_reader(self.src_fd, self.on_readable)
@@ -69,7 +72,11 @@ class Direction:
                 if n < 0:
                     return
                 if n == 0:
-                    self.poller.remove_reader(self.src_fd)
+                    if not self.relay.other_done(self):
+                        # Level-triggered: an unread end of stream would be reported again.
+                        # When the other side is done the relay closes both sockets now,
+                        # which takes them out of the epoll set anyway.
+                        self.poller.remove_reader(self.src_fd)
                     self.eof = True
                     self._finish()
                     return
@@ -116,12 +123,9 @@ class Direction:
         self.relay.direction_done()
 
     def stop(self) -> None:
-        """Unregister from the loop (idempotent)."""
-        if not self.eof and not self.writing:
-            self.poller.remove_reader(self.src_fd)
-        if self.writing:
-            self.poller.remove_writer(self.dst_fd)
-            self.writing = False
+        """Stop moving bytes (idempotent). The relay closes both sockets right after and
+        drops them from the poller without a system call (``Poller.discard``)."""
+        self.writing = False
         self.eof = True
 
     def release(self) -> None:
@@ -135,43 +139,40 @@ class Direction:
         """Write what is pending; True when nothing is left."""
         raise NotImplementedError
 
-
-class CopyDirection(Direction):
-    """``recv_into``/``send`` through the process-wide buffer; copies only a remainder."""
-
-    __slots__ = ("pending", "pending_shared")
-
-    def __init__(
-        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
-    ) -> None:
-        super().__init__(relay, src, dst, counter)
-        self.pending: memoryview | None = None
-        self.pending_shared = False
-
-    def _fill(self) -> int:
+    # The copy mover, shared by CopyDirection and the splice pump's small-transfer mode.
+    def _copy_fill(self) -> int:
         try:
             n = self.src.recv_into(_shared_buffer)
         except (BlockingIOError, InterruptedError):
             return -1
         if n:
-            self.pending = _shared_view[:n]
-            self.pending_shared = True
+            self.chunk = _shared_view[:n]
+            self.chunk_shared = True
         return n
 
-    def _flush(self) -> bool:
-        pending = self.pending
-        if pending is None:
+    def _copy_flush(self) -> bool:
+        chunk = self.chunk
+        if chunk is None:
             return True
         try:
-            sent = self.dst.send(pending)
+            sent = self.dst.send(chunk)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        if sent == len(pending):
-            self.pending = None
-            self.pending_shared = False
+        if sent == len(chunk):
+            self.chunk = None
+            self.chunk_shared = False
             return True
         # The shared buffer is reused by the next read anywhere in the process: keep a copy.
-        rest = pending[sent:]
-        self.pending = memoryview(bytes(rest)) if self.pending_shared else rest
-        self.pending_shared = False
+        rest = chunk[sent:]
+        self.chunk = memoryview(bytes(rest)) if self.chunk_shared else rest
+        self.chunk_shared = False
         return False
+
+
+class CopyDirection(Direction):
+    """``recv_into``/``send`` through the process-wide buffer; copies only a remainder."""
+
+    __slots__ = ()
+
+    _fill = Direction._copy_fill
+    _flush = Direction._copy_flush

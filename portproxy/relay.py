@@ -13,8 +13,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from portproxy.deadlines import Deadlines, Slot
 from portproxy.metrics import Counter
-from portproxy.poller import poller_for
+from portproxy.poller import Poller
 from portproxy.pump import CopyDirection, Direction
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -28,10 +29,24 @@ class RelayTimeouts:
     """Seconds one direction may stay open after the other finished; 0 = never."""
 
 
+@dataclass(frozen=True, slots=True)
+class RelaySetup:
+    """What every relay of one forward shares (built once, not per connection)."""
+
+    loop: asyncio.AbstractEventLoop
+    poller: Poller
+    deadlines: Deadlines
+    direction_type: type[Direction]
+    counters: tuple[Counter, Counter]
+    """Bytes upstream (client → backend) and downstream."""
+    timeouts: RelayTimeouts
+
+
 class Relay:
     __slots__ = (
         "client",
         "closed",
+        "deadline",
         "down",
         "endpoint",
         "fin_since",
@@ -41,35 +56,34 @@ class Relay:
         "peer",
         "poller",
         "result",
+        "setup",
         "started",
         "timeouts",
-        "timer",
         "up",
     )
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        setup: RelaySetup,
         client: socket.socket,
         upstream: socket.socket,
-        direction_type: type[Direction],
-        counters: tuple[Counter, Counter],
-        timeouts: RelayTimeouts,
         on_close: Callable[[Relay], None],
     ) -> None:
-        self.loop = loop
-        self.poller = poller_for(loop)
+        self.setup = setup
+        self.loop = loop = setup.loop
+        self.poller = setup.poller
         self.client = client
         self.peer = upstream
-        self.timeouts = timeouts
+        self.timeouts = setup.timeouts
         self.on_close = on_close
         self.started = self.last_activity = loop.time()
         self.fin_since = 0.0
         self.closed = False
         self.result = "ok"
+        direction_type, counters = setup.direction_type, setup.counters
         self.up = direction_type(self, client, upstream, counters[0])
         self.down = direction_type(self, upstream, client, counters[1])
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: Slot | None = None
 
     def start(self) -> None:
         self.up.start()
@@ -86,15 +100,16 @@ class Relay:
         return min(deadlines) if deadlines else None
 
     def _arm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        deadlines = self.setup.deadlines
+        if self.deadline is not None:
+            deadlines.remove(self.deadline, self)
+            self.deadline = None
         deadline = self._deadline()
         if deadline is not None:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.deadline = deadlines.add(deadline, self, self._on_timer)
 
     def _on_timer(self) -> None:
-        self.timer = None
+        self.deadline = None
         if self.closed:
             return
         now = self.loop.time()
@@ -135,13 +150,16 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline is not None:
+            self.setup.deadlines.remove(self.deadline, self)
+            self.deadline = None
         self.up.stop()
         self.down.stop()
         self.up.release()
         self.down.release()
+        # No epoll_ctl(DEL) for sockets about to close (see Poller.discard).
+        self.poller.discard(self.up.src_fd)
+        self.poller.discard(self.down.src_fd)
         self.client.close()
         self.peer.close()
         self.on_close(self)
@@ -156,8 +174,9 @@ class Relay:
 
 
 def direction_type(use_splice: bool) -> type[Direction]:
+    """The mover for ``--no-splice`` (copy) or the default (copy small, splice bulk)."""
     if use_splice:
-        from portproxy.splice import SpliceDirection
+        from portproxy.splice import AutoDirection
 
-        return SpliceDirection
+        return AutoDirection
     return CopyDirection

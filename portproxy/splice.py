@@ -16,7 +16,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from portproxy.metrics import Counter
-from portproxy.pump import Direction
+from portproxy.pump import COPY_CHUNK, Direction
 
 if TYPE_CHECKING:
     from portproxy.relay import Relay
@@ -27,6 +27,8 @@ log = logging.getLogger("portproxy.pump")
 #: medians 9.0 Gbit/s (64 KiB, the kernel default), 12.2 (256 KiB), 12.4 (1 MiB). 256 KiB
 #: gets nearly all of the gain at a quarter of the memory per in-flight pipe.
 PIPE_SIZE = 256 * 1024
+#: A read this large means a bulk transfer: from then on ``AutoDirection`` splices.
+SPLICE_AFTER = 64 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -82,7 +84,7 @@ class SpliceDirection(Direction):
         self.pending = 0
         self.capacity = PIPE_SIZE
 
-    def _fill(self) -> int:
+    def _splice_fill(self) -> int:
         pipe = self.pipe
         if pipe is None:
             pipe = self.pipe = POOL.acquire()
@@ -97,7 +99,7 @@ class SpliceDirection(Direction):
         self.pending = n
         return n
 
-    def _flush(self) -> bool:
+    def _splice_flush(self) -> bool:
         pipe = self.pipe
         while self.pending:
             assert pipe is not None
@@ -107,6 +109,9 @@ class SpliceDirection(Direction):
                 return False
         self._give_back()
         return True
+
+    _fill = _splice_fill
+    _flush = _splice_flush
 
     def _give_back(self) -> None:
         if self.pipe is not None and not self.pending:
@@ -121,6 +126,39 @@ class SpliceDirection(Direction):
                 self.pipe = None
             else:
                 self._give_back()
+
+
+class AutoDirection(SpliceDirection):
+    """Copies small transfers and splices bulk ones (the idea of HAProxy's splice-auto).
+
+    For a message of a few hundred bytes, splice(2) does not save a copy worth having: the
+    kernel still walks the same socket buffers, and each message then costs a pipe taken
+    from the pool and given back. So a direction starts by copying through the process-wide
+    buffer, and switches to splicing for good after one read of ``SPLICE_AFTER`` bytes or
+    more, which only a bulk transfer produces (the sender was ahead of us by that much).
+    """
+
+    __slots__ = ("splicing",)
+
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
+    ) -> None:
+        super().__init__(relay, src, dst, counter)
+        self.splicing = False
+        self.capacity = COPY_CHUNK
+
+    def _fill(self) -> int:
+        if self.splicing:
+            return self._splice_fill()
+        n = self._copy_fill()
+        if n >= SPLICE_AFTER:
+            self.splicing = True  # this chunk is still sent by copy; the next one splices
+        return n
+
+    def _flush(self) -> bool:
+        if self.chunk is not None:
+            return self._copy_flush()
+        return self._splice_flush()
 
 
 def splice_available() -> tuple[bool, str]:

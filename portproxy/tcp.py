@@ -10,12 +10,13 @@ import socket
 from collections.abc import Callable
 
 from portproxy.connect import Address, BackendConnect, client_ip, reset_close
+from portproxy.deadlines import Deadlines
 from portproxy.endpoints import Endpoint
 from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
 from portproxy.pump import Direction
-from portproxy.relay import Relay, RelayTimeouts
+from portproxy.relay import Relay, RelaySetup, RelayTimeouts
 from portproxy.sockets import BACKLOG, BindRequest, bind_socket
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
@@ -49,6 +50,7 @@ class TcpForwarder:
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.poller = poller_for(self.loop)
+        self.deadlines = Deadlines(self.loop)
         self.forward = forward
         self.name = forward.name
         self.target = target
@@ -87,6 +89,8 @@ class TcpForwarder:
         self.bytes_down = metrics.bytes.labels(name, "downstream")
         self.h_connect = metrics.connect_seconds.labels(name)
         self.c_accept_errors = metrics.accept_errors.labels(name)
+        self.relay_setup = RelaySetup(self.loop, self.poller, self.deadlines, direction_type,
+                                      (self.bytes_up, self.bytes_down), self.timeouts)
 
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
@@ -264,14 +268,14 @@ class TcpForwarder:
         client = attempt.client
         if self.proxy_header is not None and not self._send_header(client, upstream,
                                                                    attempt.client_addr):
+            self.poller.discard(upstream.fileno())
             reset_close(upstream)
             reset_close(client)
             self.c_refused.inc()
             self._release_slot()
             return
         self.c_ok.inc()
-        relay = Relay(self.loop, client, upstream, self.direction_type,
-                      (self.bytes_up, self.bytes_down), self.timeouts, self._relay_closed)
+        relay = Relay(self.relay_setup, client, upstream, self._relay_closed)
         self.relays.add(relay)
         self.relay_endpoints[relay] = endpoint
         self.relay_clients[relay] = attempt.client_addr

@@ -7,13 +7,14 @@ import pytest
 from portproxy.splice import splice_available
 from tests.net.harness import EchoServer
 
-PUMPS = ["splice", "copy"]
+PUMPS = ["splice", "splice-only", "copy"]
+"""The default mover (copies small transfers, splices bulk), pure splicing, and copying."""
 
 
 @pytest.fixture(params=PUMPS)
 def pump(request: pytest.FixtureRequest) -> str:
-    """Every data-plane test runs against both pumps."""
-    if request.param == "splice" and not splice_available()[0]:
+    """Every data-plane test runs against every mover."""
+    if request.param.startswith("splice") and not splice_available()[0]:
         pytest.skip(f"splice unavailable here: {splice_available()[1]}")
     return str(request.param)
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from portproxy.endpoints import Balancer, Endpoint, EndpointSet
 from portproxy.limits import SharedLimit
 from portproxy.metrics import ProxyMetrics
+from portproxy.pump import Direction
 from portproxy.relay import direction_type
 from portproxy.resolve.static import StaticResolver
 from portproxy.spec import Forward, ForwardOptions, HostTarget, ListenAddress, Protocol
@@ -104,6 +105,15 @@ class LoopThread:
         self.loop.close()
 
 
+def mover(pump: str) -> type[Direction]:
+    """The Direction class for a pump name of ``tests/net/conftest.PUMPS``."""
+    if pump == "splice-only":
+        from portproxy.splice import SpliceDirection
+
+        return SpliceDirection
+    return direction_type(pump == "splice")
+
+
 class ProxyThread(LoopThread):
     """A ``TcpForwarder`` running in a private event loop on a background thread."""
 
@@ -124,7 +134,7 @@ class ProxyThread(LoopThread):
             target = TargetState("test", StaticResolver(forward.target),  # type: ignore[arg-type]
                                  Balancer(forward.options.balance))
             target.update(EndpointSet.of([self.endpoint]))
-            engine = TcpForwarder(forward, target, self.metrics, direction_type(pump == "splice"),
+            engine = TcpForwarder(forward, target, self.metrics, mover(pump),
                                   SharedLimit(global_limit))
             engine.add_listener(listen_host)
             return engine
