@@ -92,7 +92,8 @@ class FlowTable(Generic[K, V]):
         entry = self._flows.get(key)
         if entry is None:
             return None
-        self._refresh(key, entry)
+        entry.last_active = self._clock()
+        self._flows.move_to_end(key)
         return entry.value
 
     def touch(self, key: K) -> bool:
@@ -101,7 +102,8 @@ class FlowTable(Generic[K, V]):
         entry = self._flows.get(key)
         if entry is None:
             return False
-        self._refresh(key, entry)
+        entry.last_active = self._clock()
+        self._flows.move_to_end(key)
         return True
 
     def peek(self, key: K) -> V | None:
@@ -113,10 +115,6 @@ class FlowTable(Generic[K, V]):
         """Clock reading of the flow's last datagram, or ``None`` when absent."""
         entry = self._flows.get(key)
         return None if entry is None else entry.last_active
-
-    def _refresh(self, key: K, entry: _Entry[V]) -> None:
-        entry.last_active = self._clock()
-        self._flows.move_to_end(key)
 
     # -------------------------------------------------------------------- changes
 

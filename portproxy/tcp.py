@@ -75,7 +75,7 @@ class TcpForwarder:
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
-        self._idle.set()
+        """Set once no longer accepting and the last connection is gone (``drain`` waits)."""
         name = self.name
         self.c_ok = metrics.connections.labels(name, "ok")
         self.c_refused = metrics.connections.labels(name, "refused")
@@ -238,7 +238,6 @@ class TcpForwarder:
         self.pending.add(attempt)
         self.limit.acquire()
         self.global_limit.acquire()
-        self._idle.clear()
         attempt.next()
 
     # -- connecting -----------------------------------------------------------------------
@@ -280,7 +279,7 @@ class TcpForwarder:
         self.relay_endpoints[relay] = endpoint
         self.relay_clients[relay] = attempt.client_addr
         self.target.opened(endpoint)
-        self.g_active.inc()
+        self.g_active.value += 1
         relay.start()
 
     def _send_header(self, client: socket.socket, upstream: socket.socket,
@@ -298,7 +297,7 @@ class TcpForwarder:
         endpoint = self.relay_endpoints.pop(relay)
         client = self.relay_clients.pop(relay)
         self.target.closed(endpoint)
-        self.g_active.dec()
+        self.g_active.value -= 1
         self.c_closed.labels(self.name, relay.result).inc()
         if self.access_log is not None:
             self.access_log(self.name, client, str(endpoint), relay.bytes_up, relay.bytes_down,
@@ -308,7 +307,7 @@ class TcpForwarder:
     def _release_slot(self) -> None:
         self.limit.release()
         self.global_limit.release()
-        if not self.relays and not self.pending:
+        if not self.accepting and not self.relays and not self.pending:
             self._idle.set()
 
     # -- stopping -------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class UdpForwarder:
         self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
         self.poller = FlowPoller(self.loop, self._on_reply)
         self._idle = asyncio.Event()
-        self._idle.set()
+        """Set once no longer accepting and the last flow is gone (what ``drain`` awaits)."""
         self.generation = 0
         self.endpoint_keys = frozenset(e.key for e in target.endpoints.endpoints)
         target.on_change(self._endpoints_changed)
@@ -285,8 +285,7 @@ class UdpForwarder:
             self._close(removed[1], "evicted" if evicted else "expired")
         self.poller.add(flow)
         self.target.opened(flow.endpoint)
-        self.count.flows.inc()
-        self._idle.clear()
+        self.count.flows.value += 1
         self.expiry.arm()
 
     def _relocate(self, flow: Flow, lsock: socket.socket, ancdata: list[Ancillary],
@@ -328,12 +327,12 @@ class UdpForwarder:
         self.poller.remove(flow)
         flow.sock.close()
         self.target.closed(flow.endpoint)
-        self.count.flows.dec()
+        self.count.flows.value -= 1
         if self.access_log is not None:
             self.access_log(self.name, log_address(flow.client), str(flow.endpoint),
                             flow.bytes_up, flow.bytes_down, self.loop.time() - flow.started,
                             result)
-        if not self.table:
+        if not self.accepting and not self.table:
             self._idle.set()
 
     # -- backend → client -----------------------------------------------------------------
