@@ -47,12 +47,8 @@ def tls_fake(tmp_path: Path) -> Iterator[tuple[FakeKube, Path]]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is needed to make a throw-away CA (apt-get install openssl)")
     ca, cert, key = make_ca_and_cert(tmp_path / "pki", "portproxy-test-ca")
-    api = FakeKube(token=TOKEN, tls=(str(cert), str(key)))
-    api.start()
-    try:
+    with FakeKube(token=TOKEN, tls=(str(cert), str(key))).serving() as api:
         yield api, ca
-    finally:
-        api.stop()
 
 
 def service_account(where: Path, ca: Path, token: str = TOKEN) -> Path:

@@ -114,9 +114,7 @@ def test_410_error_event_relists_and_rebuilds(fake, settings) -> None:
 
 
 def test_410_as_http_status_relists(tmp_path: Path) -> None:
-    fake = FakeKube(gone_as_http=True)
-    fake.start()
-    try:
+    with FakeKube(gone_as_http=True).serving() as fake:
         settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path)
 
         async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
@@ -129,8 +127,6 @@ def test_410_as_http_status_relists(tmp_path: Path) -> None:
             assert restarts(metrics) >= 1
 
         run_following(fake, settings, scenario)
-    finally:
-        fake.stop()
 
 
 def test_api_restart_with_history_lost(fake, settings) -> None:
@@ -203,9 +199,7 @@ def test_forbidden_watch_after_allowed_list_then_granted(fake, settings, caplog)
 
 
 def test_events_split_across_chunks_are_reassembled(tmp_path: Path) -> None:
-    fake = FakeKube(pieces_per_event=7)
-    fake.start()
-    try:
+    with FakeKube(pieces_per_event=7).serving() as fake:
         settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path)
 
         async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
@@ -217,8 +211,6 @@ def test_events_split_across_chunks_are_reassembled(tmp_path: Path) -> None:
             assert restarts(metrics) == 0  # no line was ever garbled
 
         run_following(fake, settings, scenario)
-    finally:
-        fake.stop()
 
 
 def test_error_event_other_than_410_rewatches_without_relist(fake, settings) -> None:
