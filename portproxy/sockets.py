@@ -103,3 +103,9 @@ def tune_stream(sock: socket.socket) -> None:
 
 def sockaddr(host: str, port: int) -> tuple[str, int]:
     return (host, port)
+
+
+def bound_address(sock: socket.socket) -> str:
+    """A bound socket's address for logs: ``host:port`` or ``[v6]:port``."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,7 +17,7 @@ from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelaySetup, RelayTimeouts
-from portproxy.sockets import BACKLOG, BindRequest, bind_socket
+from portproxy.sockets import BACKLOG, BindRequest, bind_socket, bound_address
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
 
@@ -110,7 +110,7 @@ class TcpForwarder:
             self._listen_waiting()
         else:
             log.info("forward %s: bound tcp %s; listening once the target is resolved",
-                     self.name, _where(sock), extra={"forward": self.name})
+                     self.name, bound_address(sock), extra={"forward": self.name})
 
     def _listen_waiting(self) -> None:
         while self.waiting and self.accepting:
@@ -118,13 +118,14 @@ class TcpForwarder:
             try:
                 sock.listen(BACKLOG)
             except OSError as exc:
-                log.error("forward %s: cannot listen on %s: %s", self.name, _where(sock), exc)
+                log.error("forward %s: cannot listen on %s: %s", self.name,
+                          bound_address(sock), exc)
                 sock.close()
                 continue
             self.listeners[host] = sock
             if not self.paused:
                 self.loop.add_reader(sock.fileno(), self._on_accept, sock)
-            log.info("forward %s: listening on tcp %s", self.name, _where(sock),
+            log.info("forward %s: listening on tcp %s", self.name, bound_address(sock),
                      extra={"forward": self.name})
 
     def remove_listener(self, host: str) -> None:
@@ -346,7 +347,3 @@ class TcpForwarder:
             relay.result = "drain_timeout"
             relay.abort(None)
 
-
-def _where(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

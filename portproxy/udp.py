@@ -40,7 +40,7 @@ from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.flowtable import FlowLimits, FlowTable
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
-from portproxy.sockets import BindRequest, bind_socket
+from portproxy.sockets import BindRequest, bind_socket, bound_address
 from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
@@ -53,6 +53,7 @@ from portproxy.udp_flow import (
     allowed,
     connect_first,
     log_address,
+    resend_after_refusal,
     table_clock,
     unmapped,
 )
@@ -138,7 +139,7 @@ class UdpForwarder:
         self.kernel_drops[sock] = 0
         self.locals.add(sock, wildcard)
         self.loop.add_reader(sock.fileno(), self._on_datagram, sock, wildcard)
-        log.info("forward %s: listening on udp %s", self.name, _where(sock),
+        log.info("forward %s: listening on udp %s", self.name, bound_address(sock),
                  extra={"forward": self.name})
 
     def remove_listener(self, host: str) -> None:
@@ -207,33 +208,11 @@ class UdpForwarder:
                 else:
                     flow.sock.sendmsg((flow.header, view[:size]))
             except OSError as exc:
-                if not self._send_again(flow, size, exc):
+                if not resend_after_refusal(flow, view[:size], count, exc):
                     continue
             flow.bytes_up += size
             datagrams.value += 1
             payload.value += size
-
-    def _send_again(self, flow: Flow, size: int, exc: OSError) -> bool:
-        """After sending to the backend failed with ``exc``: whether a second try went out."""
-        if not isinstance(exc, ConnectionRefusedError):
-            self.count.send_failed(exc)
-            return False
-        # An earlier datagram drew ICMP port unreachable; the kernel reports it on this send
-        # (and clears it) instead of sending: count it, try again once.
-        self.count.refused_by(flow.endpoint)
-        data = self.view[:size]
-        try:
-            if flow.header is None:
-                flow.sock.send(data)
-            else:
-                flow.sock.sendmsg((flow.header, data))
-        except ConnectionRefusedError:
-            self.count.refused_by(flow.endpoint)
-            return False
-        except OSError as exc2:
-            self.count.send_failed(exc2)
-            return False
-        return True
 
     # -- flows ------------------------------------------------------------------------------
     def _new_flow(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
@@ -405,7 +384,3 @@ class UdpForwarder:
             self.remove_listener(host)
         self.poller.close()
 
-
-def _where(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -306,6 +306,29 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
     return None
 
 
+def resend_after_refusal(flow: Flow, data: memoryview, count: UdpCounters,
+                         exc: OSError) -> bool:
+    """After sending ``data`` to the backend failed with ``exc``: whether a second try went
+    out. Only ECONNREFUSED earns one: an earlier datagram drew ICMP port unreachable, and the
+    kernel reports it on this send (and clears it) instead of sending."""
+    if not isinstance(exc, ConnectionRefusedError):
+        count.send_failed(exc)
+        return False
+    count.refused_by(flow.endpoint)
+    try:
+        if flow.header is None:
+            flow.sock.send(data)
+        else:
+            flow.sock.sendmsg((flow.header, data))
+    except ConnectionRefusedError:
+        count.refused_by(flow.endpoint)
+        return False
+    except OSError as exc2:
+        count.send_failed(exc2)
+        return False
+    return True
+
+
 def allowed(host: str, allow: Sequence[IPNetwork]) -> bool:
     """Whether a client address is in the allowlist (IPv4-mapped IPv6 counts as IPv4)."""
     ip = ipaddress.ip_address(host.split("%", 1)[0])
