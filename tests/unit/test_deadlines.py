@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 from portproxy.deadlines import Deadlines
@@ -14,8 +15,10 @@ def test_deadlines_fire_once_not_early_and_not_after_removal() -> None:
         deadlines = Deadlines(loop, resolution=0.02)
         fired: dict[str, float] = {}
         done = asyncio.Event()
-        start = loop.time()
-        due = {"a": start + 0.03, "b": start + 0.031, "c": start + 0.08, "gone": start + 0.03}
+        # Times a few ms before a slot boundary two slots ahead, so a, b and gone share it.
+        boundary = (math.ceil(loop.time() / 0.02) + 2) * 0.02
+        due = {"a": boundary - 0.005, "b": boundary - 0.002, "gone": boundary - 0.008,
+               "c": boundary + 0.05}
 
         def on(name: str) -> Callable[[], None]:
             def callback() -> None:
