@@ -8,8 +8,9 @@ grouped: a slot is a dictionary entry, and only the first deadline of a slot sch
 loop timer. Adding and removing a deadline is a dictionary update, so a burst of thousands
 of short connections costs a handful of loop timers per second.
 
-The price is precision: a deadline fires up to ``resolution`` late, never early. Timeouts
-of a proxy are seconds to hours; 50 ms of slack is invisible.
+The price is precision: a deadline fires up to ``resolution`` late (and, like any loop
+timer, possibly a clock tick early). Timeouts of a proxy are seconds to hours; 50 ms of
+slack is invisible.
 """
 
 from __future__ import annotations
