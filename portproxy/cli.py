@@ -104,6 +104,10 @@ forward_options = _options(
     click.option("--max-flows", type=click.IntRange(0), envvar=env("max-flows"),
                  default=10000, show_default=True,
                  help="Default UDP flows per forward (least recently used evicted)."),
+    click.option("--responses", type=click.IntRange(0), envvar=env("responses"), default=0,
+                 show_default=True,
+                 help="Default UDP replies per client datagram after which a flow ends "
+                      "(DNS: 1); 0 waits for the idle timeout."),
     click.option("--proxy-protocol", type=click.Choice([p.value for p in ProxyProtocol]),
                  envvar=env("proxy-protocol"), default=None,
                  help="Default PROXY protocol header sent to backends."),

@@ -19,7 +19,7 @@ from portproxy.spec import Forward, ForwardOptions, options_from_pairs, parse_fo
 
 def default_options(params: dict[str, Any]) -> ForwardOptions:
     pairs = {"mode": params["mode"], "balance": params["balance"],
-             "max-flows": str(params["max_flows"])}
+             "max-flows": str(params["max_flows"]), "responses": str(params["responses"])}
     if params["proxy_protocol"]:
         pairs["proxy-protocol"] = params["proxy_protocol"]
     if params["allow"]:
@@ -30,6 +30,7 @@ def default_options(params: dict[str, Any]) -> ForwardOptions:
         raise ConfigError(f"invalid global option: {exc}") from None
     return ForwardOptions(
         mode=base.mode, balance=base.balance, max_flows=base.max_flows,
+        responses=base.responses,
         proxy_protocol=base.proxy_protocol, allow=base.allow,
         connect_timeout=params["connect_timeout"], idle_timeout=params["idle_timeout"],
         fin_timeout=params["fin_timeout"],

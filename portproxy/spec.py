@@ -74,6 +74,10 @@ class ForwardOptions:
     max_flows: int = 10000
     """UDP flows at once; the least recently used one is evicted at the limit. Bounds
     memory (one socket per flow) under a flood of spoofed sources."""
+    responses: int = 0
+    """UDP: replies expected per client datagram. Once a flow has relayed them all it ends at
+    once (DNS: 1), instead of waiting out its idle timeout; 0 means not limited. Like
+    nginx's ``proxy_responses``, except that 0 is the unlimited default here."""
     proxy_protocol: ProxyProtocol | None = None
     """Send a PROXY protocol header (v1 text or v2 binary) first to the backend."""
     allow: tuple[IPNetwork, ...] = ()
@@ -307,7 +311,7 @@ def option_values(pairs: Mapping[str, str]) -> dict[str, object]:
             values[attr] = duration(key, value, allow_zero=False)
         elif key in ("idle-timeout", "fin-timeout"):
             values[attr] = duration(key, value, allow_zero=True)
-        elif key in ("max-conns", "max-flows"):
+        elif key in ("max-conns", "max-flows", "responses"):
             values[attr] = count(key, value)
         elif key == "allow":
             values[attr] = allowlist(value)

@@ -96,6 +96,7 @@ class UdpForwarder:
         self.allow = options.allow
         self.proxy_v2 = options.proxy_protocol == ProxyProtocol.V2
         self.idle_timeout = options.idle_timeout_for(Protocol.UDP)
+        self.responses = options.responses
         self.table: FlowTable[Client, Flow] = FlowTable(
             FlowLimits(self.idle_timeout, options.max_flows), table_clock(self.loop))
         self.listeners: dict[str, socket.socket] = {}
@@ -179,6 +180,7 @@ class UdpForwarder:
         get = self.table.get
         count = self.count
         datagrams, payload = count.datagrams_up, count.bytes_up
+        responses = self.responses
         for _ in range(BATCH):
             try:
                 size, ancdata, _flags, client = lsock.recvmsg_into(buffers, ANCILLARY_SIZE)
@@ -211,6 +213,7 @@ class UdpForwarder:
                 if not resend_after_refusal(flow, view[:size], count, exc):
                     continue
             flow.bytes_up += size
+            flow.awaiting += responses
             datagrams.value += 1
             payload.value += size
 
@@ -318,7 +321,7 @@ class UdpForwarder:
     def _on_reply(self, flow: Flow, batch: int) -> None:
         """Relay up to ``batch`` replies waiting on ``flow``'s socket to its client."""
         sock, view, buffers = flow.sock, self.view, (self.buffer,)
-        count = self.count
+        count, responses = self.count, self.responses
         sent = 0
         for _ in range(batch):
             try:
@@ -333,6 +336,7 @@ class UdpForwarder:
                 break
             if ancdata:  # replies the kernel dropped on this flow's full buffer
                 flow.drops = count.kernel_drops(flow.drops, ancdata)
+            flow.awaiting -= 1  # only read with responses=N: then each reply counts down
             try:
                 if flow.local.reply:
                     flow.listener.sendmsg((view[:size],), flow.local.reply, 0, flow.client)
@@ -340,12 +344,20 @@ class UdpForwarder:
                     flow.listener.sendto(view[:size], flow.client)
             except OSError as exc:
                 self.count.send_failed(exc)
-                continue
-            sent += 1
-            flow.bytes_down += size
-            count.bytes_down.value += size
+            else:
+                sent += 1
+                flow.bytes_down += size
+                count.bytes_down.value += size
+            if responses and flow.awaiting <= 0:
+                break
         if sent:
             count.datagrams_down.value += sent
+        if responses and flow.awaiting <= 0:
+            # Every reply the client's datagrams asked for has come: the flow is done
+            # (replies after this reach a closed socket and are dropped by the kernel).
+            self.table.remove(flow.client)
+            self._close(flow, "answered")
+        elif sent:
             self.table.touch(flow.client)
 
     # -- stopping -------------------------------------------------------------------------

@@ -52,8 +52,8 @@ Client = tuple[Any, ...]
 class Flow:
     """One client address and its connected socket to one endpoint."""
 
-    __slots__ = ("bytes_down", "bytes_up", "client", "drops", "endpoint", "generation",
-                 "header", "listener", "local", "sock", "started")
+    __slots__ = ("awaiting", "bytes_down", "bytes_up", "client", "drops", "endpoint",
+                 "generation", "header", "listener", "local", "sock", "started")
 
     def __init__(self, client: Client, listener: socket.socket, local: LocalAddress,
                  sock: socket.socket, endpoint: Endpoint, started: float) -> None:
@@ -72,6 +72,9 @@ class Flow:
         self.bytes_down = 0
         self.drops = 0
         """The kernel's count of replies dropped on ``sock`` already counted as overload."""
+        self.awaiting = 0
+        """With ``responses=N``: replies still expected (N per datagram sent, less each
+        reply received); the flow ends when it drops to 0."""
 
 
 Expired = list[tuple[Client, Flow]]

@@ -500,3 +500,62 @@ def test_replies_the_kernel_drops_on_a_full_flow_socket_are_counted(
         wait_for(lambda: proxy.datagrams("downstream") + proxy.dropped("overload") == sent,
                  what="every reply relayed or counted")
     assert proxy.dropped("overload") > 0
+
+
+def replies(count: int) -> Callable[[bytes, tuple[Any, ...]], list[bytes]]:
+    """A backend handler answering each datagram with ``count`` numbered replies."""
+    def handler(data: bytes, _source: tuple[Any, ...]) -> list[bytes]:
+        return [data + f"#{i}".encode() for i in range(count)]
+    return handler
+
+
+def test_responses_ends_a_flow_at_its_last_expected_reply(make_backend: MakeBackend,
+                                                         make_proxy: MakeProxy) -> None:
+    backend = make_backend(handler=replies(2))
+    # A long idle timeout: only the reply count can end these flows.
+    proxy = make_proxy([backend.endpoint], responses=2, idle_timeout=600.0)
+    with client() as sock:
+        sock.sendto(b"query", ("127.0.0.1", proxy.port))
+        assert {sock.recv(100), sock.recv(100)} == {b"query#0", b"query#1"}
+        wait_for(lambda: proxy.flows == 0, what="the flow to end after its two replies")
+        assert proxy.closed_flows == [(sock.getsockname(), str(backend.endpoint), "answered")]
+        # The same client again: a new flow, served and ended the same way.
+        sock.sendto(b"again", ("127.0.0.1", proxy.port))
+        assert {sock.recv(100), sock.recv(100)} == {b"again#0", b"again#1"}
+        wait_for(lambda: len(proxy.closed_flows) == 2, what="the second flow to end")
+    assert proxy.datagrams("downstream") == 4
+
+
+def test_responses_waits_for_the_replies_of_every_datagram(make_backend: MakeBackend,
+                                                          make_proxy: MakeProxy) -> None:
+    release = {b"first": threading.Event(), b"second": threading.Event()}
+
+    def answer_when_released(data: bytes, _source: tuple[Any, ...]) -> list[bytes]:
+        release[data].wait(10)
+        return [data + b"!"]
+
+    backend = make_backend(handler=answer_when_released)
+    proxy = make_proxy([backend.endpoint], responses=1, idle_timeout=600.0)
+    with client() as sock:
+        sock.sendto(b"first", ("127.0.0.1", proxy.port))
+        sock.sendto(b"second", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.datagrams("upstream") == 2, what="both datagrams upstream")
+        release[b"first"].set()
+        assert sock.recv(100) == b"first!"
+        # One reply of the two expected: the flow must still be there for the second.
+        assert proxy.flows == 1 and proxy.closed_flows == []
+        release[b"second"].set()
+        assert sock.recv(100) == b"second!"
+        wait_for(lambda: proxy.flows == 0, what="the flow to end at its last reply")
+        assert [result for _, _, result in proxy.closed_flows] == ["answered"]
+
+
+def test_without_responses_a_flow_outlives_its_replies(backend: UdpBackend,
+                                                       make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([backend.endpoint], idle_timeout=600.0)
+    with client() as sock:
+        for i in range(3):
+            sock.sendto(b"x%d" % i, ("127.0.0.1", proxy.port))
+            assert sock.recv(100) == b"x%d" % i
+    assert proxy.flows == 1 and proxy.closed_flows == []
+

@@ -58,13 +58,13 @@ def test_every_option() -> None:
     forward = parse_forward(
         "tcp://:80=web/frontend:http,mode=clusterip,balance=least-conn,connect-timeout=500ms,"
         "idle-timeout=5m,max-conns=100,max-flows=7,proxy-protocol=v2,"
-        "allow=10.0.0.0/8;fd00::/8,fin-timeout=1h,name=web-80"
+        "allow=10.0.0.0/8;fd00::/8,fin-timeout=1h,name=web-80,responses=1"
     )
     assert forward.options == ForwardOptions(
         mode=TargetMode.CLUSTERIP, balance=BalancePolicy.LEAST_CONN, connect_timeout=0.5,
         idle_timeout=300.0, max_conns=100, max_flows=7, proxy_protocol=ProxyProtocol.V2,
         allow=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")),
-        fin_timeout=3600.0, name="web-80",
+        fin_timeout=3600.0, name="web-80", responses=1,
     )
     assert forward.name == "web-80"
 
@@ -113,6 +113,7 @@ INVALID = [
     ("80=a:1,idle-timeout=soon", "idle-timeout: invalid duration 'soon'"),
     ("80=a:1,connect-timeout=0", "connect-timeout must be greater than 0"),
     ("80=a:1,max-conns=-1", "max-conns='-1' is not a whole number"),
+    ("80=a:1,responses=one", "responses='one' is not a whole number"),
     ("80=a:1,allow=10.0.0.0/33", "allow: '10.0.0.0/33' is not a CIDR"),
     ("80=a:1,name=a,name=b", "option 'name' is given twice"),
     ("80=a:1,balance", "option 'balance' needs a value"),
