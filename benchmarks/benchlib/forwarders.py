@@ -131,7 +131,7 @@ def _portproxy(*extra: str) -> Commands:
                     "-f", f"tcp://{HOST}:{ports.iperf}={HOST}:{IPERF_PORT}"]),
             Launch([*run, "-f", f"udp://{HOST}:{ports.udp}={HOST}:{BACKEND_UDP_PORT}",
                     "-f", f"udp://{HOST}:{ports.dns}={HOST}:{BACKEND_UDP_PORT},"
-                          f"idle-timeout={DNS_IDLE_SECONDS}s"],
+                          f"idle-timeout={DNS_IDLE_SECONDS}s,responses=1"],
                    udp_only=True),
         ]
     return commands
