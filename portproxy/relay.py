@@ -13,7 +13,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from portproxy.connect import Address
 from portproxy.deadlines import Deadlines, Slot
+from portproxy.endpoints import Endpoint
 from portproxy.metrics import Counter
 from portproxy.poller import Poller
 from portproxy.pump import CopyDirection, Direction
@@ -45,6 +47,7 @@ class RelaySetup:
 class Relay:
     __slots__ = (
         "client",
+        "client_addr",
         "closed",
         "deadline",
         "down",
@@ -67,9 +70,13 @@ class Relay:
         setup: RelaySetup,
         client: socket.socket,
         upstream: socket.socket,
+        endpoint: Endpoint,
+        client_addr: Address,
         on_close: Callable[[Relay], None],
     ) -> None:
         self.setup = setup
+        self.endpoint = endpoint
+        self.client_addr = client_addr
         self.loop = loop = setup.loop
         self.poller = setup.poller
         self.client = client

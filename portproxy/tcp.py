@@ -54,22 +54,18 @@ class TcpForwarder:
         self.forward = forward
         self.name = forward.name
         self.target = target
-        self.direction_type = direction_type
         self.global_limit = global_limit or SharedLimit()
         self.limit = SharedLimit(forward.options.max_conns)
         self.access_log = access_log
         self.proxy_header = proxy_header
         options = forward.options
         self.connect_timeout = options.connect_timeout
-        self.timeouts = RelayTimeouts(options.idle_timeout_for(Protocol.TCP), options.fin_timeout)
         self.allow = options.allow
         self.listeners: dict[str, socket.socket] = {}
         self.waiting: dict[str, socket.socket] = {}
         target.on_change(lambda _endpoints: self._listen_waiting())
         self.relays: set[Relay] = set()
         self.pending: set[BackendConnect] = set()
-        self.relay_endpoints: dict[Relay, Endpoint] = {}
-        self.relay_clients: dict[Relay, Address] = {}
         self.accepting = True
         self.paused = False
         self._backoff = 0.0
@@ -89,8 +85,9 @@ class TcpForwarder:
         self.bytes_down = metrics.bytes.labels(name, "downstream")
         self.h_connect = metrics.connect_seconds.labels(name)
         self.c_accept_errors = metrics.accept_errors.labels(name)
+        timeouts = RelayTimeouts(options.idle_timeout_for(Protocol.TCP), options.fin_timeout)
         self.relay_setup = RelaySetup(self.loop, self.poller, self.deadlines, direction_type,
-                                      (self.bytes_up, self.bytes_down), self.timeouts)
+                                      (self.bytes_up, self.bytes_down), timeouts)
 
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
@@ -275,10 +272,9 @@ class TcpForwarder:
             self._release_slot()
             return
         self.c_ok.inc()
-        relay = Relay(self.relay_setup, client, upstream, self._relay_closed)
+        relay = Relay(self.relay_setup, client, upstream, endpoint, attempt.client_addr,
+                      self._relay_closed)
         self.relays.add(relay)
-        self.relay_endpoints[relay] = endpoint
-        self.relay_clients[relay] = attempt.client_addr
         self.target.opened(endpoint)
         self.g_active.value += 1
         relay.start()
@@ -295,14 +291,13 @@ class TcpForwarder:
 
     def _relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
-        endpoint = self.relay_endpoints.pop(relay)
-        client = self.relay_clients.pop(relay)
+        endpoint = relay.endpoint
         self.target.closed(endpoint)
         self.g_active.value -= 1
         self.c_closed.labels(self.name, relay.result).inc()
         if self.access_log is not None:
-            self.access_log(self.name, client, str(endpoint), relay.bytes_up, relay.bytes_down,
-                            self.loop.time() - relay.started, relay.result)
+            self.access_log(self.name, relay.client_addr, str(endpoint), relay.bytes_up,
+                            relay.bytes_down, self.loop.time() - relay.started, relay.result)
         self._release_slot()
 
     def _release_slot(self) -> None:
