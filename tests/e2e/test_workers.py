@@ -35,6 +35,19 @@ def worker_pids(proc: PortproxyProcess) -> dict[int, int]:
     return pids
 
 
+def both_listening(proc: PortproxyProcess, port: int) -> bool:
+    """Both workers logged that they listen on ``port``."""
+    return sum(f"listening on tcp 127.0.0.1:{port}" in line for line in proc.lines) == 2
+
+
+def two_workers_up(proc: PortproxyProcess, port: int) -> dict[int, int]:
+    """Wait until both workers run and listen on ``port``; their pids by index."""
+    pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
+                    what="both workers")
+    wait_for(lambda: both_listening(proc, port), what="both workers to listen")
+    return pids
+
+
 def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> None:
     port, admin = free_port(), free_port()
     proc = PortproxyProcess(["run", "--workers", "2", "-f",
@@ -42,10 +55,7 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
                              "--admin-address", f"127.0.0.1:{admin}"])
     try:
         proc.wait_for_line("supervising 2 workers")
-        pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
-                        what="both workers")
-        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
-                             for line in proc.lines) == 2, what="both workers to listen")
+        pids = two_workers_up(proc, port)
         for i in range(40):
             assert exchange(port, b"req %d" % i) == b"req %d" % i
         wait_for(lambda: metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
@@ -103,14 +113,12 @@ def test_sighup_reaches_every_worker(backend: EchoServer, tmp_path) -> None:
                       f'["tcp://127.0.0.1:{first}=127.0.0.1:{backend.port}"]\n')
     proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config)])
     try:
-        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{first}" in line
-                             for line in proc.lines) == 2, what="both workers to listen")
+        wait_for(lambda: both_listening(proc, first), what="both workers to listen")
         config.write_text(f'admin-address = "none"\nforwards = '
                           f'["tcp://127.0.0.1:{first}=127.0.0.1:{backend.port}", '
                           f'"tcp://127.0.0.1:{second}=127.0.0.1:{backend.port}"]\n')
         proc.signal(signal.SIGHUP)
-        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{second}" in line
-                             for line in proc.lines) == 2, what="both workers to add it")
+        wait_for(lambda: both_listening(proc, second), what="both workers to add it")
         for i in range(10):  # the kernel spreads these over both workers
             assert exchange(second, b"new %d" % i) == b"new %d" % i
         proc.signal(signal.SIGTERM)
@@ -134,10 +142,7 @@ def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> Non
                              f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
                              "--admin-address", "none", "--drain-timeout", "5s"])
     try:
-        pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
-                        what="both workers")
-        wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
-                             for line in proc.lines) == 2, what="both workers to listen")
+        pids = two_workers_up(proc, port)
         for i in range(20):
             assert exchange(port, b"%d" % i) == b"%d" % i
         # Stopped, the supervisor leaves the workers' reports unread; killed like that, its

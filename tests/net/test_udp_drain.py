@@ -5,24 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable
-from functools import partial
-
-import pytest
 
 from tests.conftest import wait_for
-from tests.net.udp_harness import UdpBackend, UdpProxy, client, loop_factory
-
-ProxyOn = Callable[..., UdpProxy]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def proxy_on(request: pytest.FixtureRequest) -> ProxyOn:
-    """``UdpProxy`` on asyncio's loop, then on uvloop's (what the CLI prefers)."""
-    factory = loop_factory(request.param)
-    if factory is None:
-        pytest.skip("uvloop is not installed (the 'fast' extra)")
-    return partial(UdpProxy, loop_factory=factory)
+from tests.net.udp_harness import ProxyOn, UdpBackend, client
 
 
 def test_drain_delivers_in_flight_replies_and_refuses_new_clients(proxy_on: ProxyOn) -> None:

@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import pytest
 
 from portproxy.proxyproto import decode_v2
 from portproxy.spec import ProxyProtocol
-from tests.net.udp_harness import (
-    UdpBackend,
-    UdpProxy,
-    client,
-    ipv6_loopback_available,
-    loop_factory,
-)
-
-ProxyOn = Callable[..., UdpProxy]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def proxy_on(request: pytest.FixtureRequest) -> ProxyOn:
-    """``UdpProxy`` on asyncio's loop, then on uvloop's (what the CLI prefers)."""
-    factory = loop_factory(request.param)
-    if factory is None:
-        pytest.skip("uvloop is not installed (the 'fast' extra)")
-    return partial(UdpProxy, loop_factory=factory)
+from tests.net.udp_harness import ProxyOn, UdpBackend, client, ipv6_loopback_available
 
 
 def describe_header(data: bytes, source: tuple[Any, ...]) -> list[bytes]:

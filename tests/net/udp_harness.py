@@ -80,6 +80,10 @@ class UdpBackend:
         self._wake_w.close()
 
 
+ProxyOn = Callable[..., "UdpProxy"]
+"""``UdpProxy`` with the event loop already chosen (the ``proxy_on`` fixture)."""
+
+
 class UdpProxy(LoopThread):
     """A ``UdpForwarder`` running in a private event loop on a background thread."""
 
