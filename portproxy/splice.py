@@ -16,7 +16,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from portproxy.metrics import Counter
-from portproxy.pump import COPY_CHUNK, Direction
+from portproxy.pump import CopyDirection, Direction
 
 if TYPE_CHECKING:
     from portproxy.relay import Relay
@@ -128,37 +128,29 @@ class SpliceDirection(Direction):
                 self._give_back()
 
 
-class AutoDirection(SpliceDirection):
+class AutoDirection(CopyDirection, SpliceDirection):
     """Copies small transfers and splices bulk ones (the idea of HAProxy's splice-auto).
 
     For a message of a few hundred bytes, splice(2) does not save a copy worth having: the
     kernel still walks the same socket buffers, and each message then costs a pipe taken
-    from the pool and given back. So a direction starts by copying through the process-wide
-    buffer, and switches to splicing for good after one read of ``SPLICE_AFTER`` bytes or
-    more, which only a bulk transfer produces (the sender was ahead of us by that much).
+    from the pool and given back. So a direction starts as a ``CopyDirection`` and, after
+    one read of ``SPLICE_AFTER`` bytes or more, which only a bulk transfer produces (the
+    sender was ahead of us by that much), becomes a ``SpliceDirection`` for good.
+    Becoming one is a change of class, not a flag tested on every read: the two share
+    their slots, and the copy path stays the one-call path it is for small messages.
     """
 
-    __slots__ = ("splicing",)
+    __slots__ = ()
 
-    def __init__(
-        self, relay: Relay, src: socket.socket, dst: socket.socket, counter: Counter,
-    ) -> None:
-        super().__init__(relay, src, dst, counter)
-        self.splicing = False
-        self.capacity = COPY_CHUNK
+    bulk_read = SPLICE_AFTER
 
-    def _fill(self) -> int:
-        if self.splicing:
-            return self._splice_fill()
-        n = self._copy_fill()
-        if n >= SPLICE_AFTER:
-            self.splicing = True  # this chunk is still sent by copy; the next one splices
-        return n
-
-    def _flush(self) -> bool:
-        if self.chunk is not None:
-            return self._copy_flush()
-        return self._splice_flush()
+    def _on_bulk(self) -> None:
+        # Only called once the chunk has gone out whole: nothing is pending in either mode.
+        self.__class__ = SpliceDirection  # type: ignore[assignment]
+        self.capacity = PIPE_SIZE
+        # The poller holds the copy mode's reader; level-triggered, so bytes still waiting
+        # are reported again, to the splice reader.
+        self.poller.add_reader(self.src_fd, self.on_readable)
 
 
 def splice_available() -> tuple[bool, str]:

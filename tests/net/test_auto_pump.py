@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from portproxy.splice import SPLICE_AFTER, AutoDirection, splice_available
+from portproxy.splice import SPLICE_AFTER, AutoDirection, SpliceDirection, splice_available
 from tests.net.harness import EchoServer, ProxyThread
 
 pytestmark = pytest.mark.skipif(not splice_available()[0], reason="splice unavailable here")
@@ -44,7 +44,7 @@ class HeldBackend:
         self.thread.join(10)
 
 
-def directions(proxy: ProxyThread) -> tuple[AutoDirection, AutoDirection]:
+def directions(proxy: ProxyThread) -> tuple[SpliceDirection, SpliceDirection]:
     """(up, down) of the proxy's one relay, once it exists."""
     deadline = time.monotonic() + 10
     while True:
@@ -54,7 +54,7 @@ def directions(proxy: ProxyThread) -> tuple[AutoDirection, AutoDirection]:
         time.sleep(0.01)
     assert len(relays) == 1
     up, down = relays[0].up, relays[0].down
-    assert isinstance(up, AutoDirection) and isinstance(down, AutoDirection)
+    assert isinstance(up, SpliceDirection) and isinstance(down, SpliceDirection)
     return up, down
 
 
@@ -68,7 +68,7 @@ def test_request_response_stays_on_the_copy_path(echo_server: EchoServer) -> Non
                 assert recv_exactly(client, len(message)) == message
             up, down = directions(proxy)
             assert up.nbytes == down.nbytes > 0
-            assert not up.splicing and not down.splicing
+            assert type(up) is type(down) is AutoDirection  # still copying
     finally:
         proxy.close()
 
@@ -91,8 +91,8 @@ def test_bulk_switches_to_splice_and_every_byte_arrives_in_order() -> None:
         assert recv_exactly(client, 4) == b"done"
         assert backend.count == 5 + len(payload)
         assert backend.received.digest() == hashlib.sha256(b"hello" + payload).digest()
-        assert up.splicing, "a bulk transfer should have switched the upstream to splice"
-        assert not down.splicing  # it carried four bytes
+        assert type(up) is SpliceDirection, "a bulk transfer should have switched to splice"
+        assert type(down) is AutoDirection  # it carried four bytes
         client.close()
     finally:
         proxy.close()
