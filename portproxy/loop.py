@@ -1,4 +1,5 @@
-"""The event loop implementation: uvloop when installed (the ``fast`` extra), else asyncio's.
+"""The event loop implementation: uvloop when installed (the ``fast`` extra), else asyncio's,
+and the one waiting helper the engines share.
 
 The engines only use ``add_reader``/``add_writer``, timers and sockets, which both loops
 provide; uvloop makes each of those cheaper.
@@ -17,3 +18,16 @@ def install_fast_loop() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+async def wait_at_most(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set, for ``timeout`` seconds at most (None: no limit); True
+    if it was set."""
+    try:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races with the event (the waiting task then never stops).
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -13,6 +13,7 @@ from portproxy.connect import Address, BackendConnect, client_ip, reset_close
 from portproxy.deadlines import Deadlines
 from portproxy.endpoints import Endpoint
 from portproxy.limits import SharedLimit
+from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
 from portproxy.pump import Direction
@@ -326,11 +327,7 @@ class TcpForwarder:
         """Wait up to ``timeout`` for open connections to finish, then reset the rest."""
         self.stop_accepting()
         if self.active:
-            try:
-                async with asyncio.timeout(timeout):  # cancellation-safe, unlike wait_for
-                    await self._idle.wait()
-            except TimeoutError:
-                pass
+            await wait_at_most(self._idle, timeout)
         self.abort_all()
 
     def abort_all(self) -> None:

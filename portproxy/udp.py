@@ -38,6 +38,7 @@ import socket
 
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.flowtable import FlowLimits, FlowTable
+from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
 from portproxy.sockets import BindRequest, bind_socket, bound_address
@@ -376,11 +377,7 @@ class UdpForwarder:
         self.stop_accepting()
         self.expiry.start_draining()
         if self.table:
-            try:
-                async with asyncio.timeout(timeout):  # cancellation-safe, unlike wait_for
-                    await self._idle.wait()
-            except TimeoutError:
-                pass
+            await wait_at_most(self._idle, timeout)
         self.abort_all()
 
     def abort_all(self) -> None:

@@ -19,6 +19,7 @@ from portproxy.endpointslices import (
     service_port_name,
     service_port_number,
 )
+from portproxy.loop import wait_at_most
 from portproxy.spec import HostTarget, ServiceTarget, TargetMode
 
 Obj = dict[str, Any]
@@ -133,10 +134,4 @@ class SharedService:
         """Return once ``self.version`` moved past ``version`` (or ``timeout`` passed)."""
         if self.version != version:
             return
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-            # that races with the event (the task then never stops).
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
-        except TimeoutError:
-            pass
+        await wait_at_most(self._changed, timeout)
