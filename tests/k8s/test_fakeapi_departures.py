@@ -13,7 +13,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,18 +33,7 @@ def get(sock: socket.socket, path: str) -> None:
 
 
 def read_until(sock: socket.socket, marker: bytes, timeout: float = 10.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while marker not in data:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {data!r}")
-        sock.settimeout(remaining)
-        piece = sock.recv(65536)
-        if not piece:
-            raise AssertionError(f"connection closed before {marker!r}; got {data!r}")
-        data += piece
-    return data
+    return _read(sock, b"", lambda data: marker in data, f"{marker!r}", timeout)
 
 
 def read_response(sock: socket.socket) -> bytes:
@@ -53,13 +42,24 @@ def read_response(sock: socket.socket) -> bytes:
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                   if line.lower().startswith(b"content-length:"))
-    sock.settimeout(10)
-    while len(body) < length:
+    _read(sock, body, lambda received: len(received) >= length, "the end of the body")
+    return head
+
+
+def _read(sock: socket.socket, data: bytes, enough: Callable[[bytes], bool], what: str,
+          timeout: float = 10.0) -> bytes:
+    """Receive onto ``data`` until ``enough(data)``; fail on a timeout or an early close."""
+    deadline = time.monotonic() + timeout
+    while not enough(data):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for {what}; got {data!r}")
+        sock.settimeout(remaining)
         piece = sock.recv(65536)
         if not piece:
-            raise AssertionError(f"connection closed mid-body; got {body!r}")
-        body += piece
-    return head
+            raise AssertionError(f"connection closed before {what}; got {data!r}")
+        data += piece
+    return data
 
 
 def reset(sock: socket.socket) -> None:
