@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Literal
@@ -367,9 +367,31 @@ def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
     protocols, listen = _parse_listen(listen_text)
     target_text, *option_parts = rest.split(",")
     target = _parse_target(target_text)
-    options = replace(defaults, **option_values(_split_options(option_parts)))  # type: ignore[arg-type]
+    pairs = _split_options(option_parts)
+    values = option_values(pairs)
+    _check_applicable(pairs.keys(), protocols, target)
+    options = replace(defaults, **values)  # type: ignore[arg-type]
     _check_consistency(protocols, listen, target, options)
     return Forward(stripped, protocols, listen, target, options)
+
+
+#: Options that one protocol never reads. Given in a spec where they cannot apply they are a
+#: mistake (a UDP forward with ``max-conns`` would be silently unlimited), so they are
+#: rejected; the global ``--KEY`` defaults apply wherever they can and are never an error.
+_TCP_ONLY = ("connect-timeout", "fin-timeout", "max-conns")
+_UDP_ONLY = ("max-flows", "responses")
+
+
+def _check_applicable(keys: Iterable[str], protocols: tuple[Protocol, ...],
+                      target: Target) -> None:
+    for key in keys:
+        if key in _TCP_ONLY and Protocol.TCP not in protocols:
+            raise InvalidPart(f"option {key!r} is TCP only; this forward listens on UDP")
+        if key in _UDP_ONLY and Protocol.UDP not in protocols:
+            raise InvalidPart(f"option {key!r} is UDP only; this forward listens on TCP")
+        if key == "mode" and not isinstance(target, ServiceTarget):
+            raise InvalidPart("option 'mode' only applies to a Service target "
+                              "(NAMESPACE/NAME:PORT)")
 
 
 def _check_consistency(

@@ -56,7 +56,7 @@ def test_valid_specs(text: str, protocols: tuple[Protocol, ...], listen: ListenA
 
 def test_every_option() -> None:
     forward = parse_forward(
-        "tcp://:80=web/frontend:http,mode=clusterip,balance=least-conn,connect-timeout=500ms,"
+        "tcp+udp://:80=web/frontend:http,mode=clusterip,balance=least-conn,connect-timeout=500ms,"
         "idle-timeout=5m,max-conns=100,max-flows=7,proxy-protocol=v2,"
         "allow=10.0.0.0/8;fd00::/8,fin-timeout=1h,name=web-80,responses=1"
     )
@@ -118,6 +118,12 @@ INVALID = [
     ("80=a:1,name=a,name=b", "option 'name' is given twice"),
     ("80=a:1,balance", "option 'balance' needs a value"),
     ("udp://:53=a:53,proxy-protocol=v1", "proxy-protocol=v1 is TCP only"),
+    ("udp://:53=a:53,max-conns=10", "option 'max-conns' is TCP only; this forward listens on UDP"),
+    ("udp://:53=a:53,fin-timeout=1s", "option 'fin-timeout' is TCP only"),
+    ("udp://:53=a:53,connect-timeout=1s", "option 'connect-timeout' is TCP only"),
+    ("tcp://:80=a:1,max-flows=5", "option 'max-flows' is UDP only; this forward listens on TCP"),
+    ("80=a:1,responses=1", "option 'responses' is UDP only"),
+    ("80=10.0.0.1:1,mode=clusterip", "option 'mode' only applies to a Service target"),
     ("80=a:1,wait-interface", "wait-interface only applies to an interface"),
     ("80=a:1,freebind", "freebind only applies to an IP listen address"),
     ("10.0.0.1:80=a:1,freebind=maybe", "freebind='maybe': use true or false"),
