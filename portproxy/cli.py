@@ -170,16 +170,26 @@ def run_guarded(body: Callable[[], None]) -> NoReturn:
     """Run ``body`` and map the project's errors to exit codes (the only such place)."""
     try:
         body()
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except SetupError as exc:
-        fail(str(exc), EXIT_SETUP)
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)
-    except Exception as exc:  # last resort: say what broke, exit 1
+    except Exception as exc:
+        cause = _sole_cause(exc)
+        if isinstance(cause, ConfigError):
+            fail(str(cause), EXIT_USAGE)
+        if isinstance(cause, SetupError):
+            fail(str(cause), EXIT_SETUP)
+        # Last resort: say what broke, exit 1.
         logging.getLogger("portproxy").exception("unexpected error")
         fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
     sys.exit(EXIT_OK)
+
+
+def _sole_cause(exc: Exception) -> Exception:
+    """The one error inside (nested) task group wrappers: a SetupError raised by a task is
+    still the user's one-line message and exit 3, not a traceback."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"],

@@ -248,6 +248,8 @@ class Daemon:
         try:
             for forward in self.settings.forwards:
                 runtimes.append(self.build(forward))
+            refs = configmap_refs(self.settings)
+            kube = self.resolvers.kube() if refs else None  # a bad kubeconfig fails here
             await self._start_admin()
         except BaseException:
             for runtime in runtimes:
@@ -263,9 +265,9 @@ class Daemon:
                 for runtime in runtimes:
                     self.start(runtime)
                 watches = [group.create_task(follow_configmap(
-                    ref, self.resolvers.kube(), self.settings.forward_defaults,
+                    ref, kube, self.settings.forward_defaults,
                     self.sources, self._apply_sources), name=f"configmap {ref}")
-                    for ref in configmap_refs(self.settings)]
+                    for ref in refs]
                 if ready is not None:
                     ready()
                 await self._stop.wait()

@@ -2,7 +2,9 @@
 
 ``Resolvers`` also owns the process's one Kubernetes client, shared by every Service forward
 and ConfigMap watch, and created on first use: a process without Service targets never
-loads the client. The daemon and the workers' supervisor both build their resolvers here.
+loads the client. Its configuration is read as soon as it is created, so a broken
+kubeconfig fails the start (or the reload) that needed it, not a watch task later. The
+daemon and the workers' supervisor both build their resolvers here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portproxy.config import Settings
+from portproxy.errors import SetupError
 from portproxy.metrics import ProxyMetrics
 from portproxy.resolve import Resolver
 from portproxy.resolve.dns import DnsResolver
@@ -29,7 +32,11 @@ class Resolvers:
     def for_forward(self, forward: Forward) -> Resolver:
         target = forward.target
         if isinstance(target, ServiceTarget):
-            resolver: Resolver = self.kube().resolver(target, forward.options.mode)
+            try:
+                kube = self.kube()
+            except SetupError as exc:
+                raise SetupError(f"forward {forward.name}: {exc}") from None
+            resolver: Resolver = kube.resolver(target, forward.options.mode)
             return resolver
         assert isinstance(target, HostTarget)
         return StaticResolver(target) if target.is_ip else DnsResolver(target)
@@ -39,11 +46,15 @@ class Resolvers:
         from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
 
         if self._kube is None:
-            self._kube = KubeResolvers(
+            kube = KubeResolvers(
                 KubeSettings(kubeconfig=self.settings.kubeconfig,
                              context=self.settings.kube_context,
                              node_name=self.settings.node_name),
                 self.metrics)
+            # Now, not in the first watch: a broken kubeconfig or service account stops the
+            # start with one line (exit 3) instead of failing a watch task once running.
+            kube.load_configuration()
+            self._kube = kube
         return self._kube
 
     async def close(self) -> None:

@@ -33,7 +33,7 @@ from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
 from portproxy.daemon import Reloader, reloaded
 from portproxy.endpoints import Balancer
-from portproxy.errors import SetupError
+from portproxy.errors import PortproxyError, SetupError
 from portproxy.forward_runtime import status_of
 from portproxy.metrics import ProxyMetrics, Registry
 from portproxy.resolver_factory import Resolvers
@@ -198,13 +198,18 @@ class Supervisor:
     def _apply(self, new: Settings) -> None:
         """Send ``new`` to every worker; resolve added targets, forget removed ones."""
         assert self._group is not None
+        try:
+            added = {f: self._target(f) for f in new.forwards if f not in self.targets}
+        except PortproxyError as exc:  # the first Service target, with a broken kubeconfig
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
         self.settings = replace(new, workers=len(self.workers))
         for forward in [f for f in self.targets if f not in new.forwards]:
             del self.targets[forward]
             self._resolving.pop(forward).cancel()
         self._broadcast("settings", self.settings)
-        for forward in [f for f in new.forwards if f not in self.targets]:
-            self.targets[forward] = self._target(forward)
+        for forward, state in added.items():
+            self.targets[forward] = state
             self._follow(forward)
         for forward, state in self.targets.items():
             if state.resolved:
@@ -214,10 +219,12 @@ class Supervisor:
     # -- running --------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        for forward in self.settings.forwards:
+            self.targets[forward] = self._target(forward)
+        if configmap_refs(self.settings):
+            self.resolvers.kube()  # a bad kubeconfig fails the start here
         async with asyncio.TaskGroup() as group:
             self._group = group
-            for forward in self.settings.forwards:
-                self.targets[forward] = self._target(forward)
             for worker in self.workers:
                 await self._spawn(worker)
             failures = [await w.started for w in self.workers if w.started is not None]

@@ -104,8 +104,11 @@ def _load_configuration(settings: KubeSettings) -> client.Configuration:
     except Exception as exc:  # ConfigException, YAML errors, exec plugins: all the user's setup
         where = f"the in-cluster service account in {sa_dir}" if in_cluster \
             else f"kubeconfig {path}"
+        hint = ("check the pod's service account token and CA" if in_cluster else
+                "give a working one with --kubeconfig/KUBECONFIG (and --context), or run "
+                "in a pod with a service account")
         raise SetupError(f"cannot load the Kubernetes client configuration from {where}: "
-                         f"{exc}".replace("\n", " ")) from None
+                         f"{exc}; {hint}".replace("\n", " ")) from None
     # Every watch holds a connection while it runs; keep them pooled instead of discarded.
     configuration.connection_pool_maxsize = 64
     # No urllib3-level retries: the informer retries with backoff and says so once, instead
@@ -259,6 +262,10 @@ class KubeResolvers:
         if self._transport is None:  # lazily: constructing this object touches no files
             self._transport = _ClientTransport(self.settings)
         return self._transport
+
+    def load_configuration(self) -> None:
+        """Read the kubeconfig or service account now (SetupError if it is unusable)."""
+        self._client()
 
     def resolver(self, target: ServiceTarget, mode: TargetMode) -> Resolver:
         return KubeServiceResolver(target, mode, lambda: self._acquire(target, mode),

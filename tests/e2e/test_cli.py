@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 import socket
+from pathlib import Path
+
+import pytest
 
 from portproxy import __version__
 from tests.conftest import wait_for
@@ -54,6 +57,36 @@ def test_port_in_use_exits_3_naming_the_forward() -> None:
         holder.close()
     assert result.returncode == 3
     assert f"forward tcp/127.0.0.1:{port}: 127.0.0.1:{port} is already in use" in result.stderr
+
+
+BROKEN_KUBECONFIG = "apiVersion: v1\nclusters: [ {this is not yaml\n"
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_broken_kubeconfig_exits_3_in_one_line(tmp_path: Path, extra: list[str]) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(BROKEN_KUBECONFIG)
+    port = free_port()
+    result = run_cli(["run", "-f", f"tcp://127.0.0.1:{port}=default/web:80", "--kubeconfig",
+                      str(kubeconfig), "--admin-address", "none", *extra])
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        f"portproxy: error: forward tcp/127.0.0.1:{port}: cannot load the Kubernetes client "
+        f"configuration from kubeconfig {kubeconfig}: ")
+    assert "--kubeconfig" in result.stderr  # says what to do
+    assert result.stderr.count("\n") == 1
+
+
+def test_broken_kubeconfig_with_only_a_configmap_exits_3(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(BROKEN_KUBECONFIG)
+    result = run_cli(["run", "--tcp-services-configmap", "ingress/tcp-services",
+                      "--kubeconfig", str(kubeconfig), "--admin-address", "none"])
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (f"portproxy: error: cannot load the Kubernetes client configuration from "
+            f"kubeconfig {kubeconfig}: ") in result.stderr
 
 
 def test_env_forwards_and_sigterm_drain(backend: EchoServer) -> None:

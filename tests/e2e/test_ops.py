@@ -180,6 +180,36 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
         proc.stop()
 
 
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_reload_adding_a_service_with_a_broken_kubeconfig_keeps_running(
+        backend: EchoServer, tmp_path: Path, extra: list[str]) -> None:
+    kept, service = free_port(), free_port()
+    spec_kept = f"tcp://127.0.0.1:{kept}=127.0.0.1:{backend.port}"
+    kubeconfig = write(tmp_path / "kubeconfig", "clusters: [ {not yaml\n")
+    config = write(tmp_path / "c.toml", f'admin-address = "none"\nforwards = ["{spec_kept}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config), "--kubeconfig", str(kubeconfig),
+                             *extra])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{kept}")
+        write(config, f'admin-address = "none"\nforwards = ["{spec_kept}", '
+              f'"tcp://127.0.0.1:{service}=default/web:80"]\n')
+        proc.signal(signal.SIGHUP)
+        line = proc.wait_for_line("reload failed, keeping the running configuration")
+        assert (f"forward tcp/127.0.0.1:{service}: cannot load the Kubernetes client "
+                f"configuration from kubeconfig {kubeconfig}") in line
+        with socket.create_connection(("127.0.0.1", kept), timeout=10) as client:
+            client.sendall(b"still here")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"still here"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", service), timeout=10).close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "Traceback" not in proc.output
+    finally:
+        proc.stop()
+
+
 def http_get(port: int, path: str) -> tuple[int, str]:
     import urllib.error
 
