@@ -27,7 +27,8 @@ def default_options(params: dict[str, Any]) -> ForwardOptions:
     try:
         base = options_from_pairs(pairs, ForwardOptions())
     except ConfigError as exc:
-        raise ConfigError(f"invalid global option: {exc}") from None
+        # Every option's message starts with its key, so this names the flag: "--allow: …".
+        raise ConfigError(f"invalid --{exc}") from None
     return ForwardOptions(
         mode=base.mode, balance=base.balance, max_flows=base.max_flows,
         responses=base.responses,

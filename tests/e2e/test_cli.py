@@ -33,6 +33,13 @@ def test_invalid_flag_value_exits_2() -> None:
     assert "--drain-timeout" in result.stderr
 
 
+def test_invalid_global_option_names_the_flag() -> None:
+    result = run_cli(["run", "-f", "80=a:1", "--allow", "10.0.0.0/8;10.0.0.0/33"])
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "portproxy: error: invalid --allow: '10.0.0.0/33' is not a CIDR")
+
+
 def test_no_forward_exits_2() -> None:
     result = run_cli(["run"], env={"PORTPROXY_FORWARD": ""})
     assert result.returncode == 2
