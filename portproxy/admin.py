@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from portproxy.errors import ConfigError, SetupError
 from portproxy.metrics import Registry
+from portproxy.spec_values import is_decimal
 from portproxy.status import StatusSource, is_ready, not_ready_lines
 
 log = logging.getLogger("portproxy.admin")
@@ -89,7 +90,7 @@ def parse_admin_address(text: str) -> tuple[str, int] | None:
 
 
 def _admin_port(text: str, port_text: str) -> int:
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 1 <= int(port_text) <= 65535:
         raise _bad_address(text, f"port {port_text!r} is not a number in 1-65535")
     return int(port_text)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from portproxy.errors import ConfigError
 from portproxy.spec import Forward, ForwardOptions, Protocol, parse_forward
+from portproxy.spec_values import is_decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ def parse_ref(text: str, protocol: Protocol, flag: str) -> ConfigMapRef:
 def entry_spec(ref: ConfigMapRef, port: str, value: str) -> str:
     """One ConfigMap entry as a forward spec; ConfigError says what is wrong with it."""
     where = f"{ref} key {port!r}"
-    if not port.isdigit():
+    if not is_decimal(port):
         raise ConfigError(f"{where}: the key must be a port number")
     target, _, rest = value.strip().partition(":")
     service_port, _, flags = rest.partition(":")

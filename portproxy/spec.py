@@ -27,6 +27,7 @@ from portproxy.spec_values import (
     duration,
     enum_member,
     flag,
+    is_decimal,
     label,
 )
 
@@ -189,7 +190,7 @@ _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?$")
 
 
 def parse_port(text: str, what: str = "port") -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise InvalidPart(f"{what} {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -271,7 +272,7 @@ def _parse_service(host: str, port_text: str) -> ServiceTarget:
         raise InvalidPart(f"namespace {namespace!r} is not a valid Kubernetes namespace name")
     if not _DNS_1035.match(name):
         raise InvalidPart(f"service name {name!r} is not a valid Kubernetes Service name")
-    if port_text.isdigit():
+    if is_decimal(port_text):
         return ServiceTarget(namespace, name, parse_port(port_text, "service port"))
     if not _PORT_NAME.match(port_text) or not re.search("[a-z]", port_text):
         raise InvalidPart(

@@ -22,7 +22,7 @@ class InvalidPart(Exception):
     """A reason, without the spec around it; ``parse_forward`` adds the context."""
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?$")  # ASCII digits only
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _LABEL = re.compile(r"^[A-Za-z0-9_.:/\-+*\[\]]{1,100}$")
 _TRUE = ("", "true", "yes", "1")
@@ -57,8 +57,14 @@ def duration(key: str, value: str, allow_zero: bool) -> float:
     return seconds
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²' or '٣', which ``int`` refuses
+    (or reads as another number), and a ConfigMap value can hold anything."""
+    return text.isascii() and text.isdigit()
+
+
 def count(key: str, value: str) -> int:
-    if not value.isdigit():
+    if not is_decimal(value):
         raise InvalidPart(f"{key}={value!r} is not a whole number")
     return int(value)
 

@@ -28,9 +28,15 @@ FIRST_RETRY = 1.0
 
 async def system_lookup(host: str) -> list[str]:
     """Every address ``getaddrinfo`` gives for ``host``, IPv4 and IPv6, without duplicates."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except UnicodeError as exc:
+        # The IDNA encoding refuses the name (a label over 63 characters, an empty one): a
+        # lookup failure like any other, not an error that ends the watch. An ExternalName
+        # can carry such a name; Kubernetes does not check label lengths there.
+        raise socket.gaierror(socket.EAI_NONAME, f"not a valid DNS name ({exc})") from None
     addresses: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         address = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 scope id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portproxy.configmap import (
     ConfigMapRef,
@@ -53,6 +55,22 @@ def test_invalid_entries_are_skipped_not_fatal() -> None:
     assert forwards[1].target == ServiceTarget("default", "b", "http")
     assert forwards[1].options.proxy_protocol is ProxyProtocol.V1
     assert len(problems) == 1 and "9001" in problems[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4))
+def test_any_configmap_data_gives_forwards_or_problems(data: dict[str, str]) -> None:
+    """A ConfigMap can hold anything: each entry becomes a forward or a problem line, and
+    nothing else escapes (an exception here would end the daemon's watch task)."""
+    forwards, problems = configmap_forwards(TCP, data, ForwardOptions())
+    assert len(forwards) + len(problems) == len(data)
+
+
+@pytest.mark.parametrize("port,value", [("²", "a/b:80"), ("80", "a/b:²"), ("٣", "a/b:http"),
+                                        ("80", "a/b:١٢")])
+def test_non_ascii_digits_are_problems(port: str, value: str) -> None:
+    forwards, problems = configmap_forwards(TCP, {port: value}, ForwardOptions())
+    assert forwards == [] and len(problems) == 1
 
 
 def test_ports_of_static_forwards_are_not_taken_twice() -> None:

@@ -131,6 +131,10 @@ INVALID = [
     ("eth0/ipv5:80=a:1", "the family after '/' must be ipv4 or ipv6"),
     ("80=bad_host!:1", "target host 'bad_host!' is not a valid IP address or DNS name"),
     ("80 =a:1", "the spec contains whitespace"),
+    ("²=a:1", "port '²' is not a number"),
+    ("80=a:١", "target port '١' is not a number"),
+    ("80=a:1,max-flows=²", "max-flows='²' is not a whole number"),
+    ("80=a:1,idle-timeout=١s", "idle-timeout: invalid duration '١s'"),
 ]
 
 
@@ -143,7 +147,7 @@ def test_invalid_specs_name_the_offending_part(text: str, message: str) -> None:
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet=st.sampled_from([*"tcpud+:/[]*.,=;-_0123456789abfx ", "é"]),
+@given(st.text(alphabet=st.sampled_from([*"tcpud+:/[]*.,=;-_0123456789abfx ", "é", "²", "٣"]),
                max_size=60))
 def test_random_strings_raise_only_config_error(text: str) -> None:
     try:
