@@ -150,6 +150,9 @@ class Balancer:
         )
 
 
+_MAX_FAILURES_COUNTED = 64
+
+
 class PassiveHealth:
     """Passes over endpoints that recently failed to connect, for a growing period.
 
@@ -166,8 +169,10 @@ class PassiveHealth:
 
     def failed(self, endpoint: Endpoint) -> None:
         count, _ = self._failures.get(endpoint.key, (0, 0.0))
-        count += 1
-        delay = min(self._cap, self._base * 2 ** (count - 1))
+        # The count stops where the delay has long reached the cap: a backend down for an
+        # hour fails thousands of times, and 2.0 ** 1024 no longer fits in a float.
+        count = min(count + 1, _MAX_FAILURES_COUNTED)
+        delay = min(self._cap, self._base * 2.0 ** (count - 1))
         self._failures[endpoint.key] = (count, self._clock() + delay)
 
     def succeeded(self, endpoint: Endpoint) -> None:

@@ -142,6 +142,21 @@ def test_passive_health_benches_with_growing_capped_backoff() -> None:
     assert not health.is_benched(A)
 
 
+def test_passive_health_survives_a_backend_down_for_hours() -> None:
+    clock = FakeClock()
+    health = PassiveHealth(clock, base=1.0, cap=30.0)
+    for _ in range(5000):  # every connect refused, far past 2.0 ** 1024
+        health.failed(A)
+    clock.now += 29.9
+    assert health.is_benched(A)
+    clock.now += 0.2
+    assert not health.is_benched(A)
+    health.succeeded(A)
+    health.failed(A)  # counting starts again: 1 s
+    clock.now += 1.01
+    assert not health.is_benched(A)
+
+
 def test_passive_health_moves_benched_to_the_end_and_success_clears() -> None:
     clock = FakeClock()
     health = PassiveHealth(clock)
