@@ -16,7 +16,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from portproxy.metrics import Counter
-from portproxy.pump import CopyDirection, Direction
+from portproxy.pump import COPY_CHUNK, CopyDirection, Direction
 
 if TYPE_CHECKING:
     from portproxy.relay import Relay
@@ -31,6 +31,8 @@ PIPE_SIZE = 256 * 1024
 SPLICE_AFTER = 64 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: pipe2() failures that are this process's or the host's limits, not the connection's.
+_NO_PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class Pipe:
@@ -87,7 +89,14 @@ class SpliceDirection(Direction):
     def _splice_fill(self) -> int:
         pipe = self.pipe
         if pipe is None:
-            pipe = self.pipe = POOL.acquire()
+            try:
+                pipe = POOL.acquire()
+            except OSError as exc:
+                if exc.errno not in _NO_PIPE_ERRNOS:
+                    raise
+                self._copy_instead()
+                return -1
+            self.pipe = pipe
             self.capacity = pipe.size
         try:
             n = os.splice(self.src_fd, pipe.w, pipe.size, flags=_FLAGS)
@@ -112,6 +121,16 @@ class SpliceDirection(Direction):
 
     _fill = _splice_fill
     _flush = _splice_flush
+
+    def _copy_instead(self) -> None:
+        """No pipe to be had (out of descriptors or memory): copy through user space, which
+        needs none, rather than reset a working connection. Nothing is in flight (a pipe is
+        only taken when none is held), and the copy reader, registered in place of this
+        one, is told again about the bytes waiting (level-triggered). A later bulk read
+        tries splicing again."""
+        self.__class__ = AutoDirection
+        self.capacity = COPY_CHUNK
+        self.poller.add_reader(self.src_fd, self.on_readable)
 
     def _give_back(self) -> None:
         if self.pipe is not None and not self.pending:

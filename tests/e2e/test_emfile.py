@@ -1,7 +1,9 @@
-"""Out of file descriptors: accept backs off and counts, the listener survives."""
+"""Out of file descriptors: accept backs off and counts, the listener survives, and a live
+connection keeps working."""
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import subprocess
@@ -64,6 +66,68 @@ def test_emfile_backs_off_and_recovers() -> None:
     finally:
         for client in clients:
             client.close()
+        proc.terminate()
+        proc.wait(20)
+        backend.close()
+
+
+def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
+    """Splicing needs a pipe (two descriptors); without one, copying needs none. A live
+    connection whose transfer turns bulk when no descriptor is left must keep going."""
+    payload = os.urandom(1 << 20)
+    go_bulk = threading.Event()
+    first = threading.Lock()
+
+    def backend_side(conn: socket.socket) -> None:
+        if not first.acquire(blocking=False):
+            recv_all(conn)  # the idle connections that use up the descriptors
+            return
+        conn.sendall(b"hello")  # small: the copy mover handles it
+        go_bulk.wait(30)
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        recv_all(conn)
+
+    backend = EchoServer(handler=backend_side)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portproxy", "run", "-f",
+         f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}", "--admin-address", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    idle: list[socket.socket] = []
+    try:
+        wait_for(lambda: any("listening on tcp" in line for line in lines),
+                 what="portproxy to start")
+        live = socket.create_connection(("127.0.0.1", port), timeout=20)
+        got = b""
+        while len(got) < 5:
+            got += live.recv(5 - len(got))
+        assert got == b"hello"
+
+        def out_of_descriptors() -> bool:
+            return any("failed (Too many open files); not accepting for" in line
+                       for line in lines)
+        for _ in range(2 * FD_LIMIT):
+            if out_of_descriptors():
+                break
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            except ConnectionResetError:
+                pass  # a client the proxy could not serve is reset: expected here
+        wait_for(out_of_descriptors, what="the proxy to run out of descriptors")
+
+        go_bulk.set()
+        received = recv_all(live)  # reset here if the switch to splice gave up
+        assert received == payload
+        live.close()
+        assert proc.poll() is None
+    finally:
+        go_bulk.set()
+        for conn in idle:
+            conn.close()
         proc.terminate()
         proc.wait(20)
         backend.close()
