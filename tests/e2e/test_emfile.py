@@ -21,21 +21,32 @@ def limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
-def test_emfile_backs_off_and_recovers() -> None:
-    backend = EchoServer()
-    port, admin = free_port(), free_port()
+def start_limited(port: int, backend: EchoServer, admin: str
+                  ) -> tuple[subprocess.Popen[str], list[str]]:
+    """portproxy on ``port`` → ``backend`` with FD_LIMIT descriptors, listening; its log
+    lines are collected as they come."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "portproxy", "run", "-f",
-         f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}", "--admin-address",
-         f"127.0.0.1:{admin}"],
+         f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}", "--admin-address", admin],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    clients: list[socket.socket] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True).start()
     try:
         wait_for(lambda: any("listening on tcp" in line for line in lines),
                  what="portproxy to start")
+    except BaseException:
+        proc.kill()
+        proc.wait(20)
+        raise
+    return proc, lines
+
+
+def test_emfile_backs_off_and_recovers() -> None:
+    backend = EchoServer()
+    port, admin = free_port(), free_port()
+    proc, lines = start_limited(port, backend, f"127.0.0.1:{admin}")
+    clients: list[socket.socket] = []
+    try:
         for _ in range(FD_LIMIT):  # more connections than the proxy has descriptors for
             try:
                 clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
@@ -90,17 +101,9 @@ def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
 
     backend = EchoServer(handler=backend_side)
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "portproxy", "run", "-f",
-         f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}", "--admin-address", "none"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit_fds)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    reader.start()
+    proc, lines = start_limited(port, backend, "none")
     idle: list[socket.socket] = []
     try:
-        wait_for(lambda: any("listening on tcp" in line for line in lines),
-                 what="portproxy to start")
         live = socket.create_connection(("127.0.0.1", port), timeout=20)
         got = b""
         while len(got) < 5:
