@@ -103,12 +103,14 @@ class Direction:
         self.writing = True
 
     def on_writable(self) -> None:
+        # The peer took bytes since the last attempt, or it would not be writable: traffic,
+        # even if what is pending does not all go out now (a slow reader is not idle).
+        self.relay.last_activity = self.loop.time()
         try:
             if not self._flush():
                 return
             self.poller.remove_writer(self.dst_fd)
             self.writing = False
-            self.relay.last_activity = self.loop.time()
             self.poller.add_reader(self.src_fd, self.on_readable)
         except OSError as exc:
             self.relay.abort(exc)

@@ -8,8 +8,10 @@ or when the idle or half-closed (``fin-timeout``) time runs out.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +23,19 @@ from portproxy.poller import Poller
 from portproxy.pump import CopyDirection, Direction
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_NOTHING_QUEUED = (0, 0)
+#: SIOCOUTQ: bytes in a TCP socket's send queue, not yet acknowledged by the peer.
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
+_INT = struct.Struct("i")
+_NO_INT = bytes(_INT.size)
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes ``sock``'s kernel still holds for the peer (0 where it cannot tell)."""
+    try:
+        return int(_INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, _NO_INT))[0])
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +73,7 @@ class Relay:
         "on_close",
         "peer",
         "poller",
+        "queued",
         "result",
         "setup",
         "started",
@@ -91,6 +107,7 @@ class Relay:
         self.up = direction_type(self, client, upstream, counters[0])
         self.down = direction_type(self, upstream, client, counters[1])
         self.deadline: Slot | None = None
+        self.queued = _NOTHING_QUEUED
 
     def start(self) -> None:
         self.up.start()
@@ -103,7 +120,9 @@ class Relay:
         if self.timeouts.idle:
             deadlines.append(self.last_activity + self.timeouts.idle)
         if self.fin_since and self.timeouts.fin:
-            deadlines.append(self.fin_since + self.timeouts.fin)
+            # Silence while half-closed, like HAProxy's client-fin/server-fin: a download
+            # to a client that half-closed after its request runs as long as it moves.
+            deadlines.append(max(self.fin_since, self.last_activity) + self.timeouts.fin)
         return min(deadlines) if deadlines else None
 
     def _arm(self) -> None:
@@ -120,14 +139,27 @@ class Relay:
         if self.closed:
             return
         now = self.loop.time()
-        if self.fin_since and self.timeouts.fin and now >= self.fin_since + self.timeouts.fin:
-            self.result = "fin_timeout"
-            self.abort(None)
-        elif self.timeouts.idle and now >= self.last_activity + self.timeouts.idle:
-            self.result = "idle_timeout"
-            self.abort(None)
-        else:
+        deadline = self._deadline()
+        if deadline is None or now < deadline or self._kernel_queues_moved():
             self._arm()  # traffic moved the deadline: one timer, re-armed lazily
+            return
+        fin = self.timeouts.fin
+        expired_fin = self.fin_since and fin and now >= max(self.fin_since,
+                                                             self.last_activity) + fin
+        self.result = "fin_timeout" if expired_fin else "idle_timeout"
+        self.abort(None)
+
+    def _kernel_queues_moved(self) -> bool:
+        """Whether the send queues of the two sockets changed since the last expiry: bytes
+        already handed to the kernel still count as traffic while a slow reader drains
+        them, though no callback of ours runs. A peer that reads nothing at all keeps the
+        same queue and is idle; it gets at most one extra timeout."""
+        queued = (unsent(self.client), unsent(self.peer))
+        moved = queued != self.queued and any(queued)
+        if moved:
+            self.last_activity = self.loop.time()
+        self.queued = queued
+        return moved
 
     # -- endings --------------------------------------------------------------------------
     def other_done(self, direction: Direction) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -179,6 +180,57 @@ def test_idle_timeout_closes_both_sides(echo_server: EchoServer, pump: str) -> N
         assert proxy.closed("idle_timeout") == 1
     finally:
         proxy.close()
+
+
+SLOW_PAYLOAD = 1024 * 1024
+
+
+def slow_read(client: socket.socket, size: int, pause: float) -> bytes:
+    """Read ``size`` bytes, 16 KiB at a time with ``pause`` seconds between reads: a reader
+    far slower than the proxy, but never silent for long."""
+    chunks: list[bytes] = []
+    received = 0
+    while received < size and (chunk := client.recv(min(16384, size - received))):
+        chunks.append(chunk)
+        received += len(chunk)
+        time.sleep(pause)  # the slowness under test, not a wait for a condition
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
+def test_a_slow_reader_is_not_idle(pump: str, half_closed: bool) -> None:
+    """Bytes the proxy has handed to the kernel, or only partly written, are still
+    traffic: a reader taking 1 MiB over about ten idle timeouts is served to the end. With
+    the client's side half-closed and the backend's left open, the fin timeout likewise
+    counts from the last byte moved, not from the FIN, and then still ends the silence."""
+    payload = os.urandom(SLOW_PAYLOAD)
+    release = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(payload)
+        if half_closed:
+            release.wait(30)  # keeps its side open: only the fin timeout ends this
+        else:
+            conn.shutdown(socket.SHUT_WR)
+            recv_all(conn)
+
+    server = EchoServer(handler=handler)
+    timeouts = {"fin_timeout": 0.15} if half_closed else {"idle_timeout": 0.15}
+    proxy = ProxyThread(server.port, pump, **timeouts)
+    try:
+        with proxy.connect() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            if half_closed:
+                client.shutdown(socket.SHUT_WR)
+            assert slow_read(client, SLOW_PAYLOAD, pause=0.01) == payload
+            if not half_closed:
+                assert client.recv(1) == b""
+        wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
+        assert proxy.closed("fin_timeout" if half_closed else "ok") == 1
+    finally:
+        release.set()
+        proxy.close()
+        server.close()
 
 
 def test_fin_timeout_bounds_a_half_closed_connection(pump: str) -> None:
