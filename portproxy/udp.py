@@ -18,7 +18,8 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
 - ``proxy-protocol=v2``: a ``DGRAM`` header, built once per flow, is sent in front of every
   datagram to the backend with scatter-gather ``sendmsg`` (no copy); replies go without it.
 - When the endpoint of a flow disappears from the target, the flow moves to a new endpoint on
-  its next datagram from the client (a generation number makes the check O(1)).
+  its next datagram from the client (a generation number makes the check O(1)); replies
+  already queued on its old socket are relayed before that socket closes.
 - Drain: new clients are dropped (``draining``) while existing flows are served until each
   has been quiet for ``DRAIN_QUIET`` s, bounded by the drain timeout; then the listening
   sockets close. They stay open until then because replies must leave from them; the cost
@@ -46,6 +47,7 @@ from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
 from portproxy.udp_flow import (
+    REPLY_BATCH,
     Client,
     Flow,
     FlowExpiry,
@@ -108,6 +110,10 @@ class UdpForwarder:
         self.locals = LocalAddresses()
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
+        self.spare = bytearray(RECV_BUFFER)
+        self.spare_view = memoryview(self.spare)
+        """Swapped in for ``buffer`` while replies are read in the middle of relaying a
+        client's datagram (``_relay_queued``)."""
         self.accepting = True
         self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
         self.poller = FlowPoller(self.loop, self._on_reply)
@@ -203,8 +209,10 @@ class UdpForwarder:
                 if flow.listener is not lsock or (
                         wildcard and pktinfo_of(ancdata) != flow.local.raw):
                     self._relocate(flow, lsock, ancdata, wildcard)
-                if flow.generation != self.generation and not self._endpoint_ok(flow):
-                    continue
+                if flow.generation != self.generation:
+                    flow = self._endpoint_ok(flow, lsock, ancdata, wildcard)
+                    if flow is None:
+                        continue
             try:
                 if flow.header is None:
                     flow.sock.send(view[:size])
@@ -282,16 +290,27 @@ class UdpForwarder:
         self.generation += 1
         self.endpoint_keys = frozenset(e.key for e in endpoints.endpoints)
 
-    def _endpoint_ok(self, flow: Flow) -> bool:
-        """After an endpoint change: keep the flow's endpoint, or move it to a new one."""
+    def _endpoint_ok(self, flow: Flow, lsock: socket.socket, ancdata: list[Ancillary],
+                     wildcard: bool) -> Flow | None:
+        """After an endpoint change: the flow to relay the client's datagram on (``flow``,
+        kept on its endpoint or moved to a new one, or a new flow when ``flow`` has just
+        ended), or None when the datagram is dropped (and counted)."""
         if flow.endpoint.key in self.endpoint_keys:
             flow.generation = self.generation
-            return True
+            return flow
+        # The flow leaves its socket (moving or closing): replies already queued on it would
+        # vanish with it, uncounted. Relay them now, as the poller would have, had it run
+        # before this datagram was read.
+        self._relay_queued(flow)
+        if self.table.peek(flow.client) is not flow:
+            # That was the last reply awaited (responses=N): the flow ended "answered". As
+            # with that order of events, the datagram starts a new flow.
+            return self._new_flow(lsock, flow.client, ancdata, wildcard)
         connected = self._connect(flow.client)
         if connected is None:
             self.table.remove(flow.client)
             self._close(flow, "no_endpoints")
-            return False
+            return None
         old = flow.endpoint
         self.poller.remove(flow)
         flow.sock.close()
@@ -303,7 +322,21 @@ class UdpForwarder:
         # Debug: when an endpoint goes, every one of its flows moves (thousands, for DNS).
         log.debug("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
-        return True
+        return flow
+
+    def _relay_queued(self, flow: Flow) -> None:
+        """Relay what is queued on ``flow``'s socket, through ``_on_reply`` (same counters and
+        ``responses`` accounting), at most a poller batch of it: off the per-datagram path,
+        run only when a flow leaves its socket."""
+        # ``_on_reply`` reads into ``buffer``, which still holds the client's datagram that
+        # ``_on_datagram`` sends after this returns: lend it the spare buffer meanwhile.
+        self.buffer, self.spare = self.spare, self.buffer
+        self.view, self.spare_view = self.spare_view, self.view
+        try:
+            self._on_reply(flow, REPLY_BATCH)
+        finally:
+            self.buffer, self.spare = self.spare, self.buffer
+            self.view, self.spare_view = self.spare_view, self.view
 
     def _close(self, flow: Flow, result: str) -> None:
         """Release a flow already removed from the table."""

@@ -559,3 +559,63 @@ def test_without_responses_a_flow_outlives_its_replies(backend: UdpBackend,
             assert sock.recv(100) == b"x%d" % i
     assert proxy.flows == 1 and proxy.closed_flows == []
 
+
+@pytest.mark.parametrize("responses", [0, 1], ids=["unlimited", "responses=1"])
+def test_a_reply_queued_on_a_moving_flow_is_relayed_first(
+        make_backend: MakeBackend, make_proxy: MakeProxy, responses: int) -> None:
+    """A reply already waiting on a flow's socket when the flow moves off its departed
+    endpoint reaches the client (and the counters) instead of vanishing with the socket.
+
+    The order is made deterministic: with the proxy's loop stalled, the old endpoint's reply
+    is queued on the flow socket and the client's next datagram on the listener; the stalled
+    callback then runs the listener's reader itself, ahead of the flow sockets' poller."""
+    first = make_backend(handler=lambda data, _: [])  # answers by hand, below
+    second = make_backend(handler=lambda data, _: [b"second:" + data])
+    proxy = make_proxy([first.endpoint], responses=responses, idle_timeout=600.0)
+    listener = proxy.engine.listeners["127.0.0.1"]
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall_then_read_the_listener() -> None:
+        stalled.set()
+        release.wait(10)
+        proxy.engine._on_datagram(listener, False)  # False: not a wildcard listener
+
+    late = b"late:" + os.urandom(200)  # longer than q2: a clobbered q2 would show
+    with client() as sock:
+        address = sock.getsockname()
+        sock.sendto(b"q1", ("127.0.0.1", proxy.port))
+        wait_for(lambda: first.received, what="q1 at the first endpoint")
+        flow_source = first.received[0][1]
+        flow = proxy.run(lambda: proxy.engine.table.peek(address))
+        assert flow is not None
+        flow_sock = flow.sock
+        proxy.set_endpoints([second.endpoint])  # the first endpoint leaves the target
+        try:
+            proxy.loop.call_soon_threadsafe(stall_then_read_the_listener)
+            assert stalled.wait(10)
+            first.sock.sendto(late, flow_source)  # the reply to q1, still in flight
+            wait_for(lambda: queued(flow_sock) > 0, what="the reply queued on the flow socket")
+            sock.sendto(b"q2", ("127.0.0.1", proxy.port))
+            wait_for(lambda: queued(listener) > 0, what="q2 queued on the listener")
+        finally:
+            release.set()
+        assert sock.recv(2048) == late
+        assert sock.recv(2048) == b"second:q2"
+    assert [data for data, _ in second.received] == [b"q2"]
+    assert proxy.datagrams("downstream") == 2
+    assert proxy.datagrams("upstream") == 2
+    assert proxy.run(lambda: proxy.metrics.bytes.labels("test", "downstream").value) == (
+        len(late) + len(b"second:q2"))
+    reasons = ("denied", "no_endpoints", "draining", "refused", "overload", "too_big",
+               "error", "evicted")
+    assert {reason: proxy.dropped(reason) for reason in reasons} == dict.fromkeys(reasons, 0)
+    if responses:
+        # The late reply was the one q1 awaited: that flow ended answered, and q2 opened a
+        # new one, exactly as if the reply had been read before q2.
+        wait_for(lambda: len(proxy.closed_flows) == 2, what="both flows to end answered")
+        assert proxy.closed_flows == [(address, str(first.endpoint), "answered"),
+                                      (address, str(second.endpoint), "answered")]
+    else:
+        assert proxy.flows == 1 and proxy.closed_flows == []
+    assert proxy.run(lambda: dict(proxy.engine.target.active)) == (
+        {} if responses else {second.endpoint.key: 1})
