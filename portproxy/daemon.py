@@ -82,7 +82,8 @@ class Daemon:
         self.resolvers = Resolvers(settings, self.metrics)
         self.sources = ForwardSources(settings.forwards)
         self.resolver_factory = resolver_factory or self.resolvers.for_forward
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], ForwardRuntime] = {}
+        """Forwards a reload removed, finishing their connections in the background."""
 
     # -- building -------------------------------------------------------------------------
     def _tcp_access(self, forward: str, client: Address, endpoint: str, up: int, down: int,
@@ -155,9 +156,13 @@ class Daemon:
             self._stop.set()
         else:
             log.warning("second signal: closing every connection now")
-            for runtime in self.forwards.values():
+            for runtime in [*self.forwards.values(), *self._draining.values()]:
                 for engine in runtime.engines:
                     engine.abort_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
@@ -189,6 +194,11 @@ class Daemon:
         New listeners are bound before removed ones close: SO_REUSEPORT lets a changed forward
         bind its port beside the old listener, so the port never refuses a client.
         """
+        if self.stopping:
+            # Draining is final: a forward opened now would accept clients after "no new
+            # connections", and keep the process alive past its drain.
+            log.warning("stopping: configuration change ignored")
+            return
         wanted = set(new.forwards)
         removed = [r for f, r in self.forwards.items() if f not in wanted]
         added = [f for f in new.forwards if f not in self.forwards]
@@ -217,8 +227,8 @@ class Daemon:
         log.info("forward %s removed: draining", name, extra={"forward": name})
         task = self._group.create_task(runtime.drain(self.settings.drain_timeout),
                                        name=f"drain {name}")
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        self._draining[task] = runtime
+        task.add_done_callback(self._draining.pop)
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:

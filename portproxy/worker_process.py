@@ -75,9 +75,13 @@ async def worker_main(fd: int) -> int:
     orphaned = asyncio.Event()
 
     def supervisor_gone() -> None:
-        if not orphaned.is_set():  # once: a second request would skip the drain
-            orphaned.set()
-            log.warning("worker %d: the supervisor is gone; draining and leaving", os.getpid())
+        if orphaned.is_set():
+            return
+        orphaned.set()
+        log.warning("worker %d: the supervisor is gone; draining and leaving", os.getpid())
+        # Only a first request: while draining already (the supervisor passed SIGTERM on,
+        # then died) another would count as the second signal and reset every connection.
+        if not daemon.stopping:
             daemon.request_stop()
 
     async def listen() -> None:

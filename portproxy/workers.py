@@ -198,6 +198,9 @@ class Supervisor:
     def _apply(self, new: Settings) -> None:
         """Send ``new`` to every worker; resolve added targets, forget removed ones."""
         assert self._group is not None
+        if self.stopping:  # the workers are draining and would ignore it too
+            log.warning("stopping: configuration change ignored")
+            return
         try:
             added = {f: self._target(f) for f in new.forwards if f not in self.targets}
         except PortproxyError as exc:  # the first Service target, with a broken kubeconfig

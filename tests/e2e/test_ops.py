@@ -210,6 +210,68 @@ def test_reload_adding_a_service_with_a_broken_kubeconfig_keeps_running(
         proc.stop()
 
 
+def echo_once(conn: socket.socket, payload: bytes) -> bytes:
+    conn.sendall(payload)
+    return conn.recv(len(payload), socket.MSG_WAITALL)
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_a_reload_while_draining_is_ignored_and_the_drain_ends(
+        backend: EchoServer, tmp_path: Path, extra: list[str]) -> None:
+    kept, added = free_port(), free_port()
+    spec_kept = f"tcp://127.0.0.1:{kept}=127.0.0.1:{backend.port}"
+    config = write(tmp_path / "c.toml", f'admin-address = "none"\nforwards = ["{spec_kept}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config), "--drain-timeout", "60s", *extra])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{kept}")
+        live = socket.create_connection(("127.0.0.1", kept), timeout=10)
+        assert echo_once(live, b"before") == b"before"
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("draining for up to")
+        write(config, f'admin-address = "none"\nforwards = ["{spec_kept}", '
+              f'"tcp://127.0.0.1:{added}=127.0.0.1:{backend.port}"]\n')
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("stopping: configuration change ignored")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", added), timeout=10).close()
+        assert echo_once(live, b"draining") == b"draining"
+        live.close()  # the last connection: the drain ends now, not at its timeout
+        assert proc.wait(30) == 0
+        assert f"listening on tcp 127.0.0.1:{added}" not in proc.output
+    finally:
+        proc.stop()
+
+
+def test_a_second_signal_also_ends_forwards_a_reload_removed(
+        backend: EchoServer, tmp_path: Path) -> None:
+    old, new = free_port(), free_port()
+    spec_old = f"tcp://127.0.0.1:{old}=127.0.0.1:{backend.port}"
+    spec_new = f"tcp://127.0.0.1:{new}=127.0.0.1:{backend.port}"
+    config = write(tmp_path / "c.toml", f'admin-address = "none"\nforwards = ["{spec_old}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config), "--drain-timeout", "120s"])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{old}")
+        on_removed = socket.create_connection(("127.0.0.1", old), timeout=10)
+        assert echo_once(on_removed, b"before") == b"before"
+        write(config, f'admin-address = "none"\nforwards = ["{spec_new}"]\n')
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
+        assert echo_once(on_removed, b"draining") == b"draining"
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("draining for up to")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_line("second signal")
+        on_removed.settimeout(30)
+        try:
+            assert on_removed.recv(1) == b""
+        except ConnectionResetError:
+            pass  # closed at once, with an RST
+        on_removed.close()
+        assert proc.wait(30) == 0  # not after the 120 s drain timeout
+    finally:
+        proc.stop()
+
+
 def http_get(port: int, path: str) -> tuple[int, str]:
     import urllib.error
 

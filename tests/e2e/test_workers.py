@@ -26,6 +26,30 @@ def exchange(port: int, payload: bytes) -> bytes:
         return recv_all(client)
 
 
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def two_workers(port: int, backend: EchoServer, drain_timeout: str) -> PortproxyProcess:
+    return PortproxyProcess(["run", "--workers", "2", "-f",
+                             f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--admin-address", "none", "--drain-timeout", drain_timeout])
+
+
+def stop_with_workers(proc: PortproxyProcess) -> None:
+    """Kill the supervisor and any worker it left behind (each one by its pid)."""
+    proc.stop()
+    for pid in worker_pids(proc).values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def worker_pids(proc: PortproxyProcess) -> dict[int, int]:
     pids: dict[int, int] = {}
     for line in proc.lines:
@@ -138,9 +162,7 @@ def unread_bytes(pid: int) -> int:
 
 def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> None:
     port = free_port()
-    proc = PortproxyProcess(["run", "--workers", "2", "-f",
-                             f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
-                             "--admin-address", "none", "--drain-timeout", "5s"])
+    proc = two_workers(port, backend, drain_timeout="5s")
     try:
         pids = two_workers_up(proc, port)
         for i in range(20):
@@ -151,19 +173,38 @@ def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> Non
         wait_for(lambda: unread_bytes(proc.proc.pid) > 0, what="reports to pile up")
         os.kill(proc.proc.pid, signal.SIGKILL)
         proc.wait(10)
-
-        def gone(pid: int) -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            return False
         wait_for(lambda: all(gone(pid) for pid in pids.values()), timeout=30,
                  what="orphaned workers to drain and exit")
     finally:
-        proc.stop()
-        for pid in worker_pids(proc).values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_with_workers(proc)
+
+
+def test_a_worker_draining_when_its_supervisor_dies_keeps_its_connections(
+        backend: EchoServer) -> None:
+    """SIGTERM, then the supervisor dies mid-drain: the worker's lost link must not count
+    as a second signal (which resets every connection); the drain goes on."""
+    port = free_port()
+    proc = two_workers(port, backend, drain_timeout="60s")
+    try:
+        pids = two_workers_up(proc, port)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"before")
+        assert client.recv(6, socket.MSG_WAITALL) == b"before"
+        proc.signal(signal.SIGTERM)
+        wait_for(lambda: sum("draining for up to" in line for line in proc.lines) == 2,
+                 what="both workers to start draining")
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # The worker holding the connection is still draining; the other one has left.
+        alive = [pid for pid in pids.values() if not gone(pid)]
+        assert len(alive) == 1
+        proc.wait_for_line(f"worker {alive[0]}: the supervisor is gone")
+        client.sendall(b"after")
+        assert client.recv(5, socket.MSG_WAITALL) == b"after"  # reset before the fix
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+        client.close()
+        wait_for(lambda: gone(alive[0]), timeout=30, what="the worker to finish and exit")
+        assert "second signal" not in proc.output
+    finally:
+        stop_with_workers(proc)
