@@ -12,7 +12,10 @@ third-party exception type. The loop (kopf's ``continuous_watch`` shape):
 4. 410 Gone (ERROR event or HTTP status) → relist and rebuild (history was compacted or the
    API restarted). A dropped or stalled stream, a refused connection, a 5xx → retry with
    capped exponential backoff and jitter. 401/403 → one clear line, then keep retrying
-   (RBAC granted later recovers without a restart).
+   (RBAC granted later recovers without a restart). As in client-go's reflector, a stream
+   that breaks part-way keeps its progress: the retry resumes from the last event or
+   BOOKMARK it delivered (never replaying what was already applied), and a stream that
+   delivered anything resets the backoff.
 5. Through any failure the last published set stays as it is, so endpoints keep serving.
 
 The thread is a daemon and every blocking call is bounded (the transport's timeouts), so it
@@ -156,6 +159,13 @@ class Informer:
         self._stop = threading.Event()
         self._aborter = Aborter()
         self._objects: dict[str, Obj] = {}
+        # Where the next watch resumes: the list's resourceVersion, then that of each event
+        # or bookmark applied; None means relist. It lives here rather than in a local of
+        # ``_watch`` so that a stream cut part-way keeps the progress it made.
+        self._resource_version: str | None = None
+        # Consecutive failed attempts (drives the backoff). Also here, because a stream that
+        # delivered events proves the API healthy even when it then breaks.
+        self._failures = 0
         self._problem: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -179,17 +189,14 @@ class Informer:
             log.exception("watch of %s stopped unexpectedly", self.query)
 
     def _loop(self) -> None:
-        resource_version: str | None = None
-        failures = 0
         while not self._stop.is_set():
-            verb = "list" if resource_version is None else "watch"
+            verb = "list" if self._resource_version is None else "watch"
             try:
-                if resource_version is None:
-                    resource_version = self._relist()
+                if self._resource_version is None:
+                    self._resource_version = self._relist()
                     verb = "watch"
-                resource_version, healthy = self._watch(resource_version)
-                if healthy:
-                    failures = 0
+                if self._watch(self._resource_version):
+                    self._failures = 0
                     continue  # the server ended the stream at timeoutSeconds: watch again
                 # Ended at once without a single event: back off quietly, never spin.
             except (ApiStatusError, Expired, TransientError) as exc:
@@ -198,12 +205,12 @@ class Informer:
                 if isinstance(exc, Expired) or (
                         isinstance(exc, ApiStatusError) and exc.code == 410):
                     log.info("resourceVersion of %s expired (410 Gone); relisting", self.query)
-                    resource_version = None
-                    failures += 1
+                    self._resource_version = None
+                    self._failures += 1
                     self._restarted()
-                    if failures == 1:
+                    if self._failures == 1:
                         continue  # a single 410 is routine: relist at once
-                    self._sleep(self._backoff.delay(failures - 1))
+                    self._sleep(self._backoff.delay(self._failures - 1))
                     continue
                 denied = isinstance(exc, ApiStatusError) and exc.code in (401, 403)
                 # One line per kind of problem, not per retry: the key leaves out details
@@ -218,9 +225,9 @@ class Informer:
                 if self._problem != repr(exc):
                     self._problem = repr(exc)
                     log.exception("unexpected error in the watch of %s; retrying", self.query)
-            failures += 1
+            self._failures += 1
             self._restarted()
-            self._sleep(self._backoff.delay(failures - 1))
+            self._sleep(self._backoff.delay(self._failures - 1))
 
     def _relist(self) -> str:
         items, resource_version = self._transport.list(self.query)
@@ -230,9 +237,12 @@ class Informer:
         self._publish(dict(self._objects))
         return resource_version
 
-    def _watch(self, resource_version: str) -> tuple[str, bool]:
-        """Watch until the stream ends; returns the last resourceVersion and whether the
-        stream was healthy (carried an event or lasted ``MIN_HEALTHY_STREAM`` seconds)."""
+    def _watch(self, resource_version: str) -> bool:
+        """Watch from ``resource_version`` until the stream ends; returns whether it was
+        healthy (carried an event or lasted ``MIN_HEALTHY_STREAM`` seconds).
+
+        Every event or bookmark applied moves ``_resource_version`` on at once, so if the
+        stream then breaks, the retry resumes after it instead of replaying it."""
         events = 0
         started = time.monotonic()
         stream = self._transport.watch(self.query, resource_version, self._aborter)
@@ -241,11 +251,15 @@ class Informer:
             self._recovered()
             for event in stream:
                 self._check_stop()
-                events += 1
                 resource_version = self._apply(event, resource_version)
+                self._resource_version = resource_version
+                events += 1
+                # The API is serving us: a break after this starts a fresh backoff streak
+                # instead of climbing to the cap behind streams that all carried events.
+                self._failures = 0
         finally:
             self._aborter.attach(None)
-        return resource_version, events > 0 or time.monotonic() - started >= MIN_HEALTHY_STREAM
+        return events > 0 or time.monotonic() - started >= MIN_HEALTHY_STREAM
 
     def _apply(self, event: Obj, resource_version: str) -> str:
         kind = event.get("type")

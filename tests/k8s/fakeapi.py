@@ -14,8 +14,9 @@ It is a threaded HTTP/1.1 server (optionally TLS) serving just what portproxy us
 
 Test-side controls mutate objects (every mutation gets the next global resourceVersion and
 a history entry) and inject faults: 401/403 for a verb/resource/namespace, abrupt stream
-drops (no terminating chunk), stalls (a stream goes silent but stays open), compaction, an
-outage (the port refuses connections) and a restart that loses history.
+drops (no terminating chunk; all at once, or each stream after N events), stalls (a stream
+goes silent but stays open), compaction, an outage (the port refuses connections) and a
+restart that loses history.
 
 A client that goes away mid-request (reset, broken pipe, refused TLS handshake) is a normal
 event and ends that request quietly. Any other exception escaping a handler is a bug in this
@@ -115,6 +116,7 @@ class _State:
     error_gen: int = 0
     error_status: Obj | None = None  # sent as an ERROR event to every open stream
     hang: bool = False  # new requests get no answer at all until released
+    cut_after: dict[str, int] = field(default_factory=dict)  # resource → events per stream
 
 
 class FakeKube:
@@ -308,6 +310,23 @@ class FakeKube:
         with self.cond:
             self.state.hang = hang
             self.cond.notify_all()
+
+    def cut_watches_after(self, resource: str, events: int | None) -> None:
+        """Every watch stream of ``resource`` is cut like ``drop_watches`` (no terminating
+        chunk) as soon as it has sent ``events`` events, open ones included; None stops it.
+
+        A flaky load balancer in front of the API: each stream makes some progress, then
+        breaks part-way."""
+        with self.cond:
+            if events is None:
+                self.state.cut_after.pop(resource, None)
+            else:
+                self.state.cut_after[resource] = events
+
+    def _cut_due(self, resource: str, sent: int) -> bool:
+        with self.cond:
+            limit = self.state.cut_after.get(resource)
+        return limit is not None and sent >= limit
 
     def _wait_unhung(self) -> None:
         with self.cond:
@@ -581,13 +600,18 @@ class _Handler(BaseHTTPRequestHandler):
                 gone = status_body(410, "Expired", f"too old resource version: {rv}")
                 self._chunk({"type": "ERROR", "object": gone})
             else:
-                for item in self.api._stream(request, stream_id, self._client_gone):
+                items = self.api._stream(request, stream_id, self._client_gone)
+                for sent, item in enumerate(items, start=1):
                     if item == "drop":
                         self.close_connection = True
                         _abort(self.connection)
                         return
                     assert isinstance(item, dict)
                     self._chunk(item)
+                    if self.api._cut_due(request.resource, sent):
+                        self.close_connection = True
+                        _abort(self.connection)
+                        return
             self.wfile.write(b"0\r\n\r\n")
         except CLIENT_GONE:
             self.close_connection = True  # the client went away: nobody to stream to

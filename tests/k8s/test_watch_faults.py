@@ -240,3 +240,66 @@ def test_a_hanging_api_is_bounded_by_the_request_timeout(fake, settings) -> None
         await c.wait_for(lambda s: hosts(s) == TWO)
 
     run_following(fake, settings, scenario)
+
+
+def set_ready_at(fake: FakeKube, *ips: str) -> str:
+    """``set_ready``, returning the resourceVersion the change was written at."""
+    obj = fake.endpoint_slice("web", "frontend", "frontend-abc", [ep(ip) for ip in ips],
+                              SLICE_PORTS)
+    return str(obj["metadata"]["resourceVersion"])
+
+
+def slice_watch_versions(fake: FakeKube) -> list[str | None]:
+    """The resourceVersion each endpointslices watch asked for, in request order."""
+    with fake.cond:
+        return [r.query.get("resourceVersion") for r in fake.requests
+                if r.verb == "watch" and r.resource == "endpointslices"]
+
+
+def test_stream_cut_after_events_resumes_after_them_without_replay(fake, settings) -> None:
+    # A stream that breaks after delivering events must keep their resourceVersions (like
+    # client-go's reflector): resuming from where it began would replay them, putting an
+    # endpoint that is already gone back into the balancing.
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.cut_watches_after("endpointslices", 1)  # every stream breaks after one event
+        first = len(slice_watch_versions(fake))
+        versions = [set_ready_at(fake, "10.1.0.1", "10.1.0.2"),
+                    set_ready_at(fake, "10.1.0.2"),  # 10.1.0.1 removed
+                    set_ready_at(fake, "10.1.0.2", "10.1.0.3")]
+        await c.wait_for(lambda s: hosts(s) == ["10.1.0.2:8080", "10.1.0.3:8080"], timeout=5,
+                         what="each change through its own broken stream")
+        await poll(lambda: versions[-1] in slice_watch_versions(fake), timeout=5,
+                   what="a watch resumed after the last delivered event")
+        # Each retry starts right after the one event the broken stream delivered (a clean
+        # end at timeoutSeconds may repeat a version, never go back to an older one).
+        resumed = list(dict.fromkeys(slice_watch_versions(fake)[first:]))
+        assert resumed == versions, (resumed, versions)
+        assert fake.count("list", "endpointslices") == 1  # resumed, never relisted
+        assert [hosts(s) for s in c.snapshots] == [
+            ONE, TWO, ["10.1.0.2:8080"], ["10.1.0.2:8080", "10.1.0.3:8080"]]
+
+    run_following(fake, settings, scenario)
+
+
+def test_streams_that_deliver_events_then_break_do_not_grow_the_backoff(tmp_path: Path) -> None:
+    # Backoff doubling from 50 ms with a 60 s cap. Had the failures kept counting across
+    # streams that each delivered an event, ten breaks would wait 25 s or more in all
+    # (jitter at most halves a wait); reset by every delivery, each waits about 50 ms. The
+    # 10 s deadline sits far from both, so machine load cannot decide the outcome.
+    with FakeKube().serving() as fake:
+        settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path,
+                                 backoff_initial=0.05, backoff_max=60.0)
+
+        async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+            fake.cut_watches_after("endpointslices", 1)
+            before = restarts(metrics)
+            for n in range(3, 13):  # ten changes, each delivered by its own broken stream
+                set_ready_at(fake, "10.1.0.1", f"10.1.0.{n}")
+            await c.wait_for(lambda s: hosts(s) == ["10.1.0.1:8080", "10.1.0.12:8080"],
+                             timeout=10,
+                             what="ten changes through ten broken streams, no backoff")
+            # The tenth stream breaks just after its event is published: poll for it.
+            await poll(lambda: restarts(metrics) >= before + 10, what="a restart per break")
+            assert fake.count("list", "endpointslices") == 1
+
+        run_following(fake, settings, scenario)
