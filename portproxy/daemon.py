@@ -22,7 +22,7 @@ from portproxy.configmap_watch import follow_configmap
 from portproxy.connect import Address
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
-from portproxy.forward_runtime import ForwardRuntime, status_of
+from portproxy.forward_runtime import ForwardRuntime, Handover, status_of
 from portproxy.limits import SharedLimit
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
@@ -82,6 +82,8 @@ class Daemon:
         self.resolvers = Resolvers(settings, self.metrics)
         self.sources = ForwardSources(settings.forwards)
         self.resolver_factory = resolver_factory or self.resolvers.for_forward
+        self._handovers: dict[ForwardRuntime, Handover] = {}
+        """Forwards a reload replaced, accepting until their successors listen."""
         self._draining: dict[asyncio.Task[None], ForwardRuntime] = {}
         """Forwards a reload removed, finishing their connections in the background."""
 
@@ -192,7 +194,8 @@ class Daemon:
         """Move to ``new`` forwards without touching unchanged ones.
 
         New listeners are bound before removed ones close: SO_REUSEPORT lets a changed forward
-        bind its port beside the old listener, so the port never refuses a client.
+        bind its port beside the old listener, and the old one keeps accepting until the new
+        one listens (``Handover``), so the port never refuses a client.
         """
         if self.stopping:
             # Draining is final: a forward opened now would accept clients after "no new
@@ -215,10 +218,21 @@ class Daemon:
             self.start(runtime)
         for runtime in removed:
             del self.forwards[runtime.forward]
-            self._drain_in_background(runtime)
+            self._replace(runtime, [r for r in started
+                                    if r.forward.listen == runtime.forward.listen])
         self.settings = new
         log.info("reloaded: %d unchanged, %d added, %d removed",
                  len(self.forwards) - len(started), len(started), len(removed))
+
+    def _replace(self, old: ForwardRuntime, successors: list[ForwardRuntime]) -> None:
+        if not any(not s.target.resolved for s in successors):
+            self._drain_in_background(old)
+            return
+
+        def retire(runtime: ForwardRuntime) -> None:
+            del self._handovers[runtime]
+            self._drain_in_background(runtime)
+        self._handovers[old] = Handover(old, successors, retire)
 
     def _drain_in_background(self, runtime: ForwardRuntime) -> None:
         assert self._group is not None
@@ -301,11 +315,14 @@ class Daemon:
                  self.admin.address)
 
     async def drain(self) -> None:
+        for handover in list(self._handovers.values()):
+            handover.finish()  # into self._draining, gathered below
         runtimes = list(self.forwards.values())
         for runtime in runtimes:
             runtime.stop_accepting()
-        active = sum(r.tcp.active for r in runtimes if r.tcp is not None)
-        flows = sum(r.udp.flows for r in runtimes if r.udp is not None)
+        everyone = [*runtimes, *self._draining.values()]  # with those a reload removed
+        active = sum(r.tcp.active for r in everyone if r.tcp is not None)
+        flows = sum(r.udp.flows for r in everyone if r.udp is not None)
         log.info("draining %d open connection(s) and %d UDP flow(s)", active, flows)
         await asyncio.gather(*(r.drain(self.settings.drain_timeout) for r in runtimes),
                              *self._draining)

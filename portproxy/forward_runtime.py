@@ -1,12 +1,15 @@
 """Everything running for one forward (target state, engines, interface binding, tasks),
-and the status the admin endpoint shows for it."""
+the hand-over from a forward a reload replaced, and the status the admin endpoint shows."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from portproxy.endpoints import EndpointSet
 from portproxy.spec import Forward, ServiceTarget
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
@@ -15,6 +18,11 @@ from portproxy.udp import UdpForwarder
 
 if TYPE_CHECKING:
     from portproxy.ifbind import InterfaceBinding
+
+log = logging.getLogger("portproxy")
+
+#: How long a replaced forward keeps accepting while its successor's target resolves.
+HANDOVER_TIMEOUT = 30.0
 
 
 @dataclass(eq=False)
@@ -44,6 +52,49 @@ class ForwardRuntime:
 
     def set_detail(self, detail: str) -> None:
         self.detail = detail
+
+
+class Handover:
+    """A forward a reload replaced keeps accepting until its successors on the same listen
+    address do.
+
+    A new TCP listener listens only once its target has resolved (``add_listener``), so
+    stopping the old forward at once would refuse clients, for as long as a DNS lookup or
+    a first Kubernetes list takes, on a port that was serving them. ``retire`` is called
+    once, when every successor's target has resolved, after ``timeout`` (a target that
+    never resolves must not keep the old forward), or from ``finish`` (stopping).
+    """
+
+    def __init__(self, old: ForwardRuntime, successors: list[ForwardRuntime],
+                 retire: Callable[[ForwardRuntime], None],
+                 timeout: float = HANDOVER_TIMEOUT) -> None:
+        self.old = old
+        self.targets = [s.target for s in successors if not s.target.resolved]
+        self._retire = retire
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        self.done = False
+        for target in self.targets:
+            target.on_change(self._on_change)
+        log.info("forward %s replaced: accepting until its successor listens",
+                 old.forward.name, extra={"forward": old.forward.name})
+
+    def _on_change(self, _endpoints: EndpointSet) -> None:
+        if all(target.resolved for target in self.targets):
+            self.finish()
+
+    def _timed_out(self) -> None:
+        log.warning("forward %s: its successor's target is still unresolved; stopping it "
+                    "anyway", self.old.forward.name, extra={"forward": self.old.forward.name})
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._timer.cancel()
+        for target in self.targets:
+            target.off_change(self._on_change)
+        self._retire(self.old)
 
 
 def status_of(forward: Forward, target: TargetState, engines: list[Any], detail: str

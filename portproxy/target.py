@@ -39,6 +39,10 @@ class TargetState:
     def on_change(self, callback: Callable[[EndpointSet], None]) -> None:
         self._listeners.append(callback)
 
+    def off_change(self, callback: Callable[[EndpointSet], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
     def update(self, endpoints: EndpointSet) -> None:
         added, removed = self.endpoints.diff(endpoints)
         if added or removed or not self.resolved:

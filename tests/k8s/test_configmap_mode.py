@@ -96,6 +96,73 @@ def test_configmap_entries_open_change_and_close_forwards(
         proc.stop()
 
 
+def serving_one(fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]
+                ) -> tuple[PortproxyProcess, int]:
+    """Services web/one and web/two on ``backends``; portproxy following a ConfigMap whose
+    one entry forwards a port to web/one, and serving it."""
+    service(fake, "one", backends[0])
+    service(fake, "two", backends[1])
+    port = free_port()
+    fake.configmap("ingress", "tcp-services", {str(port): "web/one:80"})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    proc = PortproxyProcess(["run", "--kubeconfig", str(kubeconfig), "--tcp-services-configmap",
+                             "ingress/tcp-services", "--admin-address", "none"])
+    try:
+        wait_for(lambda: served(port, b"to one"), what="the first target to serve")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def test_a_changed_entry_keeps_serving_until_its_new_target_resolves(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]) -> None:
+    first, second = backends
+    proc, port = serving_one(fake, tmp_path, backends)
+    try:
+        fake.hang_requests(True)  # the new target's first list gets no answer for now
+        try:
+            fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})
+            proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
+            before = first.accepted
+            for i in range(5):  # refused here, before the hand-over existed
+                assert exchange(port, b"still one %d" % i) == b"still one %d" % i
+            assert first.accepted == before + 5 and second.accepted == 0
+        finally:
+            fake.hang_requests(False)
+        wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
+                 what="the new target to take over once resolved")
+        assert "accepting until its successor listens" in proc.output
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+
+
+def test_stopping_during_a_hand_over_drains_both_forwards(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]) -> None:
+    proc, port = serving_one(fake, tmp_path, backends)
+    try:
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"held")
+        assert held.recv(4, socket.MSG_WAITALL) == b"held"
+        fake.hang_requests(True)  # the hand-over waits on this for good
+        try:
+            fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})
+            proc.wait_for_line("accepting until its successor listens")
+            proc.signal(signal.SIGTERM)
+            proc.wait_for_line("draining 1 open connection(s)")
+            wait_for(lambda: refused(port), what="both forwards to stop accepting")
+            held.sendall(b"draining")  # the replaced forward's connection finishes
+            assert held.recv(8, socket.MSG_WAITALL) == b"draining"
+            held.close()
+            assert proc.wait(20) == 0
+        finally:
+            fake.hang_requests(False)
+    finally:
+        proc.stop()
+
+
 def test_decode_proxy_is_refused_with_a_reason(fake: FakeKube, tmp_path: Path) -> None:
     fake.configmap("ingress", "tcp-services", {"9100": "web/one:80:PROXY"})
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
