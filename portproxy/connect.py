@@ -17,7 +17,7 @@ from typing import Protocol
 from portproxy.deadlines import Deadlines, Slot
 from portproxy.endpoints import Endpoint
 from portproxy.poller import Poller
-from portproxy.sockets import family_of, tune_stream
+from portproxy.sockets import RESOURCE_ERRNOS, family_of, tune_stream
 
 Address = tuple[str, int]
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -84,11 +84,16 @@ class BackendConnect:
             sock = socket.socket(family_of(endpoint.host),
                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            # Out of descriptors (EMFILE) or memory: no endpoint can help, fail this client.
             self.last_error = exc.errno or errno.EMFILE
             engine.on_attempt_failed(self, endpoint, self.last_error)
-            self.attempts.clear()
-            engine.on_connect_failed(self)
+            if self.last_error in RESOURCE_ERRNOS:
+                # Out of descriptors or memory: no endpoint can help, fail this client.
+                self.attempts.clear()
+                engine.on_connect_failed(self)
+            else:
+                # This endpoint's family, e.g. IPv6 on a kernel without it (EAFNOSUPPORT):
+                # the next endpoint may well be reachable.
+                self.next()
             return
         self.sock = sock
         tune_stream(sock)

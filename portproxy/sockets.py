@@ -44,6 +44,17 @@ def _ipv6_available() -> bool:
     return True
 
 
+#: Failures that are this process's or this host's limits (descriptors, memory), not an
+#: endpoint's: another endpoint cannot help, and the endpoint is not to blame.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def unmapped(host: str) -> str:
+    """``::ffff:a.b.c.d`` → ``a.b.c.d``: an IPv4 client of a dual-stack socket has one
+    identity, whichever way it arrived, for balancing (source-ip) and logs."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 

@@ -18,7 +18,14 @@ from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
 from portproxy.pump import Direction
 from portproxy.relay import Relay, RelaySetup, RelayTimeouts
-from portproxy.sockets import BACKLOG, BindRequest, bind_socket, bound_address
+from portproxy.sockets import (
+    BACKLOG,
+    RESOURCE_ERRNOS,
+    BindRequest,
+    bind_socket,
+    bound_address,
+    unmapped,
+)
 from portproxy.spec import Forward, Protocol
 from portproxy.target import TargetState
 
@@ -30,7 +37,6 @@ ACCEPT_BATCH = 64
 QUEUE_DRAIN_LIMIT = 4096
 #: Endpoints tried for one client before giving up (the retry budget).
 CONNECT_ATTEMPTS = 3
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 ProxyHeader = Callable[[Address, Address], bytes]
 AccessLog = Callable[[str, Address, str, int, int, float, str], None]
@@ -189,7 +195,7 @@ class TcpForwarder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+                if exc.errno in RESOURCE_ERRNOS:
                     self._resource_backoff(exc.errno or errno.EMFILE, "accept")
                     return
                 continue  # ECONNABORTED and friends concern one client only
@@ -227,7 +233,9 @@ class TcpForwarder:
                 self.c_denied.inc()
                 reset_close(client)
                 return
-        candidates = self.target.candidates(address[0])
+        # Unmapped, as UDP does: on a tcp+udp forward, source-ip sends a client's TCP and
+        # UDP to the same endpoint, whether its IPv4 arrived mapped on [::] or not.
+        candidates = self.target.candidates(unmapped(address[0]))
         if not candidates:
             self.c_no_endpoints.inc()
             reset_close(client)
@@ -241,13 +249,13 @@ class TcpForwarder:
 
     # -- connecting -----------------------------------------------------------------------
     def on_attempt_failed(self, attempt: BackendConnect, endpoint: Endpoint, err: int) -> None:
-        if err in _RESOURCE_ERRNOS:  # ours, not the endpoint's fault
+        if err in RESOURCE_ERRNOS:  # ours, not the endpoint's fault
             self._resource_backoff(err, "connect")
             return
         self.target.health.failed(endpoint)
         reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
         log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,
-                    attempt.client_addr[0], reason,
+                    unmapped(attempt.client_addr[0]), reason,
                     extra={"forward": self.name, "endpoint": str(endpoint)})
 
     def on_connect_failed(self, attempt: BackendConnect) -> None:

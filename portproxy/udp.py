@@ -42,7 +42,7 @@ from portproxy.flowtable import FlowLimits, FlowTable
 from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
-from portproxy.sockets import BindRequest, bind_socket, bound_address
+from portproxy.sockets import BindRequest, bind_socket, bound_address, unmapped
 from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
@@ -58,7 +58,6 @@ from portproxy.udp_flow import (
     log_address,
     resend_after_refusal,
     table_clock,
-    unmapped,
 )
 from portproxy.udp_pktinfo import (
     ANCILLARY_SIZE,

@@ -27,7 +27,7 @@ from typing import Any
 from portproxy.endpoints import Endpoint
 from portproxy.flowtable import FlowTable
 from portproxy.metrics import Counter, Gauge, ProxyMetrics
-from portproxy.sockets import family_of
+from portproxy.sockets import RESOURCE_ERRNOS, family_of, unmapped
 from portproxy.spec import IPNetwork
 from portproxy.udp_pktinfo import Ancillary, LocalAddress, enable_drop_count, kernel_drops
 
@@ -296,8 +296,14 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
     (UDP has no handshake: this only fails for local reasons such as no route). ``None`` when
     none did; ``OSError`` when no socket can be created at all (out of descriptors)."""
     for endpoint in endpoints:
-        # Non-blocking from the start: saves the ioctl that setblocking(False) costs.
-        sock = socket.socket(family_of(endpoint.host), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            # Non-blocking from the start: saves the ioctl that setblocking(False) costs.
+            sock = socket.socket(family_of(endpoint.host),
+                                 socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise
+            continue  # this endpoint's family is missing here (EAFNOSUPPORT): the next one
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FLOW_BUFFER)
             enable_drop_count(sock)
@@ -338,11 +344,6 @@ def allowed(host: str, allow: Sequence[IPNetwork]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in network for network in allow)
-
-
-def unmapped(host: str) -> str:
-    """``::ffff:a.b.c.d`` → ``a.b.c.d``: one identity per client for balancing and logs."""
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def log_address(client: Client) -> tuple[str, int]:

@@ -316,6 +316,34 @@ def test_allowlist_denies_other_clients(echo_server: EchoServer, pump: str) -> N
         proxy.close()
 
 
+def test_source_ip_hashes_an_ipv4_client_of_a_dual_stack_listener_as_ipv4(pump: str) -> None:
+    """On [::], an IPv4 client arrives as ::ffff:a.b.c.d; source-ip must hash a.b.c.d, as the
+    UDP engine does, so a tcp+udp forward sends both protocols to the same endpoint."""
+    from portproxy.endpoints import BalancePolicy
+
+    servers = [EchoServer() for _ in range(4)]
+    proxy = ProxyThread(servers[0].port, pump, listen_host="",
+                        balance=BalancePolicy.SOURCE_IP)
+    try:
+        proxy.set_endpoints([Endpoint("127.0.0.1", s.port) for s in servers])
+        by_port = {s.port: s for s in servers}
+        for n in range(2, 10):  # eight client addresses: a match by chance is 1 in 65536
+            source = f"127.0.0.{n}"
+            expected = proxy.run(lambda source=source: proxy.engine.target.candidates(source))
+            before = {s.port: s.accepted for s in servers}
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10,
+                                          source_address=(source, 0)) as client:
+                client.sendall(b"which")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"which"
+            served = [port for port, s in by_port.items() if s.accepted > before[port]]
+            assert served == [expected[0].port], source
+    finally:
+        proxy.close()
+        for server in servers:
+            server.close()
+
+
 @pytest.mark.parametrize("listen_host,client_host", [("::1", "::1"), ("", "127.0.0.1"),
                                                      ("", "::1")])
 def test_ipv6_and_dual_stack_listeners(echo_server: EchoServer, pump: str, listen_host: str,
