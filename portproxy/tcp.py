@@ -150,8 +150,16 @@ class TcpForwarder:
         first leaves only the microseconds between the last accept and close; a node with
         net.ipv4.tcp_migrate_req=1 closes even that gap (the kernel moves such connections
         to another listener of the SO_REUSEPORT group, e.g. the next pod of a rollout).
+        Never beyond max-conns or the global limit: those protect the backends, so at the
+        limit the rest of the queue is left to the kernel (reset, or migrated).
         """
         for _ in range(QUEUE_DRAIN_LIMIT):
+            if self.limit.full or self.global_limit.full:
+                log.info("forward %s: at its connection limit while closing a listener; "
+                         "clients still in its accept queue are left to the kernel (reset, "
+                         "or moved to another listener with net.ipv4.tcp_migrate_req=1)",
+                         self.name, extra={"forward": self.name})
+                return
             try:
                 client, address = lsock.accept()
             except OSError:

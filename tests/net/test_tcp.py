@@ -275,6 +275,36 @@ def test_max_conns_pauses_accepting_and_resumes(echo_server: EchoServer, pump: s
         proxy.close()
 
 
+@pytest.mark.parametrize("limit", ["max_conns", "global_limit"])
+def test_closing_a_listener_at_its_limit_admits_no_queued_client(
+        echo_server: EchoServer, pump: str, limit: str) -> None:
+    """Closing a listener serves what waits in its accept queue, but never beyond max-conns
+    (or the global limit): those clients are left to the kernel, which resets them (or, with
+    net.ipv4.tcp_migrate_req=1, hands them to another listener on the port)."""
+    proxy = ProxyThread(echo_server.port, pump, **{limit: 1})
+    try:
+        held = proxy.connect()
+        held.sendall(b"held")
+        assert held.recv(4, socket.MSG_WAITALL) == b"held"
+        queued = [proxy.connect() for _ in range(3)]  # complete in the kernel's queue
+        wait_for(lambda: proxy.counter("limit") >= 1, what="the limit to pause accepting")
+        proxy.run(proxy.engine.stop_accepting)
+        for client in queued:
+            client.settimeout(10)
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass  # the listener closed with the client still queued
+            client.close()
+        assert echo_server.accepted == 1
+        assert proxy.run(lambda: len(proxy.engine.pending) + proxy.engine.active) == 1
+        held.sendall(b"still")
+        assert held.recv(5, socket.MSG_WAITALL) == b"still"
+        held.close()
+    finally:
+        proxy.close()
+
+
 def test_global_limit_is_shared(echo_server: EchoServer, pump: str) -> None:
     proxy = ProxyThread(echo_server.port, pump, global_limit=1)
     try:
