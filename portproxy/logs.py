@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -192,19 +193,26 @@ class RateLimitFilter(logging.Filter):
         super().__init__()
         self._handler = handler
         self.limiter = limiter
+        # Kubernetes watch threads log beside the event loop, and a handler runs its filters
+        # before taking its own lock: without this, two threads closing the same window
+        # make log.warning() itself raise (KeyError, "dict changed size during iteration").
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.limiter.limit.min_level or getattr(
                 record, "_portproxy_summary", False):
             return True
         key = getattr(record, "ratelimit_key", None) or (record.name, str(record.msg))
-        verdict = self.limiter.admit(key, record.getMessage())
-        self._report(verdict.closed, record.name)
+        with self._lock:
+            verdict = self.limiter.admit(key, record.getMessage())
+        self._report(verdict.closed, record.name)  # unlocked: it logs, through this filter
         return verdict.allowed
 
     def flush(self, everything: bool = False) -> None:
         """Write the summaries of ended windows (call periodically, and at shutdown)."""
-        self._report(tuple(self.limiter.flush(everything)), "portproxy")
+        with self._lock:
+            closed = tuple(self.limiter.flush(everything))
+        self._report(closed, "portproxy")
 
     def _report(self, closed: tuple[Suppressed, ...], default_logger: str) -> None:
         for item in closed:
