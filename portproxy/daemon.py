@@ -242,7 +242,16 @@ class Daemon:
         task = self._group.create_task(runtime.drain(self.settings.drain_timeout),
                                        name=f"drain {name}")
         self._draining[task] = runtime
-        task.add_done_callback(self._draining.pop)
+        task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        name = self._draining.pop(task).forward.name
+        in_use = {r.forward.name for r in (*self.forwards.values(), *self._draining.values(),
+                                           *self._handovers)}
+        if name not in in_use:  # a changed forward keeps its name, and its series
+            # A removed forward's series end with it, as a scrape target's do; otherwise
+            # every ConfigMap entry ever seen would be exported for good.
+            self.metrics.registry.forget("forward", name)
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:

@@ -207,9 +207,12 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         self.settings = replace(new, workers=len(self.workers))
+        names = {f.name for f in new.forwards}
         for forward in [f for f in self.targets if f not in new.forwards]:
             del self.targets[forward]
             self._resolving.pop(forward).cancel()
+            if forward.name not in names:  # the workers forget theirs once drained
+                self.metrics.registry.forget("forward", forward.name)
         self._broadcast("settings", self.settings)
         for forward, state in added.items():
             self.targets[forward] = state

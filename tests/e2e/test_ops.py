@@ -326,3 +326,42 @@ def test_readyz_waits_for_resolution_and_metrics_move(backend: EchoServer) -> No
         assert proc.wait(15) == 0
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_a_removed_forward_leaves_metrics_once_drained(
+        backend: EchoServer, tmp_path: Path, extra: list[str]) -> None:
+    old, new, admin = free_port(), free_port(), free_port()
+    forwards = {
+        "old": f"tcp://127.0.0.1:{old}=127.0.0.1:{backend.port},name=old",
+        "new": f"tcp://127.0.0.1:{new}=127.0.0.1:{backend.port},name=new",
+    }
+
+    def configure(*names: str) -> None:
+        listed = ", ".join(f'"{forwards[n]}"' for n in names)
+        write(tmp_path / "c.toml", f'admin-address = "127.0.0.1:{admin}"\n'
+                                   f"forwards = [{listed}]\n")
+
+    def series(name: str) -> list[str]:
+        status, body = http_get(admin, "/metrics")
+        assert status == 200
+        return [line for line in body.splitlines()
+                if f'forward="{name}"' in line and not line.startswith("#")]
+
+    configure("old")
+    proc = PortproxyProcess(["run", "--config", str(tmp_path / "c.toml"), *extra])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{old}")
+        with socket.create_connection(("127.0.0.1", old), timeout=10) as client:
+            assert echo_once(client, b"counted") == b"counted"
+        wait_for(lambda: any("portproxy_connections_total" in line for line in series("old")),
+                 what="the old forward's connection counted")
+        configure("new")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{new}")
+        wait_for(lambda: not series("old"), what="the removed forward's series to go")
+        assert any("portproxy_endpoints" in line for line in series("new"))
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
