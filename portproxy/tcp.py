@@ -105,7 +105,9 @@ class TcpForwarder:
         instance starting beside a running one (SO_REUSEPORT, a rolling update) does not
         receive clients it could only reset.
         """
-        if host in self.listeners or host in self.waiting:
+        if host in self.listeners or host in self.waiting or not self.accepting:
+            # Stopped: a removed forward still draining follows its interface until the
+            # drain ends; an address added meanwhile must not get a listener nobody closes.
             return
         sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind,
                                        listen=False), self.name)

@@ -126,8 +126,8 @@ class UdpForwarder:
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
         """Bind ``host`` ('' = all addresses) on the forward's port and start receiving."""
-        if host in self.listeners:
-            return
+        if host in self.listeners or not self.accepting:
+            return  # stopped: see TcpForwarder.add_listener
         request = BindRequest(host, self.forward.listen.port, socket.SOCK_DGRAM, freebind)
         sock = bind_socket(request, self.name)
         wildcard = needs_pktinfo(sock)

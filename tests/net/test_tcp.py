@@ -436,3 +436,16 @@ def test_both_sides_have_nodelay_and_keepalive(proxy: ProxyThread) -> None:
                      s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
                     for s in (relay.client, relay.peer)]
         assert [(bool(a), bool(b)) for a, b in proxy.run(options)] == [(True, True)] * 2
+
+
+def test_a_stopped_forward_binds_no_new_listener(echo_server: EchoServer, pump: str) -> None:
+    """A removed interface forward drains while still following its interface: an address
+    that appears then must not get a listener (nothing would ever close it)."""
+    proxy = ProxyThread(echo_server.port, pump)
+    try:
+        proxy.run(proxy.engine.stop_accepting)
+        proxy.run(lambda: proxy.engine.add_listener("127.0.0.2"))
+        assert proxy.run(lambda: (dict(proxy.engine.listeners), dict(proxy.engine.waiting))) \
+            == ({}, {})
+    finally:
+        proxy.close()

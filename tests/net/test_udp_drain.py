@@ -95,3 +95,13 @@ def test_stop_accepting_without_flows_releases_the_port_at_once(proxy_on: ProxyO
         # The port is free again: a socket without SO_REUSEPORT can take it.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taker:
             taker.bind(("127.0.0.1", proxy.port))
+
+
+def test_a_stopped_forward_binds_no_new_listener(proxy_on: ProxyOn) -> None:
+    """As for TCP: an interface address appearing while a removed forward drains gets no
+    listener from it."""
+    with UdpBackend() as backend, proxy_on([backend.endpoint]) as proxy:
+        proxy.run(proxy.engine.stop_accepting)
+        before = proxy.run(lambda: set(proxy.engine.listeners))
+        proxy.run(lambda: proxy.engine.add_listener("127.0.0.2"))
+        assert proxy.run(lambda: set(proxy.engine.listeners)) == before
