@@ -220,6 +220,9 @@ class Daemon:
             del self.forwards[runtime.forward]
             self._replace(runtime, [r for r in started
                                     if r.forward.listen == runtime.forward.listen])
+        if new.max_conns != self.settings.max_conns:
+            self.global_limit.set_limit(new.max_conns)
+            log.info("global --max-conns now %s", new.max_conns or "unlimited")
         self.settings = new
         log.info("reloaded: %d unchanged, %d added, %d removed",
                  len(self.forwards) - len(started), len(started), len(removed))

@@ -27,6 +27,15 @@ class SharedLimit:
 
     def release(self) -> None:
         self.active -= 1
+        if self._waiting and not self.full:  # inline: this runs for every connection
+            self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        """A new ceiling (a reload); listeners waiting below it resume at once."""
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
         if self._waiting and not self.full:
             waiting, self._waiting = self._waiting, {}
             for resume in waiting.values():
