@@ -4,6 +4,12 @@ It is off the data path and serves nothing but those four read-only documents: n
 one request per connection (``Connection: close``), a bounded request head and a read timeout,
 so a slow or hostile client costs one small buffer for a few seconds at most.
 
+Probes must get through while idle or slow clients hold connections (a kubelet that cannot
+reach /healthz restarts the pod). So, as nginx does with its reusable connections, the
+connection count is bounded but a full house does not refuse newcomers: a new connection evicts
+the oldest one that has not sent a complete request. Probes send theirs at once, so they are
+answered before they could become the oldest.
+
 Why the default address is ``:9753`` (all addresses, port 9753): portproxy usually runs as a
 DaemonSet with ``hostNetwork: true`` so it can bind node ports and interface addresses. A
 hostNetwork pod's IP *is* the node IP, and the kubelet sends httpGet probes to the pod IP, so
@@ -46,11 +52,17 @@ class AdminSettings:
     max_request_bytes: int = 8192
     """Largest request head (request line and headers) read; larger gets 431. Probes and
     scrapers send a few hundred bytes."""
-    read_timeout: float = 5.0
-    """Seconds a client may take to send its request head and read the answer; the kubelet's
-    own probe timeout defaults to 1 s, so honest clients finish far sooner."""
+    read_timeout: float = 2.0
+    """Seconds a client may take to send its request head (it then gets 408). Probes and
+    scrapers send it in one go, and the kubelet's own probe timeout defaults to 1 s; keeping
+    this short frees the slots of idle connections soon."""
+    write_timeout: float = 5.0
+    """Seconds to send the answer and wait for the client to close its side."""
     max_clients: int = 64
-    """Connections served at once; more are closed at once so a flood cannot grow memory."""
+    """Connections held at once, which bounds memory. When all are taken, a new connection
+    evicts the oldest one that has not sent a complete request (or, if every one has, the
+    oldest already answered, i.e. slow to read or to close) instead of being refused, so idle
+    clients cannot lock probes out."""
     heartbeat_interval: float = 1.0
     """Seconds between heartbeats of the event-loop liveness check."""
     stall_threshold: float = 10.0
@@ -125,6 +137,18 @@ class _RequestTooLarge(Exception):
     pass
 
 
+@dataclass(eq=False, slots=True)
+class _Client:
+    """One open connection. ``eq=False`` keeps identity hashing, so clients can be the keys of
+    the accept-ordered registry."""
+
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None] | None = None
+    requested: bool = False
+    """It sent a complete request head. Its answer is written with no await in between, so
+    from then on it only waits for the client to read the answer and close."""
+
+
 class AdminServer:
     """Serves the admin documents; ``start()`` binds, ``stop()`` closes everything it opened."""
 
@@ -142,7 +166,11 @@ class AdminServer:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_beat = 0.0
         self._loop_lag = 0.0
-        self._clients: set[asyncio.Task[object]] = set()
+        self._clients: dict[_Client, None] = {}
+        """Open connections, oldest first (a dict as an insertion-ordered set)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Every connection task still running, evicted ones included, for stop() to await."""
+        self._stopping = False
 
     @property
     def address(self) -> str:
@@ -159,9 +187,13 @@ class AdminServer:
 
     async def start(self) -> None:
         sock = self._bind()
+        self._stopping = False
         try:
+            # A plain callback, not a coroutine: the slot is taken synchronously, so a burst of
+            # accepts cannot overshoot max_clients, and no task of asyncio's own wraps the
+            # connection (on 3.11 its done-callback logs a traceback when the task is cancelled).
             self._server = await asyncio.start_server(
-                self._serve, sock=sock, limit=self._settings.max_request_bytes)
+                self._accept, sock=sock, limit=self._settings.max_request_bytes)
         except BaseException:
             sock.close()
             raise
@@ -169,9 +201,12 @@ class AdminServer:
         self._heartbeat = asyncio.create_task(self._beat(), name="admin-heartbeat")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
-        tasks = [t for t in (self._heartbeat, *self._clients) if t is not None]
+        for client in list(self._clients):
+            self._drop(client)
+        tasks = [t for t in (self._heartbeat, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -232,23 +267,54 @@ class AdminServer:
             self._loop_lag = max(0.0, now - self._last_beat - interval)
             self._last_beat = now
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._clients) >= self._settings.max_clients:
-            writer.close()
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The server's callback for each new connection: take a slot, evicting if need be."""
+        full = len(self._clients) >= self._settings.max_clients
+        if self._stopping or (full and not self._evict_one()):
+            writer.transport.abort()
             return
-        self._clients.add(task)
+        client = _Client(writer)
+        self._clients[client] = None
+        client.task = asyncio.get_running_loop().create_task(
+            self._serve(reader, client), name="admin-client")
+        self._tasks.add(client.task)
+        client.task.add_done_callback(self._tasks.discard)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection that has not sent a complete request, else the oldest
+        one at all (those have had their answer and are slow to read it or to close): they
+        are the ones an idle or slowloris client holds. False when there is none to evict."""
+        idle = (client for client in self._clients if not client.requested)
+        victim = next(idle, None) or next(iter(self._clients), None)
+        if victim is None:
+            return False
+        self._drop(victim)
+        return True
+
+    def _drop(self, client: _Client) -> None:
+        """Free the slot and close the socket now. The abort is not left to the task's
+        ``finally``: a task cancelled before its first step never runs it."""
+        self._clients.pop(client, None)
+        client.writer.transport.abort()
+        if client.task is not None:
+            client.task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, client: _Client) -> None:
         try:
-            await self._exchange(reader, writer)
+            await self._exchange(reader, client)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a slow or vanished client: nothing to answer, nothing to log
         finally:
-            self._clients.discard(task)
-            writer.close()
+            self._clients.pop(client, None)
+            # Abort, not close: close() keeps the socket open until the client has read what
+            # is still buffered, so a client that never reads would keep its socket and our
+            # copy of the answer forever, outside any slot. After a complete exchange the
+            # buffer is empty and abort closes exactly as close would.
+            client.writer.transport.abort()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await client.writer.wait_closed()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _exchange(self, reader: asyncio.StreamReader, client: _Client) -> None:
         method = ""
         try:
             async with asyncio.timeout(self._settings.read_timeout):
@@ -258,9 +324,10 @@ class AdminServer:
         except TimeoutError:
             response = _text(408, "request timeout")
         else:
+            client.requested = True
             method, response = self._answer(head)
-        async with asyncio.timeout(self._settings.read_timeout):
-            await _send(writer, response, head_only=method == "HEAD")
+        async with asyncio.timeout(self._settings.write_timeout):
+            await _send(client.writer, response, head_only=method == "HEAD")
             await _linger(reader)
 
     def _answer(self, head: bytes) -> tuple[str, _Response]:
@@ -333,6 +400,10 @@ async def _linger(reader: asyncio.StreamReader, budget: int = 65536) -> None:
 
 
 async def _send(writer: asyncio.StreamWriter, response: _Response, head_only: bool) -> None:
+    # No buffering above the kernel's: drain() returns only once the whole answer is handed
+    # to the kernel, so the abort that ends every connection cannot cut it short (e.g. for a
+    # client that half-closes before reading a large /metrics).
+    writer.transport.set_write_buffer_limits(high=0)
     headers = [
         f"HTTP/1.1 {response.status} {_REASONS[response.status]}",
         f"Content-Type: {response.content_type}",

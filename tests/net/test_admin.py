@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -375,29 +377,116 @@ def test_parse_admin_address_errors(text: str, why: str) -> None:
         f"invalid --admin-address {text!r}: {why} (use :PORT, IPv4:PORT, [IPv6]:PORT or none)")
 
 
-def test_connections_beyond_max_clients_are_closed_unanswered(
+PROBE_DEADLINE = 5.0
+"""How long a probe may take to be answered: far longer than an answer takes, well under the
+~10 s an idle connection used to hold its slot."""
+
+
+def probe(port: int, path: str) -> bytes:
+    """A kubelet-style probe: the whole request at once (no half-close), then read until the
+    server closes, all within PROBE_DEADLINE. A refused or timed-out probe returns what it got."""
+    deadline = time.monotonic() + PROBE_DEADLINE
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=PROBE_DEADLINE) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n".encode())
+            while (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                if not (chunk := sock.recv(65536)):
+                    break
+                answer += chunk
+    except OSError:  # refused, reset, or the deadline passed
+        pass
+    return answer
+
+
+def read_until_closed(sock: socket.socket) -> bytes | None:
+    """What the server sent before closing ``sock``; None if it is still open after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    answer = b""
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not (chunk := sock.recv(65536)):
+                return answer
+            answer += chunk
+    except ConnectionError:  # closed with our request unread: a reset is a close too
+        return answer
+    except TimeoutError:
+        pass
+    return None
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that never send anything, as a slowloris client holds them."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(count)]
+
+
+def test_probes_are_answered_while_idle_connections_fill_every_slot(
     make_admin: Callable[..., Admin],
 ) -> None:
-    admin = make_admin(AdminSettings(max_clients=1))
+    admin = make_admin(AdminSettings(max_clients=8))
+    admin.status.statuses = [status("web", resolved=False, endpoints=())]
+    idle = idle_connections(admin.port, 8)
+    try:
+        # The server accepts in connection order, so every slot is held before each probe.
+        assert probe(admin.port, "/healthz").endswith(b"\r\n\r\nok\n")
+        readyz = probe(admin.port, "/readyz")
+        assert readyz.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert readyz.endswith(b"forward web not ready: target not resolved yet\n")
+        # The first probe evicted the oldest idle connection: closed unanswered (the second
+        # took the slot the first freed). The others are closed once their read timeout
+        # passes, after a 408.
+        answers = [read_until_closed(sock) for sock in idle]
+        assert answers[0] == b""
+        for answer in answers[1:]:
+            assert answer is not None
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    finally:
+        for sock in idle:
+            sock.close()
 
-    def attempt() -> bytes:
-        try:
-            return raw(admin.port, b"GET /healthz HTTP/1.1\r\n\r\n")
-        except OSError:  # closed unanswered: reset, or not connected any more
-            return b""
 
-    with socket.create_connection(("127.0.0.1", admin.port), timeout=TIMEOUT):
-        # The idle connection holds the only slot once its handler runs; poll until it does.
-        for _ in range(200):
-            if attempt() == b"":
-                break
-        assert attempt() == b""
-    # Closing it frees the slot again.
-    for _ in range(200):
-        answer = attempt()
-        if answer:
-            break
-    assert answer.endswith(b"\r\n\r\nok\n")
+def test_probes_are_answered_while_answered_clients_never_close(
+    make_admin: Callable[..., Admin],
+) -> None:
+    admin = make_admin(AdminSettings(max_clients=4))
+    lingering = idle_connections(admin.port, 4)
+    try:
+        for sock in lingering:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            # Answered, and the server's side is shut; but the client never closes its own,
+            # so the server waits for it (for a while) in its slot.
+            assert (read_until_closed(sock) or b"").endswith(b"\r\n\r\nok\n")
+        assert probe(admin.port, "/healthz").endswith(b"\r\n\r\nok\n")
+        assert probe(admin.port, "/readyz").endswith(b"\r\n\r\nready\n")
+    finally:
+        for sock in lingering:
+            sock.close()
+
+
+def test_stopping_with_clients_connected_logs_no_traceback(
+    make_admin: Callable[..., Admin], loop: asyncio.AbstractEventLoop,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin = make_admin()
+    idle = idle_connections(admin.port, 8)
+    try:
+        # Answered after them, so they were accepted and are waiting for their request.
+        assert probe(admin.port, "/healthz").endswith(b"\r\n\r\nok\n")
+        asyncio.run_coroutine_threadsafe(admin.server.stop(), loop).result(TIMEOUT)
+        for sock in idle:
+            assert read_until_closed(sock) == b""
+        # One more turn of the loop: anything that stop() left scheduled has run by then.
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(TIMEOUT)
+    finally:
+        for sock in idle:
+            sock.close()
+    output = caplog.text + capfd.readouterr().err
+    assert "Traceback" not in output
+    assert "CancelledError" not in output
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_readiness_rule_and_default_reasons() -> None:
