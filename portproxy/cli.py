@@ -9,7 +9,9 @@ built-in defaults.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -23,26 +25,68 @@ from portproxy.config import Settings
 from portproxy.endpoints import BalancePolicy
 from portproxy.errors import ConfigError, SetupError
 from portproxy.spec import ProxyProtocol, TargetMode
-from portproxy.spec_values import parse_duration
+from portproxy.spec_values import InvalidPart, allowlist, format_seconds, parse_duration
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SETUP = 0, 1, 2, 3
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A duration flag, and its config-file key (where a TOML number means seconds): the
+    text of the spec option, finite and >= 0; ``allow_zero`` as for the spec option."""
+
     name = "duration"
+
+    def __init__(self, allow_zero: bool = True) -> None:
+        self.allow_zero = allow_zero
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
                 ) -> float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        try:
-            return parse_duration(str(value))
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
+        if isinstance(value, bool):
+            self.fail(f"expected a duration (e.g. 500ms, 30s, 5m, 1h), got {value!r}",
+                      param, ctx)
+        if isinstance(value, int | float):
+            try:
+                seconds = float(value)
+            except OverflowError:  # a TOML integer beyond any float
+                seconds = math.inf
+            if not (math.isfinite(seconds) and seconds >= 0):
+                self.fail(f"invalid duration {value!r}: use a finite number of seconds >= 0 "
+                          "or a string with a unit (e.g. \"500ms\", \"30s\")", param, ctx)
+        else:
+            try:
+                seconds = parse_duration(str(value))
+            except ConfigError as exc:
+                self.fail(str(exc), param, ctx)
+        if seconds == 0 and not self.allow_zero:
+            self.fail("must be greater than 0", param, ctx)
+        return seconds
 
 
 DURATION = Duration()
+POSITIVE_DURATION = Duration(allow_zero=False)  # as the spec option connect-timeout
+
+
+class Count(click.IntRange):
+    """A whole-number flag. From the config file only a TOML integer (or its text): 1.9 is
+    an error, not 1."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if isinstance(value, bool | float):
+            self.fail(f"expected a whole number, got {value!r}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Seconds(click.FloatRange):
+    """The legacy TIMEOUT: seconds >= 0, finite (``inf``/``nan`` are no idle timeout)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
 
 
 def env(flag: str) -> str:
@@ -55,19 +99,72 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     from portproxy.configfile import load_config_file
 
-    # One file serves both `run` and `check`, so every flag of `run` is a valid key.
-    allowed = [p.name.replace("_", "-") for p in run.params
-               if isinstance(p, click.Option) and p.name not in ("config", "forwards")
-               and p.name is not None]
+    options = _config_options()
     try:
-        loaded = load_config_file(value, allowed)
+        loaded = load_config_file(
+            value, options, convert=lambda key, item: _config_value(key, options[key], item))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
-    defaults: dict[str, Any] = {k.replace("-", "_"): v for k, v in loaded.settings.items()}
+    defaults: dict[str, Any] = {str(options[key].name): item
+                                for key, item in loaded.settings.items()}
     if loaded.forwards:
         defaults["forwards"] = list(loaded.forwards)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_options() -> dict[str, click.Option]:
+    """Config-file key → option: the long flag without its dashes (``context`` for
+    ``--context``, ``address`` for ``--address``). One file serves both `run` and `check`, so
+    every flag of `run` is a valid key."""
+    keys: dict[str, click.Option] = {}
+    for option in run.params:
+        if isinstance(option, click.Option) and option.name not in ("config", "forwards"):
+            flag = next(opt for opt in option.opts if opt.startswith("--"))
+            keys[flag.removeprefix("--")] = option
+    return keys
+
+
+def _config_value(key: str, option: click.Option, value: object) -> object:
+    """A config-file value checked as the flag's would be (durations, whole numbers, choices,
+    CIDRs), in the form click takes as the flag's default. A list is the repeated flag
+    (``address``), or for ``allow`` the ``;``-separated CIDRs. ConfigError says why, the
+    caller where."""
+    if isinstance(value, list):
+        if option.name == "allow":
+            if not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"{key}: expected a list of CIDR strings")
+            value = ";".join(item.strip() for item in value)
+        elif option.multiple:
+            return tuple(_config_scalar(key, option, item) for item in value)
+        else:
+            raise ConfigError(f"{key}: expected a single value, not a list")
+    converted = _config_scalar(key, option, value)
+    return (converted,) if option.multiple else converted
+
+
+def _config_scalar(key: str, option: click.Option, value: object) -> object:
+    if not (option.is_flag or isinstance(option.type, Duration | Count)):
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        value = str(value)  # as the flag would read it (admin-address = 9753)
+    try:
+        converted = option.type.convert(value, None, None)
+    except click.BadParameter as exc:
+        raise ConfigError(f"{key}: {exc.message}") from None
+    # What cli_settings checks for the flags, checked here so the error has a line number.
+    if option.name == "allow":
+        try:
+            allowlist(converted)
+        except InvalidPart as exc:
+            raise ConfigError(str(exc)) from None  # "allow: '…' is not a CIDR"
+    elif option.name == "addresses":
+        try:
+            ipaddress.ip_interface(converted)
+        except ValueError:
+            raise ConfigError(f"{key}: {converted!r} is not an IP address or CIDR "
+                              "(e.g. 169.254.20.10/32)") from None
+    return converted
 
 
 def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
@@ -93,7 +190,7 @@ forward_options = _options(
     click.option("--balance", type=click.Choice([b.value for b in BalancePolicy]),
                  envvar=env("balance"), default="round-robin", show_default=True,
                  help="Default balancing policy across endpoints."),
-    click.option("--connect-timeout", type=DURATION, envvar=env("connect-timeout"),
+    click.option("--connect-timeout", type=POSITIVE_DURATION, envvar=env("connect-timeout"),
                  default="5s", show_default=True,
                  help="Default backend connect timeout per endpoint."),
     click.option("--idle-timeout", type=DURATION, envvar=env("idle-timeout"), default=None,
@@ -101,10 +198,10 @@ forward_options = _options(
     click.option("--fin-timeout", type=DURATION, envvar=env("fin-timeout"), default="5m",
                  show_default=True,
                  help="Default bound on a half-closed TCP connection; 0 disables."),
-    click.option("--max-flows", type=click.IntRange(0), envvar=env("max-flows"),
+    click.option("--max-flows", type=Count(0), envvar=env("max-flows"),
                  default=10000, show_default=True,
                  help="Default UDP flows per forward (least recently used evicted)."),
-    click.option("--responses", type=click.IntRange(0), envvar=env("responses"), default=0,
+    click.option("--responses", type=Count(0), envvar=env("responses"), default=0,
                  show_default=True,
                  help="Default UDP replies per client datagram after which a flow ends "
                       "(DNS: 1); 0 waits for the idle timeout."),
@@ -137,11 +234,11 @@ daemon_options = _options(
                  help="How long open connections may finish after SIGTERM/SIGINT."),
     click.option("--no-splice", is_flag=True, envvar=env("no-splice"),
                  help="Use the copy pump instead of zero-copy splice(2)."),
-    click.option("--workers", type=click.IntRange(1, 64), envvar=env("workers"), default=1,
+    click.option("--workers", type=Count(1, 64), envvar=env("workers"), default=1,
                  show_default=True,
                  help="Processes sharing every listener (SO_REUSEPORT); one supervisor "
                       "keeps the API watches and the admin endpoint."),
-    click.option("--max-conns", type=click.IntRange(0), envvar=env("max-conns"), default=0,
+    click.option("--max-conns", type=Count(0), envvar=env("max-conns"), default=0,
                  show_default=True,
                  help="TCP connections open at once across all forwards; 0 = unlimited."),
     click.option("--log-level", envvar=env("log-level"), default="info", show_default=True,
@@ -296,31 +393,51 @@ def legacy_spec(protocol: str, port: int, service: str, timeout: float | None,
     is_service = cluster and len(parts) >= 2 and (len(parts) == 2 or parts[2] == "svc")
     target = f"{parts[1]}/{parts[0]}" if is_service else service
     spec = f"{protocol}://:{port}={target}:{port}"
-    if timeout is not None:
-        spec += f",idle-timeout={timeout:g}"
+    if timeout is not None:  # exact plain seconds: 1000000, not 1e+06
+        spec += f",idle-timeout={format_seconds(timeout)}"
     if is_service:
         spec += ",mode=clusterip"
     return spec
 
 
-def _cluster_config_available(kubeconfig: str | None) -> bool:
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return True
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    return os.path.exists(path)
+def _cluster_config_available(kubeconfig: str | None, context: str | None,
+                               serviceaccount_dir: str | None = None) -> bool:
+    """Whether `run` would find a cluster config, by the rule `run` loads it with
+    (``resolve/kubernetes.py`` ``_load_configuration``):
+
+    1. the in-cluster service account, when KUBERNETES_SERVICE_HOST is set, its token is
+       mounted, and neither a kubeconfig nor a context is given;
+    2. else the kubeconfig given as ``--kubeconfig`` (``PORTPROXY_KUBECONFIG``, or the
+       ``kubeconfig`` key of ``PORTPROXY_CONFIG``'s file: flags > environment > file), else
+       ``$KUBECONFIG``, else ``~/.kube/config``; a ``:``-separated list counts when any of
+       its files exists, as the Kubernetes client merges the ones that do.
+    """
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and kubeconfig is None and context is None:
+        if serviceaccount_dir is None:
+            from portproxy.resolve.kubernetes import KubeSettings
+
+            serviceaccount_dir = KubeSettings().serviceaccount_dir
+        if os.path.isfile(os.path.join(serviceaccount_dir, "token")):
+            return True
+    paths = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    return any(os.path.exists(os.path.expanduser(path)) for path in paths.split(os.pathsep)
+               if path)
 
 
 def _legacy(protocol: str) -> click.Command:
     @click.command(name=protocol, context_settings={"ignore_unknown_options": False})
     @click.argument("port", type=click.IntRange(1, 65535))
     @click.argument("service")
-    @click.argument("timeout", type=click.FloatRange(0), required=False)
+    @click.argument("timeout", type=Seconds(0), required=False)
     @click.pass_context
     def legacy(ctx: click.Context, /, port: int, service: str, timeout: float | None) -> None:
-        spec = legacy_spec(protocol, port, service, timeout,
-                           _cluster_config_available(os.environ.get("KUBECONFIG")))
-        args = ["-f", spec]
-        ctx.invoke(run, **_run_defaults(args))
+        # `run`'s settings from the environment (and PORTPROXY_CONFIG's file) decide, as for
+        # `run`, which cluster config a Service target would use; the spec replaces any
+        # forwards they give, as -f would.
+        params = _run_defaults([])
+        cluster = _cluster_config_available(params["kubeconfig"], params["kube_context"])
+        spec = legacy_spec(protocol, port, service, timeout, cluster)
+        ctx.invoke(run, **{**params, "forwards": (spec,)})
 
     legacy.help = (f"Drop-in for the proxy-to-service image: forward {protocol} PORT to "
                    "SERVICE:PORT (TIMEOUT = idle timeout in seconds).")

@@ -1,8 +1,9 @@
 """``--config FILE``: a TOML file holding the global flags and the forwards.
 
-Top-level keys are the global flag names without dashes (``drain-timeout = "30s"``); their
-values keep their TOML types and the CLI feeds them to click as defaults, so the precedence
-flags > environment > file > defaults falls out of click. Forwards come as spec strings
+Top-level keys are the global flag names without dashes (``drain-timeout = "30s"``); the CLI
+checks each value as its flag's would be (``convert``: a duration, a whole number, a CIDR...),
+so a bad one is reported with its key and line, and feeds them to click as defaults, so the
+precedence flags > environment > file > defaults falls out of click. Forwards come as spec strings
 (``forwards = ["tcp://:80=web/frontend:http"]``) and/or ``[[forward]]`` tables whose option
 keys are folded into one canonical spec string and parsed now, so a bad forward is reported
 with its file position at load time rather than at bind time.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -28,18 +29,23 @@ FORWARD_KEYS = ("forwards", "forward")
 
 _SCALARS = (str, int, float, bool)
 
+Convert = Callable[[str, object], object]
+"""``(key, TOML value)`` → the setting's value, checked; raises ConfigError saying why."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigFile:
     """What a config file says, before flags and environment are applied on top."""
 
     settings: Mapping[str, object]
-    """Global flag name (``drain-timeout``) → TOML value (str, int, float, bool or list)."""
+    """Global flag name (``drain-timeout``) → its value: what ``convert`` made of the TOML
+    value, or without one the TOML value (str, int, float, bool or list)."""
     forwards: tuple[str, ...]
     """Canonical spec strings, strings first in file order, then tables in file order."""
 
 
-def load_config_file(path: str, allowed_keys: Collection[str]) -> ConfigFile:
+def load_config_file(path: str, allowed_keys: Collection[str],
+                     convert: Convert | None = None) -> ConfigFile:
     """Read and validate ``path``; every problem is a ConfigError naming the file."""
     try:
         with open(path, "rb") as stream:
@@ -50,13 +56,15 @@ def load_config_file(path: str, allowed_keys: Collection[str]) -> ConfigFile:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
-    return parse_config_text(text, allowed_keys, source=path)
+    return parse_config_text(text, allowed_keys, source=path, convert=convert)
 
 
 def parse_config_text(
     text: str, allowed_keys: Collection[str], source: str = "<config>",
+    convert: Convert | None = None,
 ) -> ConfigFile:
-    """Parse the TOML ``text`` of a config file; ``source`` names it in errors."""
+    """Parse the TOML ``text`` of a config file; ``source`` names it in errors. ``convert``
+    checks each setting's value; its ConfigError gets the file and the key's line."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -69,20 +77,24 @@ def parse_config_text(
         if key in FORWARD_KEYS:
             _collect_forwards(key, value, locator, strings, tables)
         elif key in allowed_keys:
-            settings[key] = _setting(key, value, locator)
+            settings[key] = _setting(key, value, locator, convert)
         else:
             raise locator.error(
                 None, key, f"unknown key {key!r}{_suggest(key, [*allowed_keys, *FORWARD_KEYS])}")
     return ConfigFile(MappingProxyType(settings), (*strings, *tables))
 
 
-def _setting(key: str, value: object, locator: _Locator) -> object:
-    if isinstance(value, _SCALARS):
+def _setting(key: str, value: object, locator: _Locator, convert: Convert | None) -> object:
+    scalars = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, _SCALARS) for item in scalars):
+        raise locator.error(None, key, f"{key}: expected a string, number, boolean or a list "
+                            f"of them, got {_type_name(value)}")
+    if convert is None:
         return value
-    if isinstance(value, list) and all(isinstance(item, _SCALARS) for item in value):
-        return value
-    raise locator.error(None, key, f"{key}: expected a string, number, boolean or a list of "
-                        f"them, got {_type_name(value)}")
+    try:
+        return convert(key, value)
+    except ConfigError as exc:
+        raise locator.error(None, key, str(exc)) from None
 
 
 def _collect_forwards(

@@ -9,7 +9,9 @@ a spec option (``,idle-timeout=``) and a file key all accept the same text.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from decimal import Decimal
 from enum import StrEnum
 from typing import TypeVar
 
@@ -30,21 +32,36 @@ _FALSE = ("false", "no", "0")
 
 
 def parse_duration(text: str) -> float:
-    """``500ms``, ``30s``, ``5m``, ``1h`` or plain seconds → seconds (float, >= 0)."""
+    """``500ms``, ``30s``, ``5m``, ``1h`` or plain seconds → seconds (float, finite, >= 0)."""
     match = _DURATION.match(text.strip())
     if not match:
         raise ConfigError(
             f"invalid duration {text!r}: use a number with an optional unit ms, s, m or h "
             "(e.g. 500ms, 30s, 5m, 1h)"
         )
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits: no timer can take that
+        raise ConfigError(f"invalid duration {text.strip()[:20]!r}...: too large")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """Plain seconds that ``parse_duration`` reads back as exactly ``seconds`` (finite,
+    >= 0): the shortest repr in positional notation, ``1000000`` not ``1e+06``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {seconds!r}")
+    if float(seconds).is_integer():
+        return str(int(seconds))
+    return format(Decimal(repr(float(seconds))), "f")
 
 
 def format_duration(seconds: float) -> str:
+    """Whole hours, minutes or seconds with their unit, else plain seconds; read back by
+    ``parse_duration`` as exactly ``seconds`` (no rounding to milliseconds)."""
     for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
-    return f"{round(seconds * 1000)}ms"
+    return format_seconds(seconds)
 
 
 def duration(key: str, value: str, allow_zero: bool) -> float:

@@ -164,3 +164,31 @@ def test_second_signal_stops_at_once(backend: EchoServer) -> None:
         held.close()
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("args,env", [
+    (["--connect-timeout", "0"], {}),
+    (["--connect-timeout", "0ms"], {}),
+    ([], {"PORTPROXY_CONNECT_TIMEOUT": "0"}),
+])
+def test_connect_timeout_zero_is_refused_like_the_spec_option(
+        args: list[str], env: dict[str, str]) -> None:
+    # The spec option connect-timeout=0 is refused ("must be greater than 0"); so is the flag.
+    result = run_cli(["check", "--offline", "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1",
+                      *args], env=env)
+    assert result.returncode == 2, result.stderr
+    assert "'--connect-timeout': must be greater than 0" in result.stderr
+
+
+def test_zero_idle_and_fin_timeout_flags_still_disable() -> None:
+    result = run_cli(["check", "--offline", "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1",
+                      "--idle-timeout", "0", "--fin-timeout", "0s", "--drain-timeout", "0"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_duration_flag_too_large_for_a_float_exits_2() -> None:
+    # 400 digits parse as float('inf'): no timer takes that.
+    result = run_cli(["check", "--offline", "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1",
+                      "--idle-timeout", "9" * 400])
+    assert result.returncode == 2, result.stderr
+    assert "'--idle-timeout'" in result.stderr and "too large" in result.stderr

@@ -62,12 +62,14 @@ def test_legacy_argv_becomes_a_spec(args: tuple, cluster: bool, spec: str) -> No
     assert legacy_spec(*args, cluster=cluster) == spec
 
 
-def test_legacy_argv_forwards_traffic(tmp_path: Path) -> None:
+# 1000000 s used to become "idle-timeout=1e+06", which the spec parser refuses (exit 2).
+@pytest.mark.parametrize("timeout", ["5", "1000000"])
+def test_legacy_argv_forwards_traffic(tmp_path: Path, timeout: str) -> None:
     # The legacy argv forwards PORT on all addresses to SERVICE:PORT, the same port number.
     # The backend listens on 127.0.0.2 (SO_REUSEPORT lets portproxy's wildcard listener share
     # the port; the kernel delivers to the most specific address), clients use 127.0.0.1.
     backend = EchoServer("127.0.0.2", reuseport=True)
-    proc = PortproxyProcess(["tcp", str(backend.port), "127.0.0.2", "5"], env={
+    proc = PortproxyProcess(["tcp", str(backend.port), "127.0.0.2", timeout], env={
         "PORTPROXY_ADMIN_ADDRESS": "none", "KUBECONFIG": str(tmp_path / "absent"),
         "KUBERNETES_SERVICE_HOST": ""})
     try:
@@ -365,3 +367,186 @@ def test_a_removed_forward_leaves_metrics_once_drained(
         assert proc.wait(30) == 0
     finally:
         proc.stop()
+
+
+# ------------------------------------------------- config-file values checked as the flags'
+
+def check_config(tmp_path: Path, text: str) -> tuple[int, str]:
+    """``check --offline`` on a config file of ``text`` (line 1) and one static forward."""
+    config = write(tmp_path / "values.toml", f'{text}\nforwards = '
+                   f'["tcp://127.0.0.1:{free_port()}=127.0.0.1:1"]\n')
+    env = {k: "" for k in os.environ if k.startswith("PORTPROXY_")}
+    result = run_cli(["check", "--offline", "--config", str(config)], env=env)
+    return result.returncode, result.stderr
+
+
+def parsed_run_params(args: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """``run``'s parameters as click builds them from ``args``, the environment and the config
+    file, stopping before the daemon would start."""
+    import click
+    from click.testing import CliRunner
+
+    from portproxy.cli import main
+
+    seen: dict[str, object] = {}
+    run = main.commands["run"]
+    parse_only = click.Command("run", params=run.params, callback=lambda **kw: seen.update(kw))
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("PORTPROXY_")}
+    result = CliRunner().invoke(parse_only, args, env={**clean, **(env or {})})
+    assert result.exit_code == 0, result.output
+    return seen
+
+
+@pytest.mark.parametrize("line", [
+    "idle-timeout = inf", "idle-timeout = -1", "idle-timeout = -0.5", "idle-timeout = nan",
+    "connect-timeout = nan", "connect-timeout = -1", "connect-timeout = inf",
+    "connect-timeout = 0", "connect-timeout = 0.0", 'connect-timeout = "0ms"',
+    "fin-timeout = -inf", 'fin-timeout = "-1s"', "fin-timeout = true",
+    "drain-timeout = -5", "drain-timeout = 1e400", "drain-timeout = 1" + "0" * 400,
+    'idle-timeout = "' + "9" * 400 + '"',
+    # Whole numbers are TOML integers: 1.9 is an error, not 1.
+    "max-flows = 1.9", "workers = 2.7", "responses = 1.0", "max-conns = true",
+    "workers = 0", "max-flows = -1", "workers = 65",
+])
+def test_config_file_values_are_checked_like_the_flags(tmp_path: Path, line: str) -> None:
+    # A number from the file is seconds, but finite and >= 0 as any duration, and zero only
+    # where the flag and spec option allow it (not connect-timeout); else exit 2 with the key
+    # and its line, not an error in an event-loop callback on every connection.
+    code, stderr = check_config(tmp_path, line)
+    key = line.split(" = ")[0]
+    assert code == 2, stderr
+    assert f"values.toml, line 1: {key}: " in stderr, stderr
+
+
+@pytest.mark.parametrize("line", [
+    "idle-timeout = 0", "fin-timeout = 0", "drain-timeout = 0", 'idle-timeout = "0s"',
+    "connect-timeout = 0.5", 'connect-timeout = "250ms"', "idle-timeout = 90",
+])
+def test_config_file_durations_keep_their_valid_forms(tmp_path: Path, line: str) -> None:
+    code, stderr = check_config(tmp_path, line)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("line,error", [
+    ('allow = ["10.0.0.0/8", "10.0.0.0/33"]', "allow: '10.0.0.0/33' is not a CIDR"),
+    ('allow = ["10.0.0.0/8", 8]', "allow: expected a list of CIDR strings"),
+    ('allow = "10.0.0.0/33"', "allow: '10.0.0.0/33' is not a CIDR"),
+    ('address = ["169.254.20.10/32", "nope"]', "address: 'nope' is not an IP address"),
+    ("context = true", "context: expected a string, got True"),
+    ('log-level = ["info"]', "log-level: expected a single value, not a list"),
+    ('kube-context = "production"', "unknown key 'kube-context' (did you mean 'context'?)"),
+    ('addresses = ["169.254.20.10/32"]', "unknown key 'addresses' (did you mean 'address'?)"),
+])
+def test_config_file_bad_values_name_key_and_line(tmp_path: Path, line: str, error: str) -> None:
+    code, stderr = check_config(tmp_path, line)
+    assert code == 2, stderr
+    assert f"values.toml, line 1: {error}" in stderr, stderr
+
+
+def test_config_file_keys_are_the_flag_names_and_lists_work(tmp_path: Path) -> None:
+    # `context` and `address` as their flags --context and --address; `allow` and `address`
+    # as TOML lists (allow: the same as ';'-separated; address: the repeated flag).
+    config = write(tmp_path / "keys.toml", """\
+context = "production"
+create-interface = "pp0"
+address = ["169.254.20.10/32", "fd00::10/128"]
+allow = ["10.0.0.0/8", "fd00::/8"]
+max-flows = 7
+connect-timeout = 2
+forwards = ["tcp://127.0.0.1:9=127.0.0.1:1"]
+""")
+    params = parsed_run_params(["--config", str(config)])
+    assert params["kube_context"] == "production"
+    assert params["addresses"] == ("169.254.20.10/32", "fd00::10/128")
+    assert params["allow"] == "10.0.0.0/8;fd00::/8"
+    assert params["max_flows"] == 7 and params["connect_timeout"] == 2.0
+    # A single string is one address; flags still beat the file.
+    write(config, 'create-interface = "pp0"\naddress = "169.254.20.11/32"\n'
+                  'allow = ["10.0.0.0/8"]\n')
+    params = parsed_run_params(["--config", str(config), "--allow", "192.168.0.0/16"])
+    assert params["addresses"] == ("169.254.20.11/32",)
+    assert params["allow"] == "192.168.0.0/16"
+    # The whole CLI agrees (check validates the daemon-only flags too).
+    code, stderr = check_config(tmp_path, 'context = "production"\ncreate-interface = "pp0"\n'
+                                'address = ["169.254.20.10/32"]\nallow = ["10.0.0.0/8"]')
+    assert code == 0, stderr
+
+
+def test_example_config_settings_can_all_be_uncommented(tmp_path: Path) -> None:
+    # examples/config.toml shows the other top-level settings commented out: each of them,
+    # uncommented, is a valid key with a valid value.
+    import re
+
+    example = (Path(__file__).resolve().parents[2] / "examples" / "config.toml").read_text()
+    head, sep, tail = example.partition("\nforwards = [")
+    uncommented = re.sub(r"^# ([a-z][a-z0-9-]*) = ", r"\1 = ", head, flags=re.M)
+    assert uncommented.count("\ncontext = ") == uncommented.count("\naddress = ") == 1
+    config = write(tmp_path / "example.toml", uncommented + sep + tail)
+    params = parsed_run_params(["--config", str(config)])
+    assert params["kube_context"] == "production"
+    assert params["addresses"] == ("169.254.20.10/32",)
+    assert params["create_interface"] == "portproxy0"
+    assert params["allow"] == "10.0.0.0/8;192.168.0.0/16"
+    assert params["kubeconfig"] == "/etc/portproxy/kubeconfig"
+
+
+@pytest.mark.parametrize("timeout,text", [
+    (1000000.0, "1000000"), (1234567.5, "1234567.5"), (0.00001, "0.00001"), (0.1, "0.1"),
+    (3600.0, "3600"), (1e18, "1000000000000000000"), (0.0, "0"),
+])
+def test_legacy_timeout_round_trips_through_the_spec(timeout: float, text: str) -> None:
+    from portproxy.spec import parse_forward
+
+    spec = legacy_spec("udp", 53, "kube-dns.default", timeout, cluster=False)
+    assert spec == f"udp://:53=kube-dns.default:53,idle-timeout={text}"
+    assert parse_forward(spec).options.idle_timeout == timeout
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1"])
+def test_legacy_timeout_must_be_finite_seconds(timeout: str) -> None:
+    result = run_cli(["tcp", str(free_port()), "127.0.0.1", timeout],
+                     env={"PORTPROXY_ADMIN_ADDRESS": "none"})
+    assert result.returncode == 2
+    assert "TIMEOUT" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["PORTPROXY_KUBECONFIG", "PORTPROXY_CONFIG"])
+def test_legacy_service_uses_the_kubeconfig_run_would_use(tmp_path: Path, how: str) -> None:
+    # `run` reads --kubeconfig from PORTPROXY_KUBECONFIG or the config file's `kubeconfig` key
+    # before $KUBECONFIG; the legacy argv decides Service-vs-DNS by the same rule. The broken
+    # kubeconfig proves which one is used: the Service target fails to load it (exit 3) where
+    # a DNS target would have started listening.
+    kubeconfig = write(tmp_path / "kubeconfig", "apiVersion: v1\nclusters: [ {not yaml\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "KUBECONFIG": str(tmp_path / "absent"),
+           "KUBERNETES_SERVICE_HOST": "", "PORTPROXY_ADMIN_ADDRESS": "none"}
+    if how == "PORTPROXY_KUBECONFIG":
+        env["PORTPROXY_KUBECONFIG"] = str(kubeconfig)
+    else:
+        env["PORTPROXY_CONFIG"] = str(write(tmp_path / "c.toml",
+                                            f'kubeconfig = "{kubeconfig}"\n'))
+    result = run_cli(["tcp", str(free_port()), "web.default"], env=env, timeout=20)
+    assert result.returncode == 3, result.stderr
+    assert f"configuration from kubeconfig {kubeconfig}" in result.stderr
+
+
+def test_legacy_in_cluster_needs_the_mounted_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from portproxy.cli import _cluster_config_available
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    sa_dir = str(tmp_path / "sa")
+    # `run` uses the service account only when its token is mounted...
+    assert not _cluster_config_available(None, None, serviceaccount_dir=sa_dir)
+    os.mkdir(sa_dir)
+    write(tmp_path / "sa" / "token", "t")
+    assert _cluster_config_available(None, None, serviceaccount_dir=sa_dir)
+    # ...and no kubeconfig or context is given; then that kubeconfig decides.
+    assert not _cluster_config_available(str(tmp_path / "nope"), None, serviceaccount_dir=sa_dir)
+    assert not _cluster_config_available(None, "prod", serviceaccount_dir=sa_dir)
+    write(tmp_path / "kc", "apiVersion: v1\n")
+    assert _cluster_config_available(f"{tmp_path / 'nope'}:{tmp_path / 'kc'}", "prod",
+                                     serviceaccount_dir=sa_dir)

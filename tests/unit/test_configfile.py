@@ -235,3 +235,20 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config_file(str(path), ALLOWED)
     assert str(info.value).startswith(f"config file {path} is not UTF-8 text: ")
+
+
+def test_convert_checks_settings_and_its_errors_get_key_line() -> None:
+    # The CLI passes each flag's own check as `convert`; its reason gets file and line.
+    def convert(key: str, value: object) -> object:
+        if key == "workers" and not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return [value] if key == "address" else value
+
+    config = parse_config_text('address = "10.0.0.1/32"\nworkers = 2\n', ALLOWED,
+                               convert=convert)
+    assert dict(config.settings) == {"address": ["10.0.0.1/32"], "workers": 2}
+    with pytest.raises(ConfigError) as info:
+        parse_config_text('drain-timeout = "1s"\n\nworkers = 2.7\n', ALLOWED, source="c.toml",
+                          convert=convert)
+    assert str(info.value) == ("config file c.toml, line 3: workers: expected a whole number, "
+                               "got 2.7")
