@@ -153,9 +153,10 @@ class Relay:
         """Whether the send queues of the two sockets changed since the last expiry: bytes
         already handed to the kernel still count as traffic while a slow reader drains
         them, though no callback of ours runs. A peer that reads nothing at all keeps the
-        same queue and is idle; it gets at most one extra timeout."""
+        same queue and is idle; it gets at most one extra timeout. A queue that emptied
+        since the last look moved too (the reader finished draining it meanwhile)."""
         queued = (unsent(self.client), unsent(self.peer))
-        moved = queued != self.queued and any(queued)
+        moved = queued != self.queued and (any(queued) or any(self.queued))
         if moved:
             self.last_activity = self.loop.time()
         self.queued = queued

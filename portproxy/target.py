@@ -57,7 +57,9 @@ class TargetState:
         self.health.forget_missing(endpoints)
         if self._gauge is not None:
             self._gauge.set(len(endpoints))
-        for callback in self._listeners:
+        # A copy: a callback may unsubscribe itself (a finished hand-over), and removing from
+        # the list being iterated would skip the next callback.
+        for callback in list(self._listeners):
             callback(endpoints)
 
     async def follow(self) -> None:

@@ -69,3 +69,17 @@ def test_finish_retires_at_once_when_stopping() -> None:
         assert retired == [old]
 
     asyncio.run(scenario())
+
+
+def test_two_forwards_replaced_by_successors_with_the_same_targets_both_retire() -> None:
+    """tcp://:53 and udp://:53 both replaced: two hand-overs wait on the same successor
+    targets; the first to finish must not make the update skip the second."""
+    async def scenario() -> None:
+        old_tcp, old_udp, successor = runtime(), runtime(), runtime()
+        retired: list[ForwardRuntime] = []
+        Handover(old_tcp, [successor], retired.append)
+        Handover(old_udp, [successor], retired.append)
+        successor.target.update(EndpointSet.of([Endpoint("10.0.0.1", 80)]))
+        assert retired == [old_tcp, old_udp]
+
+    asyncio.run(scenario())
