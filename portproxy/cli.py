@@ -28,6 +28,8 @@ from portproxy.spec import ProxyProtocol, TargetMode
 from portproxy.spec_values import InvalidPart, allowlist, format_seconds, parse_duration
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SETUP = 0, 1, 2, 3
+#: ``ctx.meta`` key: the `run` flags a command invoking `run` stands for (reloads use them).
+RUN_ARGS = "portproxy.run_args"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -304,7 +306,9 @@ def main() -> None:
 @click.pass_context
 def run(ctx: click.Context, /, **params: Any) -> None:
     """Run the forwarder until SIGTERM/SIGINT (SIGHUP re-reads --config)."""
-    args = list(sys.argv[2:]) if ctx.parent is not None else []
+    # The flags to re-read the file under on SIGHUP: this command's own argv, or what the
+    # legacy argv stands for (its PORT SERVICE [TIMEOUT] are no `run` flags).
+    args = ctx.meta.get(RUN_ARGS) or (list(sys.argv[2:]) if ctx.parent is not None else [])
     info_name = ctx.info_name or "run"
 
     def reload() -> Settings:
@@ -437,6 +441,7 @@ def _legacy(protocol: str) -> click.Command:
         params = _run_defaults([])
         cluster = _cluster_config_available(params["kubeconfig"], params["kube_context"])
         spec = legacy_spec(protocol, port, service, timeout, cluster)
+        ctx.meta[RUN_ARGS] = ["-f", spec]
         ctx.invoke(run, **{**params, "forwards": (spec,)})
 
     legacy.help = (f"Drop-in for the proxy-to-service image: forward {protocol} PORT to "

@@ -63,22 +63,35 @@ def test_legacy_argv_becomes_a_spec(args: tuple, cluster: bool, spec: str) -> No
 
 
 # 1000000 s used to become "idle-timeout=1e+06", which the spec parser refuses (exit 2).
-@pytest.mark.parametrize("timeout", ["5", "1000000"])
-def test_legacy_argv_forwards_traffic(tmp_path: Path, timeout: str) -> None:
+# With PORTPROXY_CONFIG, SIGHUP used to re-read the file under the legacy argv taken as `run`
+# flags, and was rejected.
+@pytest.mark.parametrize("timeout,config", [("5", False), ("1000000", False), ("5", True)],
+                         ids=["plain", "large-timeout", "config-reload"])
+def test_legacy_argv_forwards_traffic(tmp_path: Path, timeout: str, config: bool) -> None:
     # The legacy argv forwards PORT on all addresses to SERVICE:PORT, the same port number.
     # The backend listens on 127.0.0.2 (SO_REUSEPORT lets portproxy's wildcard listener share
     # the port; the kernel delivers to the most specific address), clients use 127.0.0.1.
     backend = EchoServer("127.0.0.2", reuseport=True)
-    proc = PortproxyProcess(["tcp", str(backend.port), "127.0.0.2", timeout], env={
-        "PORTPROXY_ADMIN_ADDRESS": "none", "KUBECONFIG": str(tmp_path / "absent"),
-        "KUBERNETES_SERVICE_HOST": ""})
+    env = {"PORTPROXY_ADMIN_ADDRESS": "none", "KUBECONFIG": str(tmp_path / "absent"),
+           "KUBERNETES_SERVICE_HOST": ""}
+    if config:
+        env["PORTPROXY_CONFIG"] = str(write(tmp_path / "c.toml", 'drain-timeout = "10s"\n'))
+    proc = PortproxyProcess(["tcp", str(backend.port), "127.0.0.2", timeout], env=env)
+
+    def exchange(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", backend.port), timeout=10) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            return recv_all(client)
     try:
         proc.wait_for_line("listening on tcp")
-        with socket.create_connection(("127.0.0.1", backend.port), timeout=10) as client:
-            client.sendall(b"legacy")
-            client.shutdown(socket.SHUT_WR)
-            assert recv_all(client) == b"legacy"
+        assert exchange(b"legacy") == b"legacy"
         assert backend.accepted == 1
+        if config:
+            write(tmp_path / "c.toml", 'drain-timeout = "20s"\n')
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("reloaded: 1 unchanged, 0 added, 0 removed")
+            assert exchange(b"after reload") == b"after reload"
         proc.signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
