@@ -9,8 +9,11 @@ sent with the same ancillary data type, which makes the kernel use that address 
 Linux details this relies on (checked on the kernels we support):
 
 - A dual-stack ``AF_INET6`` socket with ``IPV6_RECVPKTINFO`` reports IPv4 datagrams as
-  ``IPV6_PKTINFO`` with the IPv4-mapped address, and accepts ``IPV6_PKTINFO`` with a mapped
-  source when sending to a mapped client, so one code path serves both families.
+  ``IPV6_PKTINFO`` with the IPv4-mapped address. That is only the header destination: for a
+  datagram sent to a broadcast or multicast address it is no valid source for the reply. So
+  such a socket also asks for ``IP_PKTINFO``, which the kernel adds for IPv4 datagrams (after
+  the IPv6 one) with ``spec_dst``, and which it accepts when sending to a mapped client;
+  it is preferred whenever present.
 - ``struct in_pktinfo`` is ``{ifindex, spec_dst, addr}``: ``addr`` is the header destination
   (what the client sent to), ``spec_dst`` the local address to answer from (they differ for
   broadcast). Sending with ``spec_dst`` set and ``ifindex`` 0 chooses the source address and
@@ -77,6 +80,8 @@ def enable(sock: socket.socket) -> None:
     enable_drop_count(sock)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        if not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # its IPv4 datagrams
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
@@ -99,13 +104,15 @@ def bound_address(sock: socket.socket) -> LocalAddress:
 
 
 def pktinfo_of(ancdata: list[Ancillary]) -> bytes:
-    """The raw pktinfo bytes among ``ancdata`` (b"" when absent); on the per-datagram path,
-    so it only compares ints."""
+    """The raw pktinfo bytes among ``ancdata`` (b"" when absent), IP_PKTINFO first (see the
+    module docstring); on the per-datagram path, so it only compares ints."""
+    found = b""
     for level, kind, data in ancdata:
-        if (kind == IP_PKTINFO and level == _SOL_IP) or (
-                kind == IPV6_PKTINFO and level == _SOL_IPV6):
+        if kind == IP_PKTINFO and level == _SOL_IP:
             return data
-    return b""
+        if kind == IPV6_PKTINFO and level == _SOL_IPV6:
+            found = data
+    return found
 
 
 def kernel_drops(ancdata: list[Ancillary]) -> int:
@@ -117,19 +124,23 @@ def kernel_drops(ancdata: list[Ancillary]) -> int:
 
 
 def local_address(ancdata: list[Ancillary], sock: socket.socket) -> LocalAddress:
-    """Decode the pktinfo in ``ancdata``; the address ``sock`` is bound to when there is none."""
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return _from_in_pktinfo(data)
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
-            return _from_in6_pktinfo(data)
+    """Decode the pktinfo in ``ancdata`` (IP_PKTINFO first, as ``pktinfo_of``); the address
+    ``sock`` is bound to when there is none."""
+    data = pktinfo_of(ancdata)
+    if len(data) == 12:
+        return _from_in_pktinfo(data, mapped=sock.family == socket.AF_INET6)
+    if len(data) >= 20:
+        return _from_in6_pktinfo(data)
     return LocalAddress(b"", str(sock.getsockname()[0]), ())
 
 
-def _from_in_pktinfo(data: bytes) -> LocalAddress:
+def _from_in_pktinfo(data: bytes, mapped: bool = False) -> LocalAddress:
     spec_dst, destination = data[4:8], data[8:12]
     reply = (socket.IPPROTO_IP, IP_PKTINFO, _NO_IFINDEX + spec_dst + bytes(4))
-    return LocalAddress(data, socket.inet_ntop(socket.AF_INET, destination), (reply,))
+    host = socket.inet_ntop(socket.AF_INET, destination)
+    # On a dual-stack socket the client is ::ffff:a.b.c.d: keep the local side in the same
+    # family (PROXY headers, logs).
+    return LocalAddress(data, "::ffff:" + host if mapped else host, (reply,))
 
 
 def _from_in6_pktinfo(data: bytes) -> LocalAddress:

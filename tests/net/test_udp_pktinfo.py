@@ -54,6 +54,20 @@ def test_ipv4_mapped_destination_of_a_dual_stack_socket() -> None:
     assert local.reply == ((socket.IPPROTO_IPV6, IPV6_PKTINFO, raw[:16] + bytes(4)),)
 
 
+def test_an_ipv4_datagram_on_a_dual_stack_socket_answers_from_spec_dst() -> None:
+    """Such a socket gets IPV6_PKTINFO (mapped header destination) and then IP_PKTINFO: the
+    latter wins, since for a broadcast only its spec_dst is a valid source."""
+    v6 = in6_pktinfo("::ffff:10.88.0.255", 1)
+    v4 = in_pktinfo(1, "10.88.0.1", "10.88.0.255")
+    ancdata = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, v6), (socket.IPPROTO_IP, IP_PKTINFO, v4)]
+    assert pktinfo_of(ancdata) == v4
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        local = local_address(ancdata, sock)
+    assert local.host == "::ffff:10.88.0.255"  # the client's family
+    assert local.reply == ((socket.IPPROTO_IP, IP_PKTINFO,
+                            bytes(4) + socket.inet_aton("10.88.0.1") + bytes(4)),)
+
+
 def test_multicast_destination_replies_without_pktinfo() -> None:
     raw = in6_pktinfo("ff02::fb", 2)
     local = local_address([(socket.IPPROTO_IPV6, IPV6_PKTINFO, raw)], socket.socket())
