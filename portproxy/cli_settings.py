@@ -43,14 +43,19 @@ def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: b
     if not specs and not allow_none:
         raise ConfigError("no forwards given: use -f/--forward SPEC (or PORTPROXY_FORWARD)")
     forwards = tuple(parse_forward(spec, defaults) for spec in specs)
-    seen: dict[tuple[str, str, int], str] = {}
+    seen: dict[tuple[str, str, int, str], str] = {}
     for forward in forwards:
+        listen = forward.listen
+        # An interface listen may take one family: eth0/ipv4:53 and eth0/ipv6:53 share no
+        # address, while eth0:53 (both families) overlaps either.
+        families = ("ipv4", "ipv6") if listen.family == "any" else (listen.family,)
         for protocol in forward.protocols:
-            key = (protocol.value, forward.listen.host, forward.listen.port)
-            if key in seen:
+            keys = [(protocol.value, listen.host, listen.port, f) for f in families]
+            taken = next((seen[k] for k in keys if k in seen), None)
+            if taken is not None:
                 raise ConfigError(f"invalid --forward {forward.spec!r}: {protocol.value} "
-                                  f"{forward.listen} is already used by {seen[key]!r}")
-            seen[key] = forward.spec
+                                  f"{listen} is already used by {taken!r}")
+            seen.update(dict.fromkeys(keys, forward.spec))
     names = [f.name for f in forwards]
     for name in names:
         if names.count(name) > 1:

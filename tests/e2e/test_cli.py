@@ -40,6 +40,18 @@ def test_invalid_global_option_names_the_flag() -> None:
         "portproxy: error: invalid --allow: '10.0.0.0/33' is not a CIDR")
 
 
+def test_one_interface_port_per_family_is_no_duplicate() -> None:
+    from portproxy.cli_settings import build_forwards
+    from portproxy.errors import ConfigError
+    from portproxy.spec import ForwardOptions
+
+    forwards = build_forwards(["udp://eth0/ipv4:53=a:53", "udp://eth0/ipv6:53=b:53"],
+                              ForwardOptions())
+    assert [f.listen.family for f in forwards] == ["ipv4", "ipv6"]
+    with pytest.raises(ConfigError, match="udp eth0:53 is already used by 'udp://eth0/ipv4"):
+        build_forwards(["udp://eth0/ipv4:53=a:53", "udp://eth0:53=b:53"], ForwardOptions())
+
+
 def test_no_forward_exits_2() -> None:
     result = run_cli(["run"], env={"PORTPROXY_FORWARD": ""})
     assert result.returncode == 2
