@@ -72,6 +72,8 @@ from portproxy.udp_pktinfo import (
 
 log = logging.getLogger("portproxy.udp")
 
+_SOL_SOCKET: int = socket.SOL_SOCKET
+
 #: Datagrams read per readiness callback before yielding, so one busy socket cannot starve
 #: the rest of the loop (other flows, TCP, the admin endpoint).
 BATCH = 64
@@ -195,9 +197,10 @@ class UdpForwarder:
             except OSError:
                 count.error.value += 1
                 continue
-            # A wildcard listener's datagrams all carry pktinfo; the drop count rides along
-            # only after drops.
-            if len(ancdata) > wildcard:
+            # The drop count rides along only after drops, and first: the kernel puts socket-
+            # level data before the IP level's pktinfo (one or, for IPv4 on a dual-stack
+            # listener, two of them), so one comparison per datagram finds it.
+            if ancdata and ancdata[0][0] == _SOL_SOCKET:
                 self.kernel_drops[lsock] = count.kernel_drops(self.kernel_drops[lsock], ancdata)
             flow = get(client)
             if flow is None:
