@@ -331,12 +331,16 @@ def run(ctx: click.Context, /, **params: Any) -> None:
         reloader = reload if settings.config_file else None
 
         async def main_async() -> None:
-            if settings.workers > 1:
-                from portproxy.workers import Supervisor
+            flusher = asyncio.create_task(limiter.flush_periodically(), name="log summaries")
+            try:
+                if settings.workers > 1:
+                    from portproxy.workers import Supervisor
 
-                await Supervisor(settings, reloader).run()
-            else:
-                await Daemon(settings, reloader=reloader).run()
+                    await Supervisor(settings, reloader).run()
+                else:
+                    await Daemon(settings, reloader=reloader).run()
+            finally:
+                flusher.cancel()
         try:
             asyncio.run(main_async())
         finally:

@@ -11,6 +11,7 @@ are machine-readable in both formats.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -213,6 +214,13 @@ class RateLimitFilter(logging.Filter):
         with self._lock:
             closed = tuple(self.limiter.flush(everything))
         self._report(closed, "portproxy")
+
+    async def flush_periodically(self) -> None:
+        """Flush once per window, as a task for the life of the process: otherwise a storm's
+        "suppressed N" line waits for the next warning, which after the storm may never come."""
+        while True:
+            await asyncio.sleep(self.limiter.limit.interval)
+            self.flush()
 
     def _report(self, closed: tuple[Suppressed, ...], default_logger: str) -> None:
         for item in closed:

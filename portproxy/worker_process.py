@@ -109,7 +109,8 @@ async def worker_main(fd: int) -> int:
             supervisor_gone()
 
     tasks = [asyncio.create_task(listen(), name="supervisor link"),
-             asyncio.create_task(report(), name="worker report")]
+             asyncio.create_task(report(), name="worker report"),
+             asyncio.create_task(limiter.flush_periodically(), name="log summaries")]
     try:
         await daemon.run(ready=ready.set)
     except PortproxyError as exc:

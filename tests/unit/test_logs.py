@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -312,3 +313,26 @@ def test_rate_limited_logging_from_two_threads_never_raises() -> None:
         setup_logging("info", "text", io.StringIO())
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
+
+
+def test_a_storm_s_summary_is_written_without_a_further_warning() -> None:
+    stream = io.StringIO()
+    limiter = setup_logging("info", "text", stream,
+                            rate_limit=RateLimit(burst=1, interval=0.05))
+    log = logging.getLogger("portproxy.test.storm")
+    try:
+        for _ in range(3):
+            log.warning("backend down")  # one written, two held back; then silence
+
+        async def scenario() -> None:
+            flusher = asyncio.create_task(limiter.flush_periodically())
+            try:
+                async with asyncio.timeout(5):
+                    while "suppressed 2 similar messages" not in stream.getvalue():
+                        await asyncio.sleep(0.01)
+            finally:
+                flusher.cancel()
+        asyncio.run(scenario())
+    finally:
+        setup_logging("info", "text", io.StringIO())
+    assert stream.getvalue().count("backend down") == 2  # the first, and the summary's sample
