@@ -93,11 +93,23 @@ def allowlist(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
         if not part.strip():
             continue
         try:
-            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            network = ipaddress.ip_network(part.strip(), strict=False)
         except ValueError:
             raise InvalidPart(
                 f"allow: {part!r} is not a CIDR (e.g. 10.0.0.0/8, fd00::/8)") from None
+        networks.append(_unmapped_network(network))
     return tuple(networks)
+
+
+def _unmapped_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                      ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``::ffff:10.0.0.0/104`` → ``10.0.0.0/8``: the engines compare IPv4 clients of
+    dual-stack sockets unmapped, so a mapped entry would otherwise never match anyone."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 def enum_member(key: str, value: str, enum: type[E]) -> E:

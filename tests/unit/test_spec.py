@@ -170,3 +170,12 @@ def test_ports_round_trip(listen: int, target: int) -> None:
     forward = parse_forward(f"{listen}=10.1.2.3:{target}")
     assert forward.listen.port == listen
     assert forward.target == HostTarget("10.1.2.3", target)
+
+
+def test_an_ipv4_mapped_allow_entry_means_its_ipv4_network() -> None:
+    """Clients of dual-stack sockets are compared unmapped (10.1.2.3, not ::ffff:10.1.2.3),
+    so a mapped entry is read as the IPv4 network it denotes instead of matching nobody."""
+    forward = parse_forward("80=a:1,allow=::ffff:10.0.0.0/104;::ffff:192.0.2.7;fd00::/8")
+    assert forward.options.allow == (ipaddress.ip_network("10.0.0.0/8"),
+                                     ipaddress.ip_network("192.0.2.7/32"),
+                                     ipaddress.ip_network("fd00::/8"))
