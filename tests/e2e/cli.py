@@ -51,10 +51,30 @@ class PortproxyProcess:
         self._reader.join(5)
         return code
 
+    def worker_pids(self) -> dict[int, int]:
+        """``--workers``: each worker's pid by index, from the supervisor's log."""
+        pids: dict[int, int] = {}
+        for line in self.lines:
+            if "running (pid" in line and "worker " in line:
+                index = int(line.split("worker ", 1)[1].split()[0])
+                pids[index] = int(line.split("(pid ", 1)[1].split(")")[0])
+        return pids
+
     def stop(self) -> None:
+        """Kill portproxy, and any worker it left behind: workers run in sessions of their
+        own, and one the supervisor did not stop (a failed test) would outlive it. Each is
+        killed by pid, and only while that pid is still a portproxy worker."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        for pid in self.worker_pids().values():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"portproxy.worker_process" not in cmdline.read():
+                        continue  # gone, and the number reused
+                os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
 
 
 def run_cli(args: Sequence[str], timeout: float = 30.0,

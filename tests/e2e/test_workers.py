@@ -40,25 +40,6 @@ def two_workers(port: int, backend: EchoServer, drain_timeout: str) -> Portproxy
                              "--admin-address", "none", "--drain-timeout", drain_timeout])
 
 
-def stop_with_workers(proc: PortproxyProcess) -> None:
-    """Kill the supervisor and any worker it left behind (each one by its pid)."""
-    proc.stop()
-    for pid in worker_pids(proc).values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def worker_pids(proc: PortproxyProcess) -> dict[int, int]:
-    pids: dict[int, int] = {}
-    for line in proc.lines:
-        if "running (pid" in line and "worker " in line:
-            index = int(line.split("worker ", 1)[1].split()[0])
-            pids[index] = int(line.split("(pid ", 1)[1].split(")")[0])
-    return pids
-
-
 def both_listening(proc: PortproxyProcess, port: int) -> bool:
     """Both workers logged that they listen on ``port``."""
     return sum(f"listening on tcp 127.0.0.1:{port}" in line for line in proc.lines) == 2
@@ -66,7 +47,7 @@ def both_listening(proc: PortproxyProcess, port: int) -> bool:
 
 def two_workers_up(proc: PortproxyProcess, port: int) -> dict[int, int]:
     """Wait until both workers run and listen on ``port``; their pids by index."""
-    pids = wait_for(lambda: len(worker_pids(proc)) == 2 and worker_pids(proc),
+    pids = wait_for(lambda: len(proc.worker_pids()) == 2 and proc.worker_pids(),
                     what="both workers")
     wait_for(lambda: both_listening(proc, port), what="both workers to listen")
     return pids
@@ -89,7 +70,7 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
 
         os.kill(pids[0], signal.SIGKILL)  # a crashed worker is restarted
         proc.wait_for_line("worker 0 exited")
-        wait_for(lambda: worker_pids(proc)[0] != pids[0], what="worker 0 to be restarted")
+        wait_for(lambda: proc.worker_pids()[0] != pids[0], what="worker 0 to be restarted")
         wait_for(lambda: sum(f"listening on tcp 127.0.0.1:{port}" in line
                              for line in proc.lines) == 3, what="the new worker to listen")
         for i in range(20):
@@ -176,7 +157,7 @@ def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> Non
         wait_for(lambda: all(gone(pid) for pid in pids.values()), timeout=30,
                  what="orphaned workers to drain and exit")
     finally:
-        stop_with_workers(proc)
+        proc.stop()
 
 
 def test_a_worker_draining_when_its_supervisor_dies_keeps_its_connections(
@@ -207,4 +188,4 @@ def test_a_worker_draining_when_its_supervisor_dies_keeps_its_connections(
         wait_for(lambda: gone(alive[0]), timeout=30, what="the worker to finish and exit")
         assert "second signal" not in proc.output
     finally:
-        stop_with_workers(proc)
+        proc.stop()
