@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -410,26 +411,18 @@ def legacy_spec(protocol: str, port: int, service: str, timeout: float | None,
 
 def _cluster_config_available(kubeconfig: str | None, context: str | None,
                                serviceaccount_dir: str | None = None) -> bool:
-    """Whether `run` would find a cluster config, by the rule `run` loads it with
-    (``resolve/kubernetes.py`` ``_load_configuration``):
+    """Whether `run` would find a cluster config: by the rule it loads one with
+    (``config_source``), a service account, or a kubeconfig file that exists (of a
+    ``:``-separated list, any one: the client merges those that do). ``kubeconfig`` is
+    ``--kubeconfig`` as `run` sees it (flag > PORTPROXY_KUBECONFIG > the config file)."""
+    from portproxy.resolve.kubernetes import KubeSettings, config_source
 
-    1. the in-cluster service account, when KUBERNETES_SERVICE_HOST is set, its token is
-       mounted, and neither a kubeconfig nor a context is given;
-    2. else the kubeconfig given as ``--kubeconfig`` (``PORTPROXY_KUBECONFIG``, or the
-       ``kubeconfig`` key of ``PORTPROXY_CONFIG``'s file: flags > environment > file), else
-       ``$KUBECONFIG``, else ``~/.kube/config``; a ``:``-separated list counts when any of
-       its files exists, as the Kubernetes client merges the ones that do.
-    """
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and kubeconfig is None and context is None:
-        if serviceaccount_dir is None:
-            from portproxy.resolve.kubernetes import KubeSettings
-
-            serviceaccount_dir = KubeSettings().serviceaccount_dir
-        if os.path.isfile(os.path.join(serviceaccount_dir, "token")):
-            return True
-    paths = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    return any(os.path.exists(os.path.expanduser(path)) for path in paths.split(os.pathsep)
-               if path)
+    settings = KubeSettings(kubeconfig=kubeconfig, context=context)
+    if serviceaccount_dir is not None:
+        settings = replace(settings, serviceaccount_dir=serviceaccount_dir)
+    in_cluster, path = config_source(settings)
+    return in_cluster or any(os.path.exists(os.path.expanduser(p))
+                             for p in path.split(os.pathsep) if p)
 
 
 def _legacy(protocol: str) -> click.Command:

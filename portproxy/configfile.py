@@ -1,12 +1,12 @@
 """``--config FILE``: a TOML file holding the global flags and the forwards.
 
-Top-level keys are the global flag names without dashes (``drain-timeout = "30s"``); the CLI
-checks each value as its flag's would be (``convert``: a duration, a whole number, a CIDR...),
-so a bad one is reported with its key and line, and feeds them to click as defaults, so the
-precedence flags > environment > file > defaults falls out of click. Forwards come as spec strings
-(``forwards = ["tcp://:80=web/frontend:http"]``) and/or ``[[forward]]`` tables whose option
-keys are folded into one canonical spec string and parsed now, so a bad forward is reported
-with its file position at load time rather than at bind time.
+Top-level keys are the global flag names without dashes (``drain-timeout = "30s"``). The
+CLI checks each value as its flag's would be (``convert``: a duration, a whole number, a
+CIDR...), so a bad one is reported with its key and line, then feeds the values to click as
+defaults: the precedence flags > environment > file > defaults falls out of click. Forwards
+come as spec strings (``forwards = ["tcp://:80=web/frontend:http"]``) and/or ``[[forward]]``
+tables whose option keys are folded into one canonical spec string and parsed now, so a bad
+forward is reported with its file position at load time rather than at bind time.
 
 tomllib reports no positions for valid documents, so errors about unknown keys find their
 line by scanning the text (``_Locator``): good enough for the files people write by hand.

@@ -228,7 +228,7 @@ class Daemon:
                  len(self.forwards) - len(started), len(started), len(removed))
 
     def _replace(self, old: ForwardRuntime, successors: list[ForwardRuntime]) -> None:
-        if not any(not s.target.resolved for s in successors):
+        if all(s.target.resolved for s in successors):
             self._drain_in_background(old)
             return
 

@@ -115,15 +115,20 @@ class Relay:
         self._arm()
 
     # -- timers ---------------------------------------------------------------------------
+    def _fin_deadline(self) -> float | None:
+        if not (self.fin_since and self.timeouts.fin):
+            return None
+        # Silence while half-closed, like HAProxy's client-fin/server-fin: a download to a
+        # client that half-closed after its request runs as long as it moves.
+        return max(self.fin_since, self.last_activity) + self.timeouts.fin
+
     def _deadline(self) -> float | None:
-        deadlines = []
-        if self.timeouts.idle:
-            deadlines.append(self.last_activity + self.timeouts.idle)
-        if self.fin_since and self.timeouts.fin:
-            # Silence while half-closed, like HAProxy's client-fin/server-fin: a download
-            # to a client that half-closed after its request runs as long as it moves.
-            deadlines.append(max(self.fin_since, self.last_activity) + self.timeouts.fin)
-        return min(deadlines) if deadlines else None
+        # Runs at every connection's start and half-close: plain comparisons, no list.
+        fin = self._fin_deadline()
+        if not self.timeouts.idle:
+            return fin
+        idle = self.last_activity + self.timeouts.idle
+        return idle if fin is None or idle < fin else fin
 
     def _arm(self) -> None:
         deadlines = self.setup.deadlines
@@ -143,10 +148,8 @@ class Relay:
         if deadline is None or now < deadline or self._kernel_queues_moved():
             self._arm()  # traffic moved the deadline: one timer, re-armed lazily
             return
-        fin = self.timeouts.fin
-        expired_fin = self.fin_since and fin and now >= max(self.fin_since,
-                                                             self.last_activity) + fin
-        self.result = "fin_timeout" if expired_fin else "idle_timeout"
+        fin = self._fin_deadline()
+        self.result = "fin_timeout" if fin is not None and now >= fin else "idle_timeout"
         self.abort(None)
 
     def _kernel_queues_moved(self) -> bool:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from portproxy.metrics import Counter
 from portproxy.pump import COPY_CHUNK, CopyDirection, Direction
+from portproxy.sockets import RESOURCE_ERRNOS
 
 if TYPE_CHECKING:
     from portproxy.relay import Relay
@@ -31,8 +32,6 @@ PIPE_SIZE = 256 * 1024
 SPLICE_AFTER = 64 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-#: pipe2() failures that are this process's or the host's limits, not the connection's.
-_NO_PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class Pipe:
@@ -92,7 +91,7 @@ class SpliceDirection(Direction):
             try:
                 pipe = POOL.acquire()
             except OSError as exc:
-                if exc.errno not in _NO_PIPE_ERRNOS:
+                if exc.errno not in RESOURCE_ERRNOS:  # the process's limits, not the socket's
                     raise
                 self._copy_instead()
                 return -1

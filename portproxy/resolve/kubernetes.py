@@ -84,13 +84,24 @@ class KubeSettings:
         return Backoff(self.backoff_initial, self.backoff_max)
 
 
+def config_source(settings: KubeSettings) -> tuple[bool, str]:
+    """Where the client configuration comes from: ``(True, service account dir)`` in a
+    pod (its token mounted, KUBERNETES_SERVICE_HOST set, no kubeconfig or context given),
+    else ``(False, kubeconfig path)``: ``--kubeconfig``, else KUBECONFIG, else
+    ~/.kube/config (KUBECONFIG may list several files, separated by ':')."""
+    sa_dir = settings.serviceaccount_dir
+    if (os.path.isfile(os.path.join(sa_dir, "token"))
+            and os.environ.get("KUBERNETES_SERVICE_HOST")
+            and settings.kubeconfig is None and settings.context is None):
+        return True, sa_dir
+    return False, settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+
+
 def _load_configuration(settings: KubeSettings) -> client.Configuration:
     configuration = client.Configuration()
+    in_cluster, path = config_source(settings)
     sa_dir = settings.serviceaccount_dir
     token = os.path.join(sa_dir, "token")
-    in_cluster = (os.path.isfile(token) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-                  and settings.kubeconfig is None and settings.context is None)
-    path = settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
         if in_cluster:
             # Re-reads the token file every minute: bound service account tokens rotate.
