@@ -262,6 +262,15 @@ class TcpForwarder:
         if err in RESOURCE_ERRNOS:  # ours, not the endpoint's fault
             self._resource_backoff(err, "connect")
             return
+        if err == errno.EADDRNOTAVAIL:
+            # No ephemeral port left toward this endpoint (ports are taken per destination,
+            # so the next endpoint may still have some). A local limit: the endpoint is not
+            # benched as failing, and the log says what to change.
+            log.error("forward %s: no free local port to connect to backend %s (ephemeral "
+                      "ports exhausted: widen net.ipv4.ip_local_port_range or enable "
+                      "net.ipv4.tcp_tw_reuse)", self.name, endpoint,
+                      extra={"forward": self.name, "endpoint": str(endpoint)})
+            return
         self.target.health.failed(endpoint)
         reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
         log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,

@@ -47,6 +47,7 @@ from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
 from portproxy.udp_flow import (
+    NO_LOCAL_PORT_ERRNOS,
     REPLY_BATCH,
     Client,
     Flow,
@@ -256,8 +257,13 @@ class UdpForwarder:
             return None
         try:
             connected = connect_first(candidates[:CONNECT_ATTEMPTS])
-        except OSError:  # out of file descriptors or memory: a flood; shed it
+        except OSError as exc:  # out of descriptors, memory or local ports: a flood; shed it
             self.count.overload.inc()
+            hint = ("widen net.ipv4.ip_local_port_range or lower max-flows"
+                    if exc.errno in NO_LOCAL_PORT_ERRNOS else "raise the file descriptor limit"
+                    " or lower max-flows")
+            log.error("forward %s: no socket for a new flow (%s): %s", self.name,
+                      exc.strerror or exc, hint, extra={"forward": self.name})
             return None
         if connected is None:
             self.count.error.inc()

@@ -291,10 +291,16 @@ def table_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     return loop.time
 
 
+#: What ``connect`` on a UDP socket fails with when no ephemeral port is left to bind it to:
+#: EAGAIN from the kernel's autobind, EADDRNOTAVAIL as for TCP.
+NO_LOCAL_PORT_ERRNOS = frozenset({errno.EAGAIN, errno.EADDRNOTAVAIL})
+
+
 def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoint] | None:
     """A non-blocking UDP socket connected to the first endpoint that accepts ``connect``
     (UDP has no handshake: this only fails for local reasons such as no route). ``None`` when
-    none did; ``OSError`` when no socket can be created at all (out of descriptors)."""
+    none did; ``OSError`` when no socket can be created at all (out of descriptors) or no
+    local port is left for it (``NO_LOCAL_PORT_ERRNOS``)."""
     for endpoint in endpoints:
         try:
             # Non-blocking from the start: saves the ioctl that setblocking(False) costs.
@@ -308,8 +314,10 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FLOW_BUFFER)
             enable_drop_count(sock)
             sock.connect((endpoint.host, endpoint.port))
-        except OSError:
+        except OSError as exc:
             sock.close()
+            if exc.errno in NO_LOCAL_PORT_ERRNOS:
+                raise  # the same for every endpoint: UDP's ephemeral ports are not per peer
             continue
         return sock, endpoint
     return None

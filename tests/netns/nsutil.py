@@ -35,6 +35,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 """Put on PYTHONPATH of processes in the namespace, so they import this checkout."""
 
 NAME_PREFIX = "ppxt-"
+
+#: A UDP backend for ``popen_python``: answers each datagram on 127.0.0.1:9000 with
+#: ``re:`` + the datagram, and prints "ready" once bound.
+UDP_REPLY_BACKEND = """
+import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 9000))
+print("ready", flush=True)
+while True:
+    data, source = sock.recvfrom(2048)
+    sock.sendto(b"re:" + data, source)
+"""
 _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)-\d+$")
 _counter = itertools.count()
 

@@ -14,16 +14,6 @@ import pytest
 
 from tests.netns import nsutil
 
-BACKEND = """
-import socket
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("127.0.0.1", 9000))
-print("ready", flush=True)
-while True:
-    data, source = sock.recvfrom(2048)
-    sock.sendto(b"re:" + data, source)
-"""
-
 CLIENT = """
 import json, socket, time
 answers = {}
@@ -49,7 +39,7 @@ print(json.dumps(answers))
 def test_a_broadcast_query_is_answered_from_the_unicast_address(
         netns: nsutil.NetNamespace, listen: str) -> None:
     netns.ip("addr", "add", "10.88.0.1/24", "brd", "10.88.0.255", "dev", "lo")
-    backend = netns.popen_python(BACKEND)
+    backend = netns.popen_python(nsutil.UDP_REPLY_BACKEND)
     backend.expect_line(lambda line: line == "ready")
     netns.portproxy("run", "-f", f"udp://{listen}5300=127.0.0.1:9000", "--admin-address",
                     "none")
