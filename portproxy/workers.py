@@ -68,7 +68,7 @@ class MergedRegistry(Registry):
     def render(self) -> str:
         merged = ProxyMetrics()
         merged.registry.add_snapshot(self.supervisor.metrics.registry.snapshot())
-        merged.registry.add_snapshot(self.supervisor.retired, gauges=False)
+        merged.registry.add_snapshot(self.supervisor.retired.snapshot(), gauges=False)
         info = "portproxy_build_info"
         for worker in self.supervisor.workers:
             merged.registry.add_snapshot(worker.stats, skip=(info,))
@@ -87,7 +87,9 @@ class Supervisor:
         self.sources = ForwardSources(settings.forwards)
         self.targets: dict[Forward, TargetState] = {}
         self.workers = [WorkerHandle(i) for i in range(settings.workers)]
-        self.retired: list[Any] = []
+        self.retired = ProxyMetrics().registry
+        """The counters of workers that exited, summed (so restarts never make a counter go
+        backwards), one series each however often workers restart."""
         self.stopping = False
         self._stop = asyncio.Event()
         self._signals = 0
@@ -154,7 +156,7 @@ class Supervisor:
         assert worker.link is not None
         worker.link.sock.close()
         worker.link = None
-        self.retired.extend(worker.stats)  # keep counters monotonic across restarts
+        self.retired.add_snapshot(worker.stats, gauges=False)
         worker.stats, worker.statuses = [], []
         if self.stopping:
             return
@@ -213,6 +215,9 @@ class Supervisor:
             self._resolving.pop(forward).cancel()
             if forward.name not in names:  # the workers forget theirs once drained
                 self.metrics.registry.forget("forward", forward.name)
+                # Dead workers' share goes now: while live workers drain the forward, its
+                # counters may drop by that share (a reset, to Prometheus), then vanish.
+                self.retired.forget("forward", forward.name)
         self._broadcast("settings", self.settings)
         for forward, state in added.items():
             self.targets[forward] = state

@@ -76,8 +76,8 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
         for i in range(20):
             assert exchange(port, b"after %d" % i) == b"after %d" % i
         # Counters of the dead worker are kept: the sum never goes backwards.
-        assert metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
-                      f'{port}",result="ok"}}') >= 40
+        wait_for(lambda: metric(admin, 'portproxy_connections_total{forward="tcp/127.0.0.1:'
+                                f'{port}",result="ok"}}') == 60, what="60 counted")
 
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"x")
@@ -89,6 +89,43 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
         held.close()
         assert proc.wait(20) == 0
         assert "all workers stopped" in proc.output
+    finally:
+        proc.stop()
+
+
+def series_of(admin: int, name: str) -> list[str]:
+    """The /metrics lines of forward ``name``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return [line for line in text.splitlines() if f'forward="{name}"' in line]
+
+
+def test_a_removed_forward_leaves_metrics_after_a_worker_restart(backend: EchoServer,
+                                                                  tmp_path) -> None:
+    kept, removed, admin = free_port(), free_port(), free_port()
+    def spec(port: int) -> str:
+        return f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'admin-address = "127.0.0.1:{admin}"\n'
+                      f'forwards = ["{spec(kept)}", "{spec(removed)}"]\n')
+    proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config)])
+    name = f"tcp/127.0.0.1:{removed}"
+    try:
+        pids = two_workers_up(proc, removed)
+        for i in range(10):
+            assert exchange(removed, b"x %d" % i) == b"x %d" % i
+        counted = f'portproxy_connections_total{{forward="{name}",result="ok"}}'
+        wait_for(lambda: metric(admin, counted) == 10, what="10 counted")
+        os.kill(pids[0], signal.SIGKILL)  # its counters now live on in the supervisor
+        wait_for(lambda: proc.worker_pids().get(0, pids[0]) != pids[0],
+                 what="worker 0 to be restarted")
+        wait_for(lambda: metric(admin, counted) == 10, what="the dead worker's share kept")
+        config.write_text(f'admin-address = "127.0.0.1:{admin}"\n'
+                          f'forwards = ["{spec(kept)}"]\n')
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: series_of(admin, name) == [], what=f"{name} to leave /metrics")
+        assert series_of(admin, f"tcp/127.0.0.1:{kept}") != []
     finally:
         proc.stop()
 
