@@ -70,10 +70,13 @@ class MergedRegistry(Registry):
         merged.registry.add_snapshot(self.supervisor.metrics.registry.snapshot())
         merged.registry.add_snapshot(self.supervisor.retired.snapshot(), gauges=False)
         info = "portproxy_build_info"
+        # Not summed: every worker has the same build, and learns the same endpoints from
+        # the supervisor, whose own count is already in.
+        same_in_every_worker = (info, "portproxy_endpoints")
         for worker in self.supervisor.workers:
-            merged.registry.add_snapshot(worker.stats, skip=(info,))
+            merged.registry.add_snapshot(worker.stats, skip=same_in_every_worker)
             for name, values, _ in worker.stats:
-                if name == info:  # the same build in every worker: one series, not a sum
+                if name == info:  # one series, not a sum
                     merged.build_info.labels(*values).set(1)
         return merged.registry.render()
 

@@ -67,6 +67,8 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
                                 f'{port}",result="ok"}}') == 40, what="summed counters")
         info = metric(admin, "portproxy_build_info")
         assert info == 1
+        # One endpoint, known to the supervisor and to each worker: reported once.
+        assert metric(admin, "portproxy_endpoints{") == 1
 
         os.kill(pids[0], signal.SIGKILL)  # a crashed worker is restarted
         proc.wait_for_line("worker 0 exited")
