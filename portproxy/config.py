@@ -5,7 +5,7 @@ The CLI builds it (flags > environment > config file > defaults); the daemon onl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from portproxy.spec import Forward, ForwardOptions
 
@@ -39,3 +39,31 @@ class Settings:
     """The global --KEY option defaults, for forwards created later (ConfigMap entries)."""
     log_level: str = "info"
     log_format: str = "text"
+
+
+#: Settings read once at start, by field, with the flag (and config-file key) that sets them.
+#: A reload applies the rest: the forwards (with the option defaults), max-conns and the
+#: drain timeout.
+RESTART_ONLY: dict[str, str] = {
+    "use_splice": "no-splice",
+    "admin_address": "admin-address",
+    "access_log": "access-log",
+    "workers": "workers",
+    "kubeconfig": "kubeconfig",
+    "kube_context": "context",
+    "node_name": "node-name",
+    "create_interface": "create-interface",
+    "interface_addresses": "address",
+    "tcp_services_configmap": "tcp-services-configmap",
+    "udp_services_configmap": "udp-services-configmap",
+    "log_level": "log-level",
+    "log_format": "log-format",
+}
+
+
+def keep_restart_only(running: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """``new`` with every restart-only setting put back to its ``running`` value, and the
+    flags of those that differed (what a reload must say it did not apply)."""
+    changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name)]
+    kept = replace(new, **{name: getattr(running, name) for name in RESTART_ONLY})
+    return kept, [RESTART_ONLY[name] for name in changed]

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from portproxy.admin import AdminServer
-from portproxy.config import Settings
+from portproxy.config import Settings, keep_restart_only
 from portproxy.configmap import ForwardSources, configmap_refs
 from portproxy.configmap_watch import follow_configmap
 from portproxy.connect import Address
@@ -50,14 +50,27 @@ def choose_pump(use_splice: bool) -> str:
     return "splice" if ok else "copy"
 
 
-def reloaded(reloader: Reloader, sources: ForwardSources) -> Settings | None:
+def reloaded(reloader: Reloader | None, sources: ForwardSources,
+             running: Settings) -> Settings | None:
     """The configuration read again (SIGHUP) plus the ConfigMap forwards, or None when the
-    file is broken (said in the log; the running configuration stays)."""
+    file is broken or there is none (said in the log; the running configuration stays).
+    Settings only read at start keep their ``running`` values, and a change to them is
+    logged."""
+    if reloader is None:
+        # Handled rather than left to the default action, which ends the process at once:
+        # a habitual `kill -HUP` must not cut every connection.
+        log.warning("SIGHUP ignored: the forwards come from flags, with nothing to re-read "
+                    "(reloading needs --config FILE)")
+        return None
     try:
         new = reloader()
     except PortproxyError as exc:
         log.error("reload rejected, keeping the running configuration: %s", exc)
         return None
+    new, ignored = keep_restart_only(running, new)
+    if ignored:
+        log.warning("reload: %s changed, which takes effect only at a restart; the running "
+                    "value%s kept", ", ".join(ignored), " is" if len(ignored) == 1 else "s are")
     sources.static = new.forwards
     return replace(new, forwards=sources.desired())
 
@@ -168,12 +181,10 @@ class Daemon:
 
     def install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
-        handled = [signal.SIGTERM, signal.SIGINT]
+        handled = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        if self.reloader is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            handled.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
         def remove() -> None:
             for sig in handled:
@@ -182,8 +193,7 @@ class Daemon:
 
     # -- reload ---------------------------------------------------------------------------
     def request_reload(self) -> None:
-        assert self.reloader is not None
-        new = reloaded(self.reloader, self.sources)
+        new = reloaded(self.reloader, self.sources, self.settings)
         if new is not None:
             self.apply(new)
 

@@ -195,8 +195,7 @@ class Supervisor:
                                         signal.SIGINT)
 
     def _on_hup(self) -> None:
-        assert self.reloader is not None
-        new = reloaded(self.reloader, self.sources)
+        new = reloaded(self.reloader, self.sources, self.settings)
         if new is not None:
             self._apply(new)
 
@@ -266,8 +265,7 @@ class Supervisor:
         admin = await self._start_admin()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        if self.reloader is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         assert self._group is not None
         for ref in configmap_refs(self.settings):
             self._watches.append(self._group.create_task(follow_configmap(

@@ -563,3 +563,51 @@ def test_legacy_in_cluster_needs_the_mounted_token(
     write(tmp_path / "kc", "apiVersion: v1\n")
     assert _cluster_config_available(f"{tmp_path / 'nope'}:{tmp_path / 'kc'}", "prod",
                                      serviceaccount_dir=sa_dir)
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_sighup_without_a_config_file_is_ignored_not_fatal(
+        backend: EchoServer, extra: list[str]) -> None:
+    port = free_port()
+    proc = PortproxyProcess(["run", *extra, "-f", f"tcp://127.0.0.1:{port}=127.0.0.1:"
+                             f"{backend.port}", "--admin-address", "none"])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"before")
+        assert held.recv(6) == b"before"
+        proc.signal(signal.SIGHUP)  # the default action would end the process, and `held`
+        proc.wait_for_line("SIGHUP ignored")
+        held.sendall(b"after")
+        assert held.recv(5) == b"after"
+        held.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_a_reload_says_which_settings_wait_for_a_restart(
+        backend: EchoServer, tmp_path: Path, extra: list[str]) -> None:
+    first, second, admin, other_admin = free_port(), free_port(), free_port(), free_port()
+
+    def spec(port: int) -> str:
+        return f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"
+    config = write(tmp_path / "c.toml", f'admin-address = "127.0.0.1:{admin}"\n'
+                   f'forwards = ["{spec(first)}"]\n')
+    proc = PortproxyProcess(["run", *extra, "--config", str(config)])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{first}")
+        write(config, f'admin-address = "127.0.0.1:{other_admin}"\nlog-format = "json"\n'
+              f'forwards = ["{spec(first)}", "{spec(second)}"]\n')
+        proc.signal(signal.SIGHUP)
+        line = proc.wait_for_line("takes effect only at a restart")
+        assert "admin-address, log-format changed" in line
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{second}")  # the forwards did change
+        names = {f["name"] for f in admin_json(admin, "/forwards")}  # type: ignore[union-attr]
+        assert names == {f"tcp/127.0.0.1:{first}", f"tcp/127.0.0.1:{second}"}
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
+from portproxy.config import RESTART_ONLY, Settings, keep_restart_only
 from portproxy.configfile import ConfigFile, load_config_file, parse_config_text
 from portproxy.errors import ConfigError
 from portproxy.spec import parse_forward
@@ -252,3 +254,16 @@ def test_convert_checks_settings_and_its_errors_get_key_line() -> None:
                           convert=convert)
     assert str(info.value) == ("config file c.toml, line 3: workers: expected a whole number, "
                                "got 2.7")
+
+
+def test_every_setting_is_either_reloaded_or_restart_only() -> None:
+    # A new setting must be classified: otherwise a reload would apply it halfway (read by
+    # code built after the reload) or drop it without a word.
+    reloaded = {"forwards", "drain_timeout", "max_conns", "forward_defaults", "config_file"}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert fields == reloaded | set(RESTART_ONLY)
+    running = Settings(forwards=(), admin_address=("", 1), max_conns=5)
+    new = Settings(forwards=(), admin_address=("", 2), max_conns=9, log_level="debug")
+    kept, ignored = keep_restart_only(running, new)
+    assert ignored == ["admin-address", "log-level"]
+    assert (kept.admin_address, kept.log_level, kept.max_conns) == (("", 1), "info", 9)
