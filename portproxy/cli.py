@@ -203,7 +203,8 @@ forward_options = _options(
                  help="Default bound on a half-closed TCP connection; 0 disables."),
     click.option("--max-flows", type=Count(0), envvar=env("max-flows"),
                  default=10000, show_default=True,
-                 help="Default UDP flows per forward (least recently used evicted)."),
+                 help="Default UDP flows per forward (least recently used evicted); "
+                      "0 = unlimited."),
     click.option("--responses", type=Count(0), envvar=env("responses"), default=0,
                  show_default=True,
                  help="Default UDP replies per client datagram after which a flow ends "
@@ -213,9 +214,15 @@ forward_options = _options(
                  help="Default PROXY protocol header sent to backends."),
     click.option("--allow", envvar=env("allow"), default=None, metavar="CIDR[;CIDR...]",
                  help="Default client allowlist (empty admits everyone)."),
+    click.option("--wait-interface", is_flag=True, envvar=env("wait-interface"),
+                 help="Default for interface listen addresses: the interface may appear "
+                      "later."),
+    click.option("--freebind", is_flag=True, envvar=env("freebind"),
+                 help="Default for IP listen addresses: bind one this host does not have "
+                      "yet (IP_FREEBIND)."),
     click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar=env("kubeconfig"),
-                 help="kubeconfig file when not running in a cluster [KUBECONFIG, "
-                      "~/.kube/config]."),
+                 help="kubeconfig file; given (or --context), it is used even in a pod, "
+                      "instead of the service account [KUBECONFIG, ~/.kube/config]."),
     click.option("--context", "kube_context", envvar=env("context"),
                  help="kubeconfig context to use."),
     click.option("--node-name", envvar=[env("node-name"), "NODE_NAME"],
@@ -353,7 +360,8 @@ def run(ctx: click.Context, /, **params: Any) -> None:
 @main.command()
 @forward_options
 @daemon_options
-@click.option("--offline", is_flag=True, help="Parse and bind-test only; resolve nothing.")
+@click.option("--offline", is_flag=True, envvar=env("offline"),
+              help="Parse and bind-test only; resolve nothing.")
 def check(**params: Any) -> None:
     """Parse, bind-test and resolve every forward once; print a table.
 

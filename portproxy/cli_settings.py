@@ -34,7 +34,8 @@ def default_options(params: dict[str, Any]) -> ForwardOptions:
         responses=base.responses,
         proxy_protocol=base.proxy_protocol, allow=base.allow,
         connect_timeout=params["connect_timeout"], idle_timeout=params["idle_timeout"],
-        fin_timeout=params["fin_timeout"],
+        fin_timeout=params["fin_timeout"], wait_interface=params["wait_interface"],
+        freebind=params["freebind"],
     )
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from portproxy.endpoints import BalancePolicy
 from portproxy.errors import ConfigError
@@ -371,8 +371,9 @@ def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
     pairs = _split_options(option_parts)
     values = option_values(pairs)
     _check_applicable(pairs.keys(), protocols, target)
+    defaults = _where_applicable(defaults, protocols, listen)
     options = replace(defaults, **values)  # type: ignore[arg-type]
-    _check_consistency(protocols, listen, target, options)
+    _check_consistency(protocols, listen, target, options, explicit=pairs.keys())
     return Forward(stripped, protocols, listen, target, options)
 
 
@@ -381,6 +382,21 @@ def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
 #: rejected; the global ``--KEY`` defaults apply wherever they can and are never an error.
 _TCP_ONLY = ("connect-timeout", "fin-timeout", "max-conns")
 _UDP_ONLY = ("max-flows", "responses")
+
+
+def _where_applicable(defaults: ForwardOptions, protocols: tuple[Protocol, ...],
+                      listen: ListenAddress) -> ForwardOptions:
+    """The global defaults apply where they can: dropped where a spec would be an error."""
+    changes: dict[str, Any] = {}
+    if defaults.proxy_protocol is ProxyProtocol.V1 and Protocol.TCP not in protocols:
+        # UDP has no v1. A tcp+udp forward keeps it for its TCP side (the UDP engine only
+        # ever sends v2).
+        changes["proxy_protocol"] = None
+    if defaults.wait_interface and listen.kind != "interface":
+        changes["wait_interface"] = False
+    if defaults.freebind and listen.kind != "ip":
+        changes["freebind"] = False
+    return replace(defaults, **changes) if changes else defaults
 
 
 def _check_applicable(keys: Iterable[str], protocols: tuple[Protocol, ...],
@@ -397,9 +413,10 @@ def _check_applicable(keys: Iterable[str], protocols: tuple[Protocol, ...],
 
 def _check_consistency(
     protocols: tuple[Protocol, ...], listen: ListenAddress, target: Target,
-    options: ForwardOptions,
+    options: ForwardOptions, explicit: Iterable[str],
 ) -> None:
-    if options.proxy_protocol is ProxyProtocol.V1 and Protocol.UDP in protocols:
+    if (options.proxy_protocol is ProxyProtocol.V1 and Protocol.UDP in protocols
+            and "proxy-protocol" in explicit):
         raise InvalidPart("proxy-protocol=v1 is TCP only; UDP forwards can use v2")
     if options.wait_interface and listen.kind != "interface":
         raise InvalidPart("wait-interface only applies to an interface listen address")

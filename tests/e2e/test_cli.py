@@ -204,3 +204,34 @@ def test_duration_flag_too_large_for_a_float_exits_2() -> None:
                       "--idle-timeout", "9" * 400])
     assert result.returncode == 2, result.stderr
     assert "'--idle-timeout'" in result.stderr and "too large" in result.stderr
+
+
+@pytest.mark.parametrize("way", ["flag", "env"])
+def test_global_wait_interface_reaches_interface_forwards_only(way: str) -> None:
+    specs = ["-f", f"tcp://ppxnone0:{free_port()}=127.0.0.1:1",
+             "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1"]
+    without = run_cli(["check", "--offline", *specs])
+    assert without.returncode == 3 and "add wait-interface" in without.stdout, without.stdout
+    args, env = (["--wait-interface"], {}) if way == "flag" else \
+        ([], {"PORTPROXY_WAIT_INTERFACE": "1"})
+    result = run_cli(["check", "--offline", *args, *specs], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_global_freebind_binds_an_address_this_host_lacks() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: no host has it. IPv4 forwards only; an all-addresses
+    # forward beside it takes no freebind (and is no error).
+    specs = ["-f", f"tcp://192.0.2.7:{free_port()}=127.0.0.1:1",
+             "-f", f"tcp://:{free_port()}=127.0.0.1:1"]
+    without = run_cli(["check", "--offline", *specs])
+    assert without.returncode == 3, without.stdout + without.stderr
+    result = run_cli(["check", "--offline", "--freebind", *specs])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_portproxy_offline_is_read_from_the_environment() -> None:
+    # A Service target with --offline is not resolved, so no cluster is needed.
+    spec = f"tcp://127.0.0.1:{free_port()}=ns/svc:80"
+    result = run_cli(["check", "-f", spec], env={"PORTPROXY_OFFLINE": "1",
+                                                  "KUBECONFIG": "/nonexistent"})
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -15,27 +14,13 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
+from tests.net.harness import free_tcp_udp_port
 
 ANSWER = "192.0.2.1"  # TEST-NET-1: what dnsmasq answers for example.test
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dig") is None or shutil.which("dnsmasq") is None,
     reason="needs dig (Debian package dnsutils) and dnsmasq (dnsmasq-base)")
-
-
-def free_tcp_udp_port() -> int:
-    """A loopback port free for both TCP and UDP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both TCP and UDP")
 
 
 def dig(server: str, port: int, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import pytest
 from portproxy.cli import legacy_spec
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess, run_cli
-from tests.net.harness import EchoServer, free_port, recv_all
+from tests.net.harness import EchoServer, free_port, free_tcp_udp_port, recv_all
 
 
 def test_check_offline_prints_a_table_and_passes() -> None:
@@ -611,3 +611,38 @@ def test_a_reload_says_which_settings_wait_for_a_restart(
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+def test_a_global_proxy_protocol_v1_heads_tcp_only(tmp_path: Path) -> None:
+    """`--proxy-protocol v1` beside UDP: the TCP side gets the header, UDP none (it has no v1),
+    and that is no error."""
+    backend_port, port = free_tcp_udp_port(), free_tcp_udp_port()
+    tcp_backend = socket.create_server(("127.0.0.1", backend_port))
+    udp_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_backend.bind(("127.0.0.1", backend_port))
+    udp_backend.settimeout(10)
+    tcp_backend.settimeout(10)
+    proc = PortproxyProcess(["run", "--proxy-protocol", "v1", "--admin-address", "none",
+                             "-f", f"tcp+udp://127.0.0.1:{port}=127.0.0.1:{backend_port}"])
+    try:
+        proc.wait_for_line(f"listening on udp 127.0.0.1:{port}")
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"over tcp")
+            client.shutdown(socket.SHUT_WR)
+            upstream, _ = tcp_backend.accept()
+            with upstream:
+                upstream.settimeout(10)
+                received = recv_all(upstream)
+            source = client.getsockname()[1]
+        assert received == (f"PROXY TCP4 127.0.0.1 127.0.0.1 {source} {port}\r\n"
+                            "over tcp").encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"over udp", ("127.0.0.1", port))
+            assert udp_backend.recvfrom(2048)[0] == b"over udp"  # no header at all
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+        tcp_backend.close()
+        udp_backend.close()

@@ -182,6 +182,21 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return port
 
 
+def free_tcp_udp_port() -> int:
+    """A loopback port free for both TCP and UDP right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
 def assert_closed_by_proxy(host: str, port: int, source: str | None = None) -> None:
     """Connect and expect the proxy to close at once: EOF, or a reset (even during connect,
     since the RST may beat the client's own check of the handshake)."""

@@ -179,3 +179,29 @@ def test_an_ipv4_mapped_allow_entry_means_its_ipv4_network() -> None:
     assert forward.options.allow == (ipaddress.ip_network("10.0.0.0/8"),
                                      ipaddress.ip_network("192.0.2.7/32"),
                                      ipaddress.ip_network("fd00::/8"))
+
+
+def test_global_switches_apply_where_they_can() -> None:
+    defaults = ForwardOptions(wait_interface=True, freebind=True)
+    on_interface = parse_forward("tcp://eth0:80=a:1", defaults).options
+    on_ip = parse_forward("tcp://10.0.0.1:80=a:1", defaults).options
+    on_all = parse_forward("80=a:1", defaults).options
+    assert (on_interface.wait_interface, on_interface.freebind) == (True, False)
+    assert (on_ip.wait_interface, on_ip.freebind) == (False, True)
+    assert (on_all.wait_interface, on_all.freebind) == (False, False)
+    with pytest.raises(ConfigError, match="freebind only applies to an IP listen address"):
+        parse_forward("tcp://eth0:80=a:1,freebind", defaults)
+
+
+def test_a_global_proxy_protocol_v1_applies_where_it_can() -> None:
+    # `--proxy-protocol v1` beside a UDP forward is no error: UDP has no v1, so the UDP-only
+    # forward goes without, and a tcp+udp forward keeps it for its TCP side.
+    defaults = ForwardOptions(proxy_protocol=ProxyProtocol.V1)
+    assert parse_forward("udp://:53=a:53", defaults).options.proxy_protocol is None
+    assert parse_forward("tcp://:53=a:53", defaults).options.proxy_protocol is ProxyProtocol.V1
+    both = parse_forward("tcp+udp://:53=a:53", defaults)
+    assert both.options.proxy_protocol is ProxyProtocol.V1
+    v2 = parse_forward("udp://:53=a:53,proxy-protocol=v2", defaults)
+    assert v2.options.proxy_protocol is ProxyProtocol.V2
+    with pytest.raises(ConfigError, match="proxy-protocol=v1 is TCP only"):
+        parse_forward("tcp+udp://:53=a:53,proxy-protocol=v1", defaults)
