@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
 from typing import Protocol
 
 from portproxy.deadlines import Deadlines, Slot
@@ -97,7 +98,10 @@ class BackendConnect:
             return
         self.sock = sock
         tune_stream(sock)
-        self.started = now = engine.loop.time()
+        now = engine.loop.time()
+        # Not the loop's clock: uvloop's is cached to the millisecond, which would put every
+        # loopback connect into the histogram's first bucket as 0.
+        self.started = time.monotonic()
         err = sock.connect_ex((endpoint.host, endpoint.port))
         if err == 0:
             engine.on_connected(self)

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from portproxy.connect import Address, BackendConnect, client_ip, reset_close
@@ -288,7 +289,7 @@ class TcpForwarder:
         self.pending.discard(attempt)
         upstream, endpoint = attempt.sock, attempt.endpoint
         assert upstream is not None and endpoint is not None
-        self.h_connect.observe(self.loop.time() - attempt.started)
+        self.h_connect.observe(time.monotonic() - attempt.started)
         self.target.health.succeeded(endpoint)
         client = attempt.client
         if self.proxy_header is not None and not self._send_header(client, upstream,
