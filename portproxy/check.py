@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from portproxy.endpoints import EndpointSet
 from portproxy.errors import PortproxyError, ResolveError, SetupError
+from portproxy.listen_claims import ListenClaims
 from portproxy.resolve.dns import system_lookup
 from portproxy.sockets import BindRequest, bind_socket
 from portproxy.spec import Forward, HostTarget, Protocol, ServiceTarget
@@ -47,12 +48,27 @@ def listen_hosts(forward: Forward) -> list[str]:
     return interface_addresses(listen.host, listen.family)
 
 
-def bind_test(forward: Forward) -> None:
-    kinds = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
-    for host in listen_hosts(forward):
-        for protocol in forward.protocols:
-            bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
-                                    freebind=forward.options.freebind), forward.name).close()
+@dataclass
+class BindTest:
+    """Test-binds every forward's listeners, holding them until ``close`` so that two
+    forwards on one address clash as they would at ``run`` (``ListenClaims``)."""
+
+    claims: ListenClaims = field(default_factory=ListenClaims)
+    held: list[socket.socket] = field(default_factory=list)
+
+    def bind(self, forward: Forward) -> None:
+        kinds = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
+        for host in listen_hosts(forward):
+            for protocol in forward.protocols:
+                sock = bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
+                                               freebind=forward.options.freebind, listen=False),
+                                   forward.name)
+                self.held.append(sock)
+                self.claims.claim(sock, forward)
+
+    def close(self) -> None:
+        for sock in self.held:
+            sock.close()
 
 
 async def resolve_once(forward: Forward, kube: object | None) -> EndpointSet:
@@ -82,10 +98,11 @@ def _mode(forward: Forward) -> str:
     return "static" if forward.target.is_ip else "dns"
 
 
-async def check_forward(forward: Forward, offline: bool, kube: object | None) -> CheckRow:
+async def check_forward(forward: Forward, offline: bool, kube: object | None,
+                        binds: BindTest) -> CheckRow:
     status, endpoints = "ok", "-" if offline else ""
     try:
-        bind_test(forward)
+        binds.bind(forward)
         if not offline:
             found = await resolve_once(forward, kube)
             endpoints = ", ".join(str(e) for e in found.endpoints) or "none"

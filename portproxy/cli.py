@@ -383,7 +383,7 @@ def check(**params: Any) -> None:
 
 
 async def _check_all(settings: Settings, offline: bool) -> list[Any]:
-    from portproxy.check import check_forward
+    from portproxy.check import BindTest, check_forward
     from portproxy.spec import ServiceTarget
 
     kube = None
@@ -392,9 +392,11 @@ async def _check_all(settings: Settings, offline: bool) -> list[Any]:
 
         kube = KubeResolvers(KubeSettings(kubeconfig=settings.kubeconfig,
                                           context=settings.kube_context))
+    binds = BindTest()
     try:
-        return [await check_forward(f, offline, kube) for f in settings.forwards]
+        return [await check_forward(f, offline, kube, binds) for f in settings.forwards]
     finally:
+        binds.close()
         if kube is not None:
             await kube.close()
 

@@ -24,6 +24,7 @@ from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError
 from portproxy.forward_runtime import ForwardRuntime, Handover, status_of
 from portproxy.limits import SharedLimit
+from portproxy.listen_claims import ListenClaims
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_header
@@ -86,6 +87,8 @@ class Daemon:
         self.metrics.set_build(self.pump)
         self.direction_type = direction_type(self.pump == "splice")
         self.global_limit = SharedLimit(settings.max_conns)
+        self.claims = ListenClaims()
+        """Which forward holds each bound address (two may not, SO_REUSEPORT or not)."""
         self.access_log = AccessLog(settings.access_log)
         self.forwards: dict[Forward, ForwardRuntime] = {}
         self.admin: AdminServer | None = None
@@ -122,10 +125,10 @@ class Daemon:
             if Protocol.TCP in forward.protocols:
                 runtime.tcp = TcpForwarder(
                     forward, target, self.metrics, self.direction_type, self.global_limit,
-                    self._tcp_access if access else None, _proxy_header(forward))
+                    self._tcp_access if access else None, _proxy_header(forward), self.claims)
             if Protocol.UDP in forward.protocols:
                 runtime.udp = UdpForwarder(forward, target, self.metrics,
-                                           self._udp_access if access else None)
+                                           self._udp_access if access else None, self.claims)
             self._bind(runtime)
         except BaseException:
             runtime.stop_accepting()
@@ -216,6 +219,8 @@ class Daemon:
         removed = [r for f, r in self.forwards.items() if f not in wanted]
         added = [f for f in new.forwards if f not in self.forwards]
         started: list[ForwardRuntime] = []
+        leaving = {r.forward for r in removed} - self.claims.retiring
+        self.claims.retiring |= leaving  # their successors may bind beside them
         try:
             for forward in added:
                 started.append(self.build(forward))
@@ -223,6 +228,7 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s", exc)
             for runtime in started:
                 runtime.stop_accepting()
+            self.claims.retiring -= leaving
             return
         for runtime in started:
             self.start(runtime)
@@ -258,7 +264,9 @@ class Daemon:
         task.add_done_callback(self._drained)
 
     def _drained(self, task: asyncio.Task[None]) -> None:
-        name = self._draining.pop(task).forward.name
+        forward = self._draining.pop(task).forward
+        self.claims.retired(forward)
+        name = forward.name
         in_use = {r.forward.name for r in (*self.forwards.values(), *self._draining.values(),
                                            *self._handovers)}
         if name not in in_use:  # a changed forward keeps its name, and its series

@@ -14,6 +14,7 @@ from portproxy.connect import Address, BackendConnect, client_ip, reset_close
 from portproxy.deadlines import Deadlines
 from portproxy.endpoints import Endpoint
 from portproxy.limits import SharedLimit
+from portproxy.listen_claims import ListenClaims
 from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
@@ -55,8 +56,10 @@ class TcpForwarder:
         global_limit: SharedLimit | None = None,
         access_log: AccessLog | None = None,
         proxy_header: ProxyHeader | None = None,
+        claims: ListenClaims | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.claims = claims
         self.poller = poller_for(self.loop)
         self.deadlines = Deadlines(self.loop)
         self.forward = forward
@@ -112,6 +115,8 @@ class TcpForwarder:
             return
         sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind,
                                        listen=False), self.name)
+        if self.claims is not None:
+            self.claims.claim(sock, self.forward)
         self.waiting[host] = sock
         if self.target.resolved:
             self._listen_waiting()

@@ -39,6 +39,7 @@ import socket
 
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.flowtable import FlowLimits, FlowTable
+from portproxy.listen_claims import ListenClaims
 from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
@@ -91,8 +92,10 @@ class UdpForwarder:
     """Receives on one or more listening sockets of a forward and relays flows to its target."""
 
     def __init__(self, forward: Forward, target: TargetState, metrics: ProxyMetrics,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None,
+                 claims: ListenClaims | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.claims = claims
         self.forward = forward
         self.name = forward.name
         self.target = target
@@ -133,6 +136,8 @@ class UdpForwarder:
             return  # stopped: see TcpForwarder.add_listener
         request = BindRequest(host, self.forward.listen.port, socket.SOCK_DGRAM, freebind)
         sock = bind_socket(request, self.name)
+        if self.claims is not None:
+            self.claims.claim(sock, self.forward)
         wildcard = needs_pktinfo(sock)
         try:
             if wildcard:

@@ -649,3 +649,44 @@ def test_a_global_proxy_protocol_v1_heads_tcp_only(tmp_path: Path) -> None:
         proc.stop()
         tcp_backend.close()
         udp_backend.close()
+
+
+@pytest.mark.parametrize("first,second,first_name", [
+    ("lo:{}", "127.0.0.1:{}", "lo:{}"), ("{}", "[::]:{}", "*:{}")],
+    ids=["interface-and-ip", "all-and-ipv6-wildcard"])
+def test_two_forwards_on_one_bound_address_fail_the_start(
+        first: str, second: str, first_name: str) -> None:
+    # Different texts, one address: with SO_REUSEPORT the kernel would take both and split
+    # clients between their targets.
+    port = free_port()
+    specs = ["-f", f"tcp://{first.format(port)}=127.0.0.1:1",
+             "-f", f"tcp://{second.format(port)}=127.0.0.1:2"]
+    for command in (["run", "--admin-address", "none"], ["check", "--offline"]):
+        result = run_cli([*command, *specs], timeout=60)
+        output = result.stdout + result.stderr
+        assert result.returncode == 3, output
+        assert f"forward tcp/{second.format(port)}: tcp " in output, output
+        assert f"is already served by forward tcp/{first_name.format(port)}," in output
+
+
+def test_a_reload_may_move_a_forward_to_the_same_address_spelt_otherwise(
+        backend: EchoServer, tmp_path: Path) -> None:
+    port = free_port()
+    config = write(tmp_path / "c.toml", f'admin-address = "none"\nforwards = '
+                   f'["tcp://lo/ipv4:{port}=127.0.0.1:{backend.port}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config)])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
+        write(config, f'admin-address = "none"\nforwards = '
+              f'["tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"]\n')
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
+        proc.wait_for_line(f"forward tcp/127.0.0.1:{port}: listening on tcp 127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"moved")
+            assert client.recv(5) == b"moved"
+        assert "already served" not in proc.output
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
