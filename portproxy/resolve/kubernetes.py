@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -72,16 +72,11 @@ class KubeSettings:
     """Server-side timeoutSeconds of each watch. The client-side read timeout of a watch is
     this plus ``request_timeout``, so a stalled (black-holed) stream is noticed within
     70 s; re-opening an idle watch once a minute costs one cheap request per Service."""
-    backoff_initial: float = 0.5
-    """First retry delay in seconds after a failure; doubles per failure (with jitter)."""
-    backoff_max: float = 30.0
-    """Cap of the retry delay: an API outage is noticed within 30 s of its end."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Retry delays after a failure: 0.5 s doubling per failure (with jitter), capped at
+    30 s, so an API outage is noticed within 30 s of its end."""
     dns_interval: float = 30.0
     """Seconds between re-resolutions of an ExternalName Service's DNS name."""
-
-    @property
-    def backoff(self) -> Backoff:
-        return Backoff(self.backoff_initial, self.backoff_max)
 
 
 def config_source(settings: KubeSettings) -> tuple[bool, str]:

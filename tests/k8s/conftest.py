@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from portproxy.endpoints import EndpointSet
+from portproxy.resolve.kube_informer import Backoff
 from portproxy.resolve.kubernetes import KubeSettings
 from tests.k8s.fakeapi import FakeKube
 
@@ -49,7 +50,7 @@ def fast_settings(kubeconfig: Path | None, tmp_path: Path, **overrides: Any) -> 
         "kubeconfig": str(kubeconfig) if kubeconfig else None,
         "serviceaccount_dir": str(tmp_path / "no-serviceaccount"),
         "request_timeout": 1.0, "watch_timeout_seconds": 2,
-        "backoff_initial": 0.02, "backoff_max": 0.2, "dns_interval": 0.2,
+        "backoff": Backoff(0.02, 0.2), "dns_interval": 0.2,
     }
     values.update(overrides)
     return KubeSettings(**values)

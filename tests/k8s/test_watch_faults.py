@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from portproxy.metrics import ProxyMetrics
+from portproxy.resolve.kube_informer import Backoff
 from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
 from portproxy.spec import ServiceTarget, TargetMode
 from tests.k8s.conftest import (
@@ -281,14 +284,24 @@ def test_stream_cut_after_events_resumes_after_them_without_replay(fake, setting
     run_following(fake, settings, scenario)
 
 
+@dataclass(frozen=True, slots=True)
+class RecordingBackoff(Backoff):
+    """The real policy, noting the failure count of every delay the informer asks for."""
+
+    asked: list[int] = field(default_factory=list)
+
+    def delay(self, failures: int, rng: Callable[[], float] = random.random) -> float:
+        self.asked.append(failures)
+        return Backoff.delay(self, failures, rng)
+
+
 def test_streams_that_deliver_events_then_break_do_not_grow_the_backoff(tmp_path: Path) -> None:
-    # Backoff doubling from 50 ms with a 60 s cap. Had the failures kept counting across
-    # streams that each delivered an event, ten breaks would wait 25 s or more in all
-    # (jitter at most halves a wait); reset by every delivery, each waits about 50 ms. The
-    # 10 s deadline sits far from both, so machine load cannot decide the outcome.
+    # Each stream delivers one event, then breaks: the delivery proves the API healthy, so
+    # every retry is a first one (failure count 0), never the tenth of a streak.
+    backoff = RecordingBackoff(0.05, 60.0)
     with FakeKube().serving() as fake:
         settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path,
-                                 backoff_initial=0.05, backoff_max=60.0)
+                                 backoff=backoff)
 
         async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
             fake.cut_watches_after("endpointslices", 1)
@@ -296,10 +309,10 @@ def test_streams_that_deliver_events_then_break_do_not_grow_the_backoff(tmp_path
             for n in range(3, 13):  # ten changes, each delivered by its own broken stream
                 set_ready_at(fake, "10.1.0.1", f"10.1.0.{n}")
             await c.wait_for(lambda s: hosts(s) == ["10.1.0.1:8080", "10.1.0.12:8080"],
-                             timeout=10,
-                             what="ten changes through ten broken streams, no backoff")
+                             timeout=60, what="ten changes through ten broken streams")
             # The tenth stream breaks just after its event is published: poll for it.
             await poll(lambda: restarts(metrics) >= before + 10, what="a restart per break")
             assert fake.count("list", "endpointslices") == 1
 
         run_following(fake, settings, scenario)
+    assert len(backoff.asked) >= 10 and set(backoff.asked) == {0}, backoff.asked
