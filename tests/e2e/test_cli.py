@@ -119,7 +119,7 @@ def test_env_forwards_and_sigterm_drain(backend: EchoServer) -> None:
         proc.wait_for_line(f"listening on tcp 127.0.0.1:{port_b}")
         held = socket.create_connection(("127.0.0.1", port_a), timeout=10)
         held.sendall(b"before")
-        assert held.recv(6) == b"before"
+        assert held.recv(6, socket.MSG_WAITALL) == b"before"
         proc.signal(signal.SIGTERM)
         proc.wait_for_line("draining 1 open connection")
 

@@ -41,6 +41,16 @@ def start_limited(port: int, backend: EchoServer, admin: str
     return proc, lines
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, and SIGKILL if it has not ended at the deadline."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(20)
+
+
 def test_emfile_backs_off_and_recovers() -> None:
     backend = EchoServer()
     port, admin = free_port(), free_port()
@@ -77,8 +87,7 @@ def test_emfile_backs_off_and_recovers() -> None:
     finally:
         for client in clients:
             client.close()
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
         backend.close()
 
 
@@ -105,10 +114,7 @@ def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
     idle: list[socket.socket] = []
     try:
         live = socket.create_connection(("127.0.0.1", port), timeout=20)
-        got = b""
-        while len(got) < 5:
-            got += live.recv(5 - len(got))
-        assert got == b"hello"
+        assert live.recv(5, socket.MSG_WAITALL) == b"hello"
 
         def out_of_descriptors() -> bool:
             return any("failed (Too many open files); not accepting for" in line
@@ -131,6 +137,5 @@ def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
         go_bulk.set()
         for conn in idle:
             conn.close()
-        proc.terminate()
-        proc.wait(20)
+        stop(proc)
         backend.close()

@@ -155,7 +155,7 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
         sent = bytearray()
         for conn in (long_lived, on_dropped):
             conn.sendall(b"before reload")
-            assert conn.recv(13) == b"before reload"
+            assert conn.recv(13, socket.MSG_WAITALL) == b"before reload"
         sent += b"before reload"
 
         write(config, f'admin-address = "127.0.0.1:{admin}"\nforwards = ["{spec_keep}", '
@@ -165,7 +165,7 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
         proc.wait_for_line(f"listening on tcp 127.0.0.1:{new}")
         with socket.create_connection(("127.0.0.1", new), timeout=10) as fresh:
             fresh.sendall(b"new forward")
-            assert fresh.recv(11) == b"new forward"
+            assert fresh.recv(11, socket.MSG_WAITALL) == b"new forward"
 
         def drop_refused() -> bool:
             try:
@@ -175,7 +175,7 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
             return False
         wait_for(drop_refused, what="the removed forward to stop accepting")
         on_dropped.sendall(b"still draining")  # the removed forward's connection lives on
-        assert on_dropped.recv(14) == b"still draining"
+        assert on_dropped.recv(14, socket.MSG_WAITALL) == b"still draining"
         on_dropped.close()
 
         write(config, "forwards = [ this is not toml")
@@ -578,11 +578,11 @@ def test_sighup_without_a_config_file_is_ignored_not_fatal(
         proc.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"before")
-        assert held.recv(6) == b"before"
+        assert held.recv(6, socket.MSG_WAITALL) == b"before"
         proc.signal(signal.SIGHUP)  # the default action would end the process, and `held`
         proc.wait_for_line("SIGHUP ignored")
         held.sendall(b"after")
-        assert held.recv(5) == b"after"
+        assert held.recv(5, socket.MSG_WAITALL) == b"after"
         held.close()
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -684,7 +684,7 @@ def test_a_reload_may_move_a_forward_to_the_same_address_spelt_otherwise(
         proc.wait_for_line(f"forward tcp/127.0.0.1:{port}: listening on tcp 127.0.0.1:{port}")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"moved")
-            assert client.recv(5) == b"moved"
+            assert client.recv(5, socket.MSG_WAITALL) == b"moved"
         assert "already served" not in proc.output
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0

@@ -87,7 +87,7 @@ def test_two_workers_share_the_port_restart_and_drain(backend: EchoServer) -> No
         proc.signal(signal.SIGTERM)  # drains every worker
         proc.wait_for_line("draining 1 open connection")
         held.sendall(b"drain")
-        assert held.recv(5) == b"drain"
+        assert held.recv(5, socket.MSG_WAITALL) == b"drain"
         held.close()
         assert proc.wait(20) == 0
         assert "all workers stopped" in proc.output

@@ -74,7 +74,7 @@ def test_configmap_entries_open_change_and_close_forwards(
 
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"held")
-        assert held.recv(4) == b"held"
+        assert held.recv(4, socket.MSG_WAITALL) == b"held"
 
         fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})  # changed
         proc.wait_for_line("tcp-services ingress/tcp-services: 1 entry")
@@ -83,12 +83,12 @@ def test_configmap_entries_open_change_and_close_forwards(
             return served(port, b"to two?") and second.accepted > 0
         wait_for(reaches_second, what="new connections to reach the new target")
         held.sendall(b"old connection untouched")
-        assert held.recv(24) == b"old connection untouched"
+        assert held.recv(24, socket.MSG_WAITALL) == b"old connection untouched"
 
         fake.configmap("ingress", "tcp-services", {})  # key deleted
         wait_for(lambda: refused(port), what="the port to close")
         held.sendall(b"draining")
-        assert held.recv(8) == b"draining"
+        assert held.recv(8, socket.MSG_WAITALL) == b"draining"
         held.close()
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0

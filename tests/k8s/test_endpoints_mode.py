@@ -281,13 +281,16 @@ def test_close_stops_every_watch_thread_promptly(fake, settings) -> None:
         kube = KubeResolvers(settings)
         c = Collector(kube.resolver(WEB, TargetMode.ENDPOINTS).watch())
         cm = Collector(kube.watch_configmap("web", "cfg"))
-        await c.wait_for(bool)
-        await cm.wait_for(lambda d: d == {})
-        await poll(lambda: fake.active_watches() == 3, what="three watches")
-        await kube.close()
-        assert not [t for t in threading.enumerate() if t.name.startswith("kube-watch")]
-        await c.close()
-        await cm.close()
+        try:
+            await c.wait_for(bool)
+            await cm.wait_for(lambda d: d == {})
+            await poll(lambda: fake.active_watches() == 3, what="three watches")
+            await kube.close()
+            assert not [t for t in threading.enumerate() if t.name.startswith("kube-watch")]
+        finally:
+            await kube.close()  # a failure above must not leave threads to later tests
+            await c.close()
+            await cm.close()
 
     asyncio.run(scenario())
 

@@ -127,5 +127,6 @@ def test_shared_service_wakes_waiters_on_update() -> None:
         assert shared.version == 1 and shared.view.service_synced
         await asyncio.wait_for(shared.wait_newer(0), 5)  # already newer: returns at once
         await shared.wait_newer(1, timeout=0.01)  # nothing new: the timeout ends the wait
+        assert shared.version == 1  # and it ended without a change
 
     asyncio.run(main())

@@ -25,6 +25,7 @@ from portproxy.admin import AdminServer, AdminSettings, parse_admin_address
 from portproxy.errors import ConfigError, SetupError
 from portproxy.metrics import ProxyMetrics, Registry
 from portproxy.status import ForwardStatus, StatusSource, is_ready, not_ready_lines
+from tests.conftest import wait_for
 
 TIMEOUT = 10.0
 
@@ -236,10 +237,8 @@ def test_healthz_recovers_when_the_heartbeat_runs(make_admin: Callable[..., Admi
     admin = make_admin(AdminSettings(heartbeat_interval=0.01, stall_threshold=10.0))
     admin.clock.now += 1000.0
     # The next heartbeat records the new time; poll with a deadline until it has.
-    for _ in range(1000):
-        reply = fetch(admin.url("/healthz"))
-        if reply.status == 200:
-            break
+    reply = wait_for(lambda: (r := fetch(admin.url("/healthz"))).status == 200 and r,
+                     what="a healthy /healthz")
     assert (reply.status, reply.body) == (200, b"ok\n")
 
 

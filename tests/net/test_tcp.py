@@ -200,7 +200,7 @@ def slow_read(client: socket.socket, size: int, pause: float) -> bytes:
 @pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
 def test_a_slow_reader_is_not_idle(pump: str, half_closed: bool) -> None:
     """Bytes the proxy has handed to the kernel, or only partly written, are still
-    traffic: a reader taking 1 MiB over about ten idle timeouts is served to the end. With
+    traffic: a reader taking 1 MiB over a few idle timeouts is served to the end. With
     the client's side half-closed and the backend's left open, the fin timeout likewise
     counts from the last byte moved, not from the FIN, and then still ends the silence."""
     payload = os.urandom(SLOW_PAYLOAD)
@@ -215,14 +215,16 @@ def test_a_slow_reader_is_not_idle(pump: str, half_closed: bool) -> None:
             recv_all(conn)
 
     server = EchoServer(handler=handler)
-    timeouts = {"fin_timeout": 0.15} if half_closed else {"idle_timeout": 0.15}
+    # 64 reads 20 ms apart outlast the timeout about 2.5 times; the timeout leaves room for
+    # a reader descheduled for a while on a loaded machine (0.15 s did not).
+    timeouts = {"fin_timeout": 0.5} if half_closed else {"idle_timeout": 0.5}
     proxy = ProxyThread(server.port, pump, **timeouts)
     try:
         with proxy.connect() as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             if half_closed:
                 client.shutdown(socket.SHUT_WR)
-            assert slow_read(client, SLOW_PAYLOAD, pause=0.01) == payload
+            assert slow_read(client, SLOW_PAYLOAD, pause=0.02) == payload
             if not half_closed:
                 assert client.recv(1) == b""
         wait_for(lambda: proxy.run(lambda: proxy.engine.active) == 0, what="relay closed")
@@ -267,7 +269,7 @@ def test_max_conns_pauses_accepting_and_resumes(echo_server: EchoServer, pump: s
         assert proxy.run(lambda: proxy.engine.active) == 2
         assert echo_server.accepted == 2
         first.close()
-        assert third.recv(5) == b"third"  # served as soon as a slot freed
+        assert third.recv(5, socket.MSG_WAITALL) == b"third"  # served as soon as a slot freed
         assert echo_server.accepted == 3
         second.close()
         third.close()
@@ -339,7 +341,7 @@ def test_allowlist_denies_other_clients(echo_server: EchoServer, pump: str) -> N
     try:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as ok:
             ok.sendall(b"hi")
-            assert ok.recv(2) == b"hi"
+            assert ok.recv(2, socket.MSG_WAITALL) == b"hi"
         assert_closed_by_proxy("127.0.0.1", proxy.port, source="127.0.0.2")
         assert proxy.counter("denied") == 1
     finally:

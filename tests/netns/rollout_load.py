@@ -1,23 +1,29 @@
 """Load for the rollout test: long-lived connections plus a stream of short ones.
 
-Run inside the test's namespace: ``python rollout_load.py PORT SECONDS``. Prints "started"
-once the long-lived connections are open, then one JSON line with what happened. Every
-exchange is checked byte for byte; every loop is bounded by the deadline.
+Run inside the test's namespace: ``python rollout_load.py PORT MAX_SECONDS``. Prints
+"started" once the long-lived connections are open. SIGUSR1 marks the moment the old
+instance has closed its listener: the load then goes on until AFTER_MARK more short
+connections have succeeded (so the hand-over is exercised whatever the timing), closes the
+long-lived ones and prints one JSON line with what happened. Every exchange is checked byte
+for byte; every loop is bounded by MAX_SECONDS.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 
 PORT, SECONDS = int(sys.argv[1]), float(sys.argv[2])
-LONG_LIVED, SHORT_THREADS = 10, 4
-results = {"short_ok": 0, "short_failed": 0, "long_ok": 0, "long_failed": 0, "errors": []}
+LONG_LIVED, SHORT_THREADS, AFTER_MARK = 10, 4, 200
+results = {"short_ok": 0, "short_failed": 0, "long_ok": 0, "long_failed": 0,
+           "short_after_mark": 0, "timed_out": False, "errors": []}
 lock = threading.Lock()
+marked, done = threading.Event(), threading.Event()
 
 
 def record(key: str, error: str | None = None) -> None:
@@ -39,19 +45,25 @@ def exchange(sock: socket.socket, payload: bytes) -> bool:
 
 
 def short_loop(deadline: float) -> None:
-    while time.monotonic() < deadline:
+    while not done.is_set() and time.monotonic() < deadline:
+        after_mark = marked.is_set()  # read before connecting: this one starts after it
         payload = os.urandom(2048)
         try:
             with socket.create_connection(("127.0.0.1", PORT), timeout=10) as conn:
                 ok = exchange(conn, payload)
             record("short_ok" if ok else "short_failed", None if ok else "short mismatch")
         except OSError as exc:
+            ok = False
             record("short_failed", f"short: {exc!r}")
+        if ok and after_mark:
+            record("short_after_mark")
+            if results["short_after_mark"] >= AFTER_MARK:
+                done.set()
 
 
 def long_loop(conn: socket.socket, deadline: float) -> None:
     try:
-        while time.monotonic() < deadline:
+        while not done.is_set() and time.monotonic() < deadline:
             payload = os.urandom(512)
             if not exchange(conn, payload):
                 record("long_failed", "long mismatch")
@@ -70,6 +82,7 @@ def long_loop(conn: socket.socket, deadline: float) -> None:
 
 def main() -> None:
     deadline = time.monotonic() + SECONDS
+    signal.signal(signal.SIGUSR1, lambda *_: marked.set())
     conns = [socket.create_connection(("127.0.0.1", PORT), timeout=10)
              for _ in range(LONG_LIVED)]
     print("started", flush=True)
@@ -80,6 +93,7 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join(SECONDS + 60)
+    results["timed_out"] = not done.is_set()
     print(json.dumps(results), flush=True)
 
 
