@@ -45,11 +45,12 @@ ADMIN_PORT = 9753
 NODE_NAME = "node-a"  # stands in for the downward API's spec.nodeName
 
 # The API calls portproxy makes (portproxy/resolve/kubernetes.py): Services are listed and
-# watched with a metadata.name field selector (RBAC verbs list, watch) and read with get;
-# EndpointSlices are listed and watched by label. ConfigMaps only in ConfigMap mode.
+# watched with a metadata.name field selector (RBAC verbs list, watch) and read with get (by
+# `portproxy check` in the pod); EndpointSlices are listed and watched by label. ConfigMaps,
+# only in ConfigMap mode, are listed and watched by name (never read with get).
 SERVICE_RULES = {("", "services"): {"get", "list", "watch"},
                  ("discovery.k8s.io", "endpointslices"): {"list", "watch"}}
-CONFIGMAP_RULES = {("", "configmaps"): {"get", "list", "watch"}}
+CONFIGMAP_RULES = {("", "configmaps"): {"list", "watch"}}
 CONFIGMAP_FLAGS = ("--tcp-services-configmap", "--udp-services-configmap")
 
 # Flags of DESIGN §1 that the CLI may not have yet: an example using one is skipped, with the
@@ -316,6 +317,13 @@ def test_pod_specs_keep_the_promised_settings(name: str) -> None:
         if load.kind == "DaemonSet":
             assert load.strategy == {"type": "RollingUpdate",
                                      "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, where
+            # A surge pod needs the node's ports while the old pod holds them: a hostPort (and
+            # on the host network every declared port becomes one) makes the scheduler refuse
+            # it, and the rollout stalls. SO_REUSEPORT is what lets the two pods share.
+            for container in pod.get("containers") or ():
+                ports = container.get("ports") or ()
+                assert not any(p.get("hostPort") for p in ports), f"{where}: hostPort"
+                assert not (pod.get("hostNetwork") and ports), f"{where}: ports on hostNetwork"
         if pod.get("hostNetwork"):
             assert pod.get("dnsPolicy") == "ClusterFirstWithHostNet", where
         pod_security = pod.get("securityContext") or {}
