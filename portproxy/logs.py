@@ -74,10 +74,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+#: Control characters as escapes, so that text from outside (a client address, an API
+#: server's error message) cannot start a forged line or steer a terminal.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                  0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (most text has none: checked first)."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
 def _text_value(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text == "" or any(ch.isspace() or ch in '"=' for ch in text):
-        return json.dumps(text)
+    if text == "" or not text.isprintable() or any(ch.isspace() or ch in '"=' for ch in text):
+        return json.dumps(text)  # escapes control characters too
     return text
 
 
@@ -85,7 +97,8 @@ class TextFormatter(logging.Formatter):
     """``2026-01-02T03:04:05.678Z INFO portproxy.tcp: listener bound forward=web port=80``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        message = one_line(record.getMessage())
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         pairs = " ".join(f"{k}={_text_value(v)}" for k, v in extras(record).items())
         if pairs:
             line = f"{line} {pairs}"

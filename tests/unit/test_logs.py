@@ -101,6 +101,19 @@ def test_text_line_shape_with_quoted_extras() -> None:
                     'reason="410 Gone"')
 
 
+def test_text_lines_cannot_be_forged_by_what_they_quote() -> None:
+    # An API server's error message (or any text from outside) with a newline would
+    # otherwise start a second line that looks like portproxy's own.
+    out = io.StringIO()
+    setup_logging("INFO", "text", out)
+    forged = "denied\n2026-01-01T00:00:00.000Z INFO portproxy: all good \x1b[2J"
+    logging.getLogger("portproxy.kube").warning("API said: %s", forged,
+                                                extra={"detail": "a\x1bb"})
+    [line] = lines(out)
+    assert line.endswith("WARNING portproxy.kube: API said: denied\\n2026-01-01T00:00:00.000Z "
+                         "INFO portproxy: all good \\x1b[2J detail=\"a\\u001bb\"")
+
+
 def test_level_filters_portproxy_but_third_party_stays_at_warning() -> None:
     out = io.StringIO()
     setup_logging("debug", "json", out)
