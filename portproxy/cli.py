@@ -371,7 +371,13 @@ def check(**params: Any) -> None:
     """
 
     def body() -> None:
+        from portproxy.logs import setup_logging
+
         settings = settings_from(params)
+        # Warnings only (the table is the output), through portproxy's handler: without
+        # one, a library's logging.error() would install Python's default handler, which
+        # writes whatever it is given (setup_logging also redacts credential plugin output).
+        setup_logging("warning", params["log_format"])
         rows = asyncio.run(_check_all(settings, params["offline"]))
         from portproxy.check import render
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -250,6 +251,23 @@ class RateLimitFilter(logging.Filter):
 _HANDLER_MARK = "_portproxy_handler"
 
 
+class CredentialPluginFilter(logging.Filter):
+    """The kubernetes client logs a failed kubeconfig ``exec`` credential plugin with the
+    plugin's stderr, on the root logger. That output may hold secrets (a helper echoing a
+    token or password), so the line keeps the failure and leaves the output out."""
+
+    _SOURCE = os.path.join("kubernetes", "config", "kube_config.py")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root" and record.pathname.endswith(self._SOURCE):
+            what = str(record.getMessage()).split(". ", 1)[0]
+            record.msg = ("kubeconfig credential plugin failed (%s); its output is not "
+                          "logged, as it may hold secrets")
+            record.args = (what,)
+            record.name = "kubernetes.config"
+        return True
+
+
 def setup_logging(
     level: str, fmt: Literal["text", "json"], stream: TextIO | None = None, *,
     rate_limit: RateLimit | None = None, clock: Callable[[], float] = time.monotonic,
@@ -264,6 +282,7 @@ def setup_logging(
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     limiter = RateLimitFilter(handler, RateLimiter(rate_limit or RateLimit(), clock))
+    handler.addFilter(CredentialPluginFilter())
     handler.addFilter(limiter)
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

@@ -21,7 +21,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import urllib3
 from kubernetes import client
@@ -77,6 +77,14 @@ class KubeSettings:
     30 s, so an API outage is noticed within 30 s of its end."""
     dns_interval: float = 30.0
     """Seconds between re-resolutions of an ExternalName Service's DNS name."""
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without the ``user:password@`` part, fit for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def config_source(settings: KubeSettings) -> tuple[bool, str]:
@@ -159,7 +167,8 @@ class _ClientTransport:
     def __init__(self, settings: KubeSettings) -> None:
         self.settings = settings
         self.api_client = client.ApiClient(_load_configuration(settings))
-        self.host = str(self.api_client.configuration.host)
+        # For messages: a kubeconfig server URL may carry credentials (https://user:pw@…).
+        self.host = without_userinfo(str(self.api_client.configuration.host))
 
     def _request(self, path: str, namespace: str, params: list[tuple[str, str]],
                  timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:

@@ -235,3 +235,29 @@ def test_portproxy_offline_is_read_from_the_environment() -> None:
     result = run_cli(["check", "-f", spec], env={"PORTPROXY_OFFLINE": "1",
                                                   "KUBECONFIG": "/nonexistent"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_failing_credential_plugin_is_reported_without_its_output(tmp_path) -> None:
+    # The kubernetes client logs a failed exec plugin with its stderr, which may hold a
+    # secret: portproxy's handler keeps the failure and drops the output.
+    import json
+    import sys
+
+    with socket.socket() as closed:  # bound, never listening: the API is unreachable
+        closed.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        plugin = {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                  "args": ["-c", "import sys; sys.stderr.write('password=HUNTER2'); "
+                                 "sys.exit(1)"], "interactiveMode": "Never"}
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": server}}],
+            "users": [{"name": "u", "user": {"exec": plugin}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        result = run_cli(["check", "-f", f"tcp://127.0.0.1:{free_port()}=ns/svc:80",
+                          "--kubeconfig", str(kubeconfig)], timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "credential plugin failed (exec: process returned 1)" in output, output
+    assert "HUNTER2" not in output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 
 import pytest
@@ -323,3 +324,26 @@ def test_kubeconfig_from_env_and_context_selection(fake, tmp_path, monkeypatch) 
         await dead.close()
 
     asyncio.run(main())
+
+
+def test_an_unreachable_api_is_named_without_the_urls_credentials(tmp_path) -> None:
+    # A kubeconfig server URL may carry a user and password: messages show the host only.
+    from tests.k8s.conftest import fast_settings, write_kubeconfig
+
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        kubeconfig = write_kubeconfig(tmp_path / "kc", f"http://admin:s3cret@127.0.0.1:{port}")
+
+        async def scenario() -> None:
+            kube = KubeResolvers(fast_settings(kubeconfig, tmp_path))
+            try:
+                with pytest.raises(ResolveError) as raised:
+                    await kube.check_once(WEB, TargetMode.ENDPOINTS)
+            finally:
+                await kube.close()
+            message = str(raised.value)
+            assert f"cannot reach the Kubernetes API at http://127.0.0.1:{port}" in message
+            assert "s3cret" not in message and "admin" not in message
+
+        asyncio.run(scenario())
