@@ -43,6 +43,9 @@ if [ -n "$KUBECONFIG_FILE" ]; then
   # The file must be readable by UID 10001 inside the container (chmod 0644, or a copy
   # owned by 10001); mounted read-only.
   run_opts+=(--volume "$KUBECONFIG_FILE:/etc/portproxy/kubeconfig:ro")
+  # The client writes a kubeconfig's inline certificates and keys (certificate-authority-data,
+  # client-key-data) to temporary files: give the read-only container a small private /tmp.
+  run_opts+=(--tmpfs /tmp:rw,noexec,nosuid,size=1m)
   portproxy_args+=(
     --kubeconfig /etc/portproxy/kubeconfig
     # A Service through the API: this host forwards 6379 to the Redis pods of namespace cache.

@@ -118,9 +118,17 @@ def _load_configuration(settings: KubeSettings) -> client.Configuration:
     except Exception as exc:  # ConfigException, YAML errors, exec plugins: all the user's setup
         where = f"the in-cluster service account in {sa_dir}" if in_cluster \
             else f"kubeconfig {path}"
-        hint = ("check the pod's service account token and CA" if in_cluster else
-                "give a working one with --kubeconfig/KUBECONFIG (and --context), or run "
-                "in a pod with a service account")
+        if isinstance(exc, FileNotFoundError) and "temporary directory" in str(exc):
+            # The client writes a kubeconfig's inline certificates and keys to temporary
+            # files; a read-only container (docker run --read-only) has nowhere to put them.
+            hint = ("the client writes the kubeconfig's inline certificates to a temporary "
+                    "directory: mount a writable /tmp (docker run --tmpfs /tmp, or an "
+                    "emptyDir in Kubernetes)")
+        elif in_cluster:
+            hint = "check the pod's service account token and CA"
+        else:
+            hint = ("give a working one with --kubeconfig/KUBECONFIG (and --context), or run "
+                    "in a pod with a service account")
         raise SetupError(f"cannot load the Kubernetes client configuration from {where}: "
                          f"{exc}; {hint}".replace("\n", " ")) from None
     # Every watch holds a connection while it runs; keep them pooled instead of discarded.

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,8 @@ from portproxy import __version__
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess, run_cli
 from tests.net.harness import EchoServer, free_port, recv_all
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_version() -> None:
@@ -241,7 +248,6 @@ def test_a_failing_credential_plugin_is_reported_without_its_output(tmp_path) ->
     # The kubernetes client logs a failed exec plugin with its stderr, which may hold a
     # secret: portproxy's handler keeps the failure and drops the output.
     import json
-    import sys
 
     with socket.socket() as closed:  # bound, never listening: the API is unreachable
         closed.bind(("127.0.0.1", 0))
@@ -261,3 +267,35 @@ def test_a_failing_credential_plugin_is_reported_without_its_output(tmp_path) ->
     assert result.returncode == 3, output
     assert "credential plugin failed (exec: process returned 1)" in output, output
     assert "HUNTER2" not in output
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a private mount namespace")
+def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None:
+    # A read-only container (docker run --read-only) with a kubeconfig holding inline
+    # certificate data: the client has nowhere to write them. Read-only /tmp and /var/tmp
+    # in a private mount namespace stand in for that container.
+    import base64
+    import json
+
+    ca = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1",
+                                               "certificate-authority-data": ca.decode()}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    portproxy = shlex.join([sys.executable, "-m", "portproxy", "check", "-f",
+                            f"tcp://127.0.0.1:{free_port()}=ns/svc:80",
+                            "--kubeconfig", "/var/tmp/kubeconfig"])
+    script = (f"set -e; mount -t tmpfs tmpfs /var/tmp; cp {shlex.quote(str(kubeconfig))} "
+              "/var/tmp/kubeconfig; mount -o remount,ro /var/tmp; "
+              f"mount -t tmpfs -o ro tmpfs /tmp; cd /tmp; {portproxy}")
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "No usable temporary directory" in output, output
+    assert "mount a writable /tmp (docker run --tmpfs /tmp" in output
