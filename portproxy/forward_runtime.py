@@ -99,6 +99,9 @@ class Handover:
 
 def status_of(forward: Forward, target: TargetState, engines: list[Any], detail: str
               ) -> ForwardStatus:
+    bound = bool(engines) and all(engine.bound for engine in engines) and not detail
+    if not detail and not target.resolved and target.problem:
+        detail = f"target not resolved yet: {target.problem}"
     tcp = [e for e in engines if isinstance(e, TcpForwarder)]
     udp = [e for e in engines if not isinstance(e, TcpForwarder)]
     return ForwardStatus(
@@ -108,7 +111,7 @@ def status_of(forward: Forward, target: TargetState, engines: list[Any], detail:
         target=str(forward.target),
         mode=_target_mode(forward),
         endpoints=tuple(str(e) for e in target.endpoints.endpoints),
-        bound=bool(engines) and all(engine.bound for engine in engines) and not detail,
+        bound=bound,
         resolved=target.resolved,
         active_connections=sum(e.active for e in tcp),
         udp_flows=sum(e.flows for e in udp),

@@ -36,10 +36,11 @@ class Resolvers:
                 kube = self.kube()
             except SetupError as exc:
                 raise SetupError(f"forward {forward.name}: {exc}") from None
-            resolver: Resolver = kube.resolver(target, forward.options.mode)
+            resolver: Resolver = kube.resolver(target, forward.options.mode, forward.name)
             return resolver
         assert isinstance(target, HostTarget)
-        return StaticResolver(target) if target.is_ip else DnsResolver(target)
+        return StaticResolver(target) if target.is_ip else DnsResolver(target,
+                                                                        forward=forward.name)
 
     def kube(self) -> Any:
         # Imported on first use: processes without Service targets never load the client.

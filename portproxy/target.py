@@ -36,6 +36,12 @@ class TargetState:
         self._gauge = endpoints_gauge
         self._listeners: list[Callable[[EndpointSet], None]] = []
 
+    @property
+    def problem(self) -> str | None:
+        """Why the target does not resolve now, when the resolver can tell (else None)."""
+        problem: str | None = getattr(self.resolver, "problem", None)
+        return problem
+
     def on_change(self, callback: Callable[[EndpointSet], None]) -> None:
         self._listeners.append(callback)
 

@@ -180,7 +180,9 @@ class Supervisor:
                 bound=len(reports) == len(self.workers) and all(s.bound for s in reports),
                 active_connections=sum(s.active_connections for s in reports),
                 udp_flows=sum(s.udp_flows for s in reports),
-                detail=next((s.detail for s in reports if s.detail), ""),
+                # A worker's own words (an interface it waits for), else the supervisor's
+                # (it resolves the targets: why one does not resolve).
+                detail=next((s.detail for s in reports if s.detail), mine.detail),
             ))
         return statuses
 

@@ -49,11 +49,15 @@ class DnsResolver:
     """Resolves a ``HostTarget`` whose host is a name, following its address changes."""
 
     def __init__(
-        self, target: HostTarget, interval: float = 30.0, lookup: Lookup | None = None
+        self, target: HostTarget, interval: float = 30.0, lookup: Lookup | None = None,
+        forward: str = "",
     ) -> None:
         self.target = target
         self.interval = interval
         self._lookup: Lookup = lookup or system_lookup
+        self._prefix = f"forward {forward}: " if forward else ""
+        self.problem: str | None = None
+        """Why the name does not resolve now, or None (shown by /readyz and /forwards)."""
 
     def describe(self) -> str:
         return str(self.target)
@@ -70,17 +74,17 @@ class DnsResolver:
             try:
                 current = await self._resolve()
             except OSError as exc:
+                self.problem = f"cannot resolve {self.target.host}: {exc}"
                 if not failing:
                     keeping = f"keeping {len(last)} known endpoint(s)" if last else "no endpoints"
-                    log.warning("cannot resolve %s: %s; %s, retrying", self.target.host,
-                                exc, keeping)
+                    log.warning("%s%s; %s, retrying", self._prefix, self.problem, keeping)
                 failing = True
                 await asyncio.sleep(min(retry, self.interval))
                 retry = min(retry * 2, self.interval)
                 continue
             if failing:
-                log.info("resolving %s works again", self.target.host)
-            failing, retry = False, FIRST_RETRY
+                log.info("%sresolving %s works again", self._prefix, self.target.host)
+            failing, retry, self.problem = False, FIRST_RETRY, None
             if current != last:
                 if last is not None:
                     added, removed = last.diff(current)

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from portproxy.resolve.kube_state import Problem
+
 log = logging.getLogger("portproxy.kube")
 
 Obj = dict[str, Any]
@@ -120,12 +122,17 @@ class Expired(Exception):
     """The resourceVersion is gone (410): the only cure is a fresh list."""
 
 
+def _verbs_for(verb: str) -> str:
+    # A watch is a list first: both verbs are needed together; a get needs only itself.
+    return "get" if verb == "get" else "list and watch"
+
+
 def problem_line(exc: Exception, verb: str, query: Query, retrying: bool = True) -> str:
     """The one line an operator needs for an API error (named verb, resource, namespace)."""
     then = "; retrying" if retrying else ""
     if isinstance(exc, ApiStatusError) and exc.code == 403:
         return (f"Kubernetes API forbids {verb} on {query.qualified} in namespace "
-                f"{query.namespace!r} ({exc.message}); grant get, list and watch on it to "
+                f"{query.namespace!r} ({exc.message}); grant {_verbs_for(verb)} on it to "
                 f"portproxy's service account (see the RBAC in examples/){then}")
     if isinstance(exc, ApiStatusError) and exc.code == 401:
         return (f"Kubernetes API rejected the credentials for {verb} {query.qualified} in "
@@ -150,12 +157,14 @@ class Informer:
         restarted: Callable[[], None] = lambda: None,
         backoff: Backoff = Backoff(),
         name: str = "kube-watch",
+        on_problem: Callable[[Problem | None], None] | None = None,
     ) -> None:
         self._transport = transport
         self.query = query
         self._publish = publish
         self._restarted = restarted
         self._backoff = backoff
+        self._on_problem = on_problem
         self._stop = threading.Event()
         self._aborter = Aborter()
         self._objects: dict[str, Obj] = {}
@@ -284,12 +293,18 @@ class Informer:
             log.debug("still failing: %s", line)
             return
         self._problem = key
-        log.log(logging.ERROR if denied else logging.WARNING, "%s", line)
+        problem = Problem(logging.ERROR if denied else logging.WARNING, line)
+        if self._on_problem is not None:
+            self._on_problem(problem)  # the owner says it, naming who is affected
+        else:
+            log.log(problem.level, "%s", line)
 
     def _recovered(self) -> None:
         if self._problem is not None:
             self._problem = None
             log.info("%s is reachable again", self.query)
+            if self._on_problem is not None:
+                self._on_problem(None)
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):

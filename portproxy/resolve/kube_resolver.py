@@ -24,18 +24,28 @@ class KubeServiceResolver:
 
     def __init__(self, target: ServiceTarget, mode: TargetMode,
                  acquire: Callable[[], SharedService], release: Callable[[SharedService], None],
-                 dns_interval: float) -> None:
+                 dns_interval: float, forward: str = "") -> None:
         self.target = target
         self.mode = mode
         self._acquire = acquire
         self._release = release
         self._dns_interval = dns_interval
+        self._prefix = f"forward {forward}: " if forward else ""
+        self._shared: SharedService | None = None
+        self._problem: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the target does not resolve now (a failing watch, a Service without the
+        port, ...), or None: shown by /readyz and /forwards next to the forward."""
+        watch = self._shared.problem if self._shared is not None else None
+        return watch or self._problem
 
     def describe(self) -> str:
         return str(self.target) + (" (clusterip)" if self.mode is TargetMode.CLUSTERIP else "")
 
     async def watch(self) -> AsyncIterator[EndpointSet]:
-        shared = self._acquire()
+        shared = self._shared = self._acquire()
         try:
             last: EndpointSet | None = None
             problem: str | None = None
@@ -47,14 +57,15 @@ class KubeServiceResolver:
                     version = shared.version
                     outcome = resolve_view(shared.view, self.target, self.mode)
                     if outcome.problem != problem and outcome.problem:
-                        log.warning("%s", outcome.problem)
-                    problem = outcome.problem
+                        log.warning("%s%s", self._prefix, outcome.problem)
+                    problem = self._problem = outcome.problem
                 snapshot = outcome.endpoints
                 if outcome.external is not None:
                     snapshot, failure = await self._lookup(outcome.external)
                     if failure and failure != dns_failure:
-                        log.warning("%s", failure)  # once per failing streak
+                        log.warning("%s%s", self._prefix, failure)  # once per failing streak
                     dns_failure = failure
+                    self._problem = failure or problem
                     snapshot = snapshot if snapshot is not None else last  # keep last good
                 if snapshot is not None and snapshot != last:
                     self._log_change(last, snapshot)
@@ -63,6 +74,7 @@ class KubeServiceResolver:
                 interval = self._dns_interval if outcome.external else None
                 await shared.wait_newer(version, interval)
         finally:
+            self._shared = None
             self._release(shared)
 
     async def _lookup(self, external: HostTarget) -> tuple[EndpointSet | None, str | None]:

@@ -1,4 +1,4 @@
-"""What one Service looks like from its watches, and what a forward makes of it. Pure + asyncio.
+"""What one Service looks like from its watches, and what a forward makes of it. No I/O.
 
 ``ServiceView`` is the latest state of a Service and its EndpointSlices as the watches
 published it; ``resolve_view`` turns it into an ``Outcome`` for one forward (its port and
@@ -9,6 +9,7 @@ Service reads from: one set of watches, any number of consumers.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,8 @@ from portproxy.loop import wait_at_most
 from portproxy.spec import HostTarget, ServiceTarget, TargetMode
 
 Obj = dict[str, Any]
+
+log = logging.getLogger("portproxy.kube")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,14 @@ def _cluster_ip(target: ServiceTarget, service: Obj) -> Outcome:
     return Outcome(EndpointSet.of([Endpoint(ip, port) for ip in ips]))
 
 
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a watch is failing, once per kind of failure: the line and its log level."""
+
+    level: int
+    line: str
+
+
 @dataclass(eq=False)
 class SharedService:
     """One Service's watches and latest view, shared by every forward that targets it.
@@ -122,6 +133,10 @@ class SharedService:
     version: int = 0
     consumers: int = 0
     informers: dict[str, Any] = field(default_factory=dict)  # resource → Informer
+    forwards: list[str] = field(default_factory=list)
+    """Names of the forwards reading this Service (one entry per consumer), for messages."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Per watched resource, why its watch fails now (absent while it works)."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def update(self, **changes: Any) -> None:
@@ -129,6 +144,24 @@ class SharedService:
         self.version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def report(self, resource: str, problem: Problem | None) -> None:
+        """A watch of ``resource`` started failing (said once, naming the forwards affected)
+        or works again (None)."""
+        if problem is None:
+            self.problems.pop(resource, None)
+            return
+        self.problems[resource] = problem.line
+        names = sorted(set(self.forwards))
+        if names:
+            log.log(problem.level, "forward %s: %s", ", ".join(names), problem.line)
+        else:
+            log.log(problem.level, "%s", problem.line)
+
+    @property
+    def problem(self) -> str | None:
+        """One failing watch's line, or None while every watch works."""
+        return next(iter(self.problems.values()), None)
 
     async def wait_newer(self, version: int, timeout: float | None = None) -> None:
         """Return once ``self.version`` moved past ``version`` (or ``timeout`` passed)."""

@@ -44,7 +44,7 @@ from portproxy.resolve.kube_informer import (
     TransientError,
 )
 from portproxy.resolve.kube_resolver import KubeServiceResolver
-from portproxy.resolve.kube_state import ServiceView, SharedService, resolve_view
+from portproxy.resolve.kube_state import Problem, ServiceView, SharedService, resolve_view
 from portproxy.spec import ServiceTarget, TargetMode
 
 log = logging.getLogger("portproxy.kube")
@@ -290,13 +290,16 @@ class KubeResolvers:
         """Read the kubeconfig or service account now (SetupError if it is unusable)."""
         self._client()
 
-    def resolver(self, target: ServiceTarget, mode: TargetMode) -> Resolver:
-        return KubeServiceResolver(target, mode, lambda: self._acquire(target, mode),
-                                   self._release, self.settings.dns_interval)
+    def resolver(self, target: ServiceTarget, mode: TargetMode, forward: str = "") -> Resolver:
+        """``forward``: the name of the forward it serves, for messages."""
+        return KubeServiceResolver(target, mode, lambda: self._acquire(target, mode, forward),
+                                   lambda shared: self._release(shared, forward),
+                                   self.settings.dns_interval, forward)
 
     # --- shared watches (on the event loop) ------------------------------------------------
 
-    def _acquire(self, target: ServiceTarget, mode: TargetMode) -> SharedService:
+    def _acquire(self, target: ServiceTarget, mode: TargetMode,
+                 forward: str = "") -> SharedService:
         self._client()  # a configuration error surfaces before anything is registered
         key = (target.namespace, target.name)
         shared = self._services.get(key)
@@ -313,17 +316,21 @@ class KubeResolvers:
                         lambda objects: {"slices": tuple(objects[k] for k in sorted(objects)),
                                          "slices_synced": True})
         shared.consumers += 1
+        if forward:
+            shared.forwards.append(forward)
         return shared
 
     def _start(self, shared: SharedService, query: Query,
                changes: Callable[[dict[str, Obj]], dict[str, Any]]) -> None:
-        informer = self._informer(query, f"{shared.namespace}/{shared.name}",
-                                  lambda objects: shared.update(**changes(objects)))
+        informer = self._informer(
+            query, f"{shared.namespace}/{shared.name}",
+            lambda objects: shared.update(**changes(objects)),
+            lambda problem: shared.report(query.resource, problem))
         shared.informers[query.resource] = informer
         informer.start()
 
-    def _informer(self, query: Query, label: str,
-                  apply: Callable[[dict[str, Obj]], None]) -> Informer:
+    def _informer(self, query: Query, label: str, apply: Callable[[dict[str, Obj]], None],
+                  report: Callable[[Problem | None], None] | None = None) -> Informer:
         loop = asyncio.get_running_loop()
         transport = self._client()
 
@@ -335,7 +342,9 @@ class KubeResolvers:
 
         informer = Informer(transport, query, lambda objects: hop(apply, objects),
                             lambda: hop(self._count_restart, label),
-                            self.settings.backoff, name=f"kube-watch {query}")
+                            self.settings.backoff, name=f"kube-watch {query}",
+                            on_problem=None if report is None else (
+                                lambda problem: hop(report, problem)))
         self._informers.add(informer)
         return informer
 
@@ -343,8 +352,10 @@ class KubeResolvers:
         if self.metrics is not None:
             self.metrics.kube_watch_restarts.labels(label).inc()
 
-    def _release(self, shared: SharedService) -> None:
+    def _release(self, shared: SharedService, forward: str = "") -> None:
         shared.consumers -= 1
+        if forward in shared.forwards:
+            shared.forwards.remove(forward)
         if shared.consumers > 0:
             return
         self._services.pop((shared.namespace, shared.name), None)
