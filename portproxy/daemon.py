@@ -234,8 +234,8 @@ class Daemon:
             self.start(runtime)
         for runtime in removed:
             del self.forwards[runtime.forward]
-            self._replace(runtime, [r for r in started
-                                    if r.forward.listen == runtime.forward.listen])
+            sharing = self.claims.sharing(runtime.forward)
+            self._replace(runtime, [r for r in started if r.forward in sharing])
         if new.max_conns != self.settings.max_conns:
             self.global_limit.set_limit(new.max_conns)
             log.info("global --max-conns now %s", new.max_conns or "unlimited")

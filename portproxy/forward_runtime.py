@@ -55,8 +55,8 @@ class ForwardRuntime:
 
 
 class Handover:
-    """A forward a reload replaced keeps accepting until its successors on the same listen
-    address do.
+    """A forward a reload replaced keeps accepting until its successors (the new forwards
+    bound to an address it is bound to: ``ListenClaims.sharing``) do.
 
     A new TCP listener listens only once its target has resolved (``add_listener``), so
     stopping the old forward at once would refuse clients, for as long as a DNS lookup or

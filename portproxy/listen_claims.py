@@ -60,6 +60,17 @@ class ListenClaims:
             else:
                 del self._claims[key]
 
+    def sharing(self, forward: Forward) -> set[Forward]:
+        """The other forwards bound, right now, to an address ``forward`` is bound to: a
+        replaced forward's successors, whatever their spec says (``lo:80`` may succeed
+        ``127.0.0.1:80``, and ``eth0/ipv4:53`` plus ``eth0/ipv6:53`` succeed ``eth0:53``)."""
+        found: set[Forward] = set()
+        for claims in self._claims.values():
+            holders = {c.forward for c in claims if c.sock.fileno() != -1}
+            if forward in holders:
+                found |= holders - {forward}
+        return found
+
     def retired(self, forward: Forward) -> None:
         """``forward`` has stopped for good: it no longer excuses an overlap."""
         self.retiring.discard(forward)

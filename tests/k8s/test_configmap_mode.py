@@ -174,3 +174,39 @@ def test_decode_proxy_is_refused_with_a_reason(fake: FakeKube, tmp_path: Path) -
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+def test_a_hand_over_follows_the_bound_address_not_the_spec_text(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]) -> None:
+    # lo/ipv4:PORT and 127.0.0.1:PORT are one address: the new forward is the old one's
+    # successor, so the old keeps accepting until the new target has resolved.
+    first, second = backends
+    service(fake, "one", first)
+    service(fake, "two", second)
+    port = free_port()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    config = tmp_path / "portproxy.toml"
+    config.write_text(f'admin-address = "none"\nkubeconfig = "{kubeconfig}"\n'
+                      f'forwards = ["tcp://lo/ipv4:{port}=web/one:80"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config)])
+    try:
+        wait_for(lambda: served(port, b"to one"), what="the first target to serve")
+        fake.hang_requests(True)  # the new target's first list gets no answer for now
+        try:
+            config.write_text(f'admin-address = "none"\nkubeconfig = "{kubeconfig}"\n'
+                              f'forwards = ["tcp://127.0.0.1:{port}=web/two:tcp"]\n')
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
+            assert "accepting until its successor listens" in proc.output
+            before = first.accepted
+            for i in range(5):
+                assert exchange(port, b"still one %d" % i) == b"still one %d" % i
+            assert first.accepted == before + 5 and second.accepted == 0
+        finally:
+            fake.hang_requests(False)
+        wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
+                 what="the new target to take over once resolved")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()

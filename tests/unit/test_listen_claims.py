@@ -79,3 +79,25 @@ def test_a_retiring_forward_lets_its_successor_bind_and_a_closed_socket_frees() 
     finally:
         for sock in (a, b, c):
             sock.close()
+
+
+def test_sharing_finds_the_forwards_on_any_common_address() -> None:
+    old, v4, other = (parse_forward(spec) for spec in
+                      ("tcp://lo:80=a:1", "tcp://127.0.0.1:80=b:1", "tcp://127.0.0.1:81=c:1"))
+    claims = ListenClaims()
+    a = bound("127.0.0.1")
+    port = a.getsockname()[1]
+    b, c = bound("127.0.0.1", port), bound("127.0.0.1")
+    try:
+        claims.claim(a, old)
+        claims.retiring.add(old)
+        claims.claim(b, v4)
+        claims.claim(c, other)
+        assert claims.sharing(old) == {v4}
+        assert claims.sharing(v4) == {old}
+        assert claims.sharing(other) == set()
+        b.close()
+        assert claims.sharing(old) == set()  # a closed socket shares nothing
+    finally:
+        for sock in (a, b, c):
+            sock.close()
