@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,24 +115,32 @@ def serving_one(fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, Echo
     return proc, port
 
 
+def hand_over(fake: FakeKube, proc: PortproxyProcess, port: int,
+              backends: tuple[EchoServer, EchoServer], change: Callable[[], None]) -> None:
+    """Replace the forward on ``port`` (served by the first backend) by one to web/two
+    (``change``) while the API hangs: the old forward must keep serving, then hand over."""
+    first, second = backends
+    fake.hang_requests(True)  # the new target's first list gets no answer for now
+    try:
+        change()
+        proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
+        before = first.accepted
+        for i in range(5):  # refused here, before the hand-over existed
+            assert exchange(port, b"still one %d" % i) == b"still one %d" % i
+        assert first.accepted == before + 5 and second.accepted == 0
+    finally:
+        fake.hang_requests(False)
+    wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
+             what="the new target to take over once resolved")
+    assert "accepting until its successor listens" in proc.output
+
+
 def test_a_changed_entry_keeps_serving_until_its_new_target_resolves(
         fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer]) -> None:
-    first, second = backends
     proc, port = serving_one(fake, tmp_path, backends)
     try:
-        fake.hang_requests(True)  # the new target's first list gets no answer for now
-        try:
-            fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})
-            proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
-            before = first.accepted
-            for i in range(5):  # refused here, before the hand-over existed
-                assert exchange(port, b"still one %d" % i) == b"still one %d" % i
-            assert first.accepted == before + 5 and second.accepted == 0
-        finally:
-            fake.hang_requests(False)
-        wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
-                 what="the new target to take over once resolved")
-        assert "accepting until its successor listens" in proc.output
+        hand_over(fake, proc, port, backends, lambda: fake.configmap(
+            "ingress", "tcp-services", {str(port): "web/two:tcp"}))
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -191,21 +199,12 @@ def test_a_hand_over_follows_the_bound_address_not_the_spec_text(
     proc = PortproxyProcess(["run", "--config", str(config)])
     try:
         wait_for(lambda: served(port, b"to one"), what="the first target to serve")
-        fake.hang_requests(True)  # the new target's first list gets no answer for now
-        try:
+
+        def change() -> None:
             config.write_text(f'admin-address = "none"\nkubeconfig = "{kubeconfig}"\n'
                               f'forwards = ["tcp://127.0.0.1:{port}=web/two:tcp"]\n')
             proc.signal(signal.SIGHUP)
-            proc.wait_for_line("reloaded: 0 unchanged, 1 added, 1 removed")
-            assert "accepting until its successor listens" in proc.output
-            before = first.accepted
-            for i in range(5):
-                assert exchange(port, b"still one %d" % i) == b"still one %d" % i
-            assert first.accepted == before + 5 and second.accepted == 0
-        finally:
-            fake.hang_requests(False)
-        wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
-                 what="the new target to take over once resolved")
+        hand_over(fake, proc, port, backends, change)
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
