@@ -251,6 +251,7 @@ class Workload:
     namespace: str
     pod: dict[str, Any]
     strategy: dict[str, Any] = field(default_factory=dict)
+    min_ready_seconds: int = 0
 
 
 def workloads(docs: list[dict[str, Any]]) -> list[Workload]:
@@ -263,7 +264,8 @@ def workloads(docs: list[dict[str, Any]]) -> list[Workload]:
             spec = doc["spec"]
             strategy = spec.get("updateStrategy") or spec.get("strategy") or {}
             found.append(Workload(doc["kind"], meta["name"], meta["namespace"],
-                                  spec["template"]["spec"], strategy))
+                                  spec["template"]["spec"], strategy,
+                                  spec.get("minReadySeconds", 0)))
     return found
 
 
@@ -324,6 +326,11 @@ def test_pod_specs_keep_the_promised_settings(name: str) -> None:
                 ports = container.get("ports") or ()
                 assert not any(p.get("hostPort") for p in ports), f"{where}: hostPort"
                 assert not (pod.get("hostNetwork") and ports), f"{where}: ports on hostNetwork"
+            # On the host network the two pods share the admin port too, so the new pod's
+            # readiness probe may be answered by the old one: the old pod must outlive the
+            # new one's first Ready by the time it takes to resolve its targets and listen.
+            if pod.get("hostNetwork"):
+                assert load.min_ready_seconds >= 10, f"{where}: minReadySeconds"
         if pod.get("hostNetwork"):
             assert pod.get("dnsPolicy") == "ClusterFirstWithHostNet", where
         pod_security = pod.get("securityContext") or {}
