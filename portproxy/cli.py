@@ -170,6 +170,26 @@ def _config_scalar(key: str, option: click.Option, value: object) -> object:
     return converted
 
 
+class EnvOption(click.Option):
+    """An option whose error names the environment variable when the bad value came from
+    one: "Invalid value for '--drain-timeout' (from $PORTPROXY_DRAIN_TIMEOUT): ..."."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = super().get_error_hint(ctx)
+        if ctx is None or ctx.get_parameter_source(self.name or "") is not (
+                click.core.ParameterSource.ENVIRONMENT):
+            return hint
+        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
+        used = next((name for name in names if os.environ.get(name)), None)
+        return f"{hint} (from ${used})" if used else hint
+
+
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """``click.option`` with ``EnvOption``: every flag here reads an environment variable."""
+    decorator: Callable[[F], F] = click.option(*decls, cls=EnvOption, **attrs)
+    return decorator
+
+
 def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     def apply(command: F) -> F:
         for decorator in reversed(decorators):
@@ -179,91 +199,91 @@ def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 forward_options = _options(
-    click.option("-f", "--forward", "forwards", multiple=True, envvar=env("forward"),
+    option("-f", "--forward", "forwards", multiple=True, envvar=env("forward"),
                  metavar="SPEC",
                  help="[PROTO://][ADDRESS:]PORT=TARGET[,KEY=VALUE...]; repeat per port. "
                       "PORTPROXY_FORWARD takes several, separated by whitespace."),
-    click.option("--config", type=click.Path(dir_okay=False), envvar=env("config"),
+    option("--config", type=click.Path(dir_okay=False), envvar=env("config"),
                  is_eager=True, callback=_load_config, expose_value=True,
                  help="TOML file with the same settings and a list of forwards."),
-    click.option("--mode", type=click.Choice([m.value for m in TargetMode]),
+    option("--mode", type=click.Choice([m.value for m in TargetMode]),
                  envvar=env("mode"), default="endpoints", show_default=True,
                  help="Default for Service targets: pods from EndpointSlices, or the "
                       "ClusterIP."),
-    click.option("--balance", type=click.Choice([b.value for b in BalancePolicy]),
+    option("--balance", type=click.Choice([b.value for b in BalancePolicy]),
                  envvar=env("balance"), default="round-robin", show_default=True,
                  help="Default balancing policy across endpoints."),
-    click.option("--connect-timeout", type=POSITIVE_DURATION, envvar=env("connect-timeout"),
+    option("--connect-timeout", type=POSITIVE_DURATION, envvar=env("connect-timeout"),
                  default="5s", show_default=True,
                  help="Default backend connect timeout per endpoint."),
-    click.option("--idle-timeout", type=DURATION, envvar=env("idle-timeout"), default=None,
+    option("--idle-timeout", type=DURATION, envvar=env("idle-timeout"), default=None,
                  help="Default idle timeout [TCP 1h, UDP 30s]; 0 disables."),
-    click.option("--fin-timeout", type=DURATION, envvar=env("fin-timeout"), default="5m",
+    option("--fin-timeout", type=DURATION, envvar=env("fin-timeout"), default="5m",
                  show_default=True,
                  help="Default bound on a half-closed TCP connection; 0 disables."),
-    click.option("--max-flows", type=Count(0), envvar=env("max-flows"),
+    option("--max-flows", type=Count(0), envvar=env("max-flows"),
                  default=10000, show_default=True,
                  help="Default UDP flows per forward (least recently used evicted); "
                       "0 = unlimited."),
-    click.option("--responses", type=Count(0), envvar=env("responses"), default=0,
+    option("--responses", type=Count(0), envvar=env("responses"), default=0,
                  show_default=True,
                  help="Default UDP replies per client datagram after which a flow ends "
                       "(DNS: 1); 0 waits for the idle timeout."),
-    click.option("--proxy-protocol", type=click.Choice([p.value for p in ProxyProtocol]),
+    option("--proxy-protocol", type=click.Choice([p.value for p in ProxyProtocol]),
                  envvar=env("proxy-protocol"), default=None,
                  help="Default PROXY protocol header sent to backends."),
-    click.option("--allow", envvar=env("allow"), default=None, metavar="CIDR[;CIDR...]",
+    option("--allow", envvar=env("allow"), default=None, metavar="CIDR[;CIDR...]",
                  help="Default client allowlist (empty admits everyone)."),
-    click.option("--wait-interface", is_flag=True, envvar=env("wait-interface"),
+    option("--wait-interface", is_flag=True, envvar=env("wait-interface"),
                  help="Default for interface listen addresses: the interface may appear "
                       "later."),
-    click.option("--freebind", is_flag=True, envvar=env("freebind"),
+    option("--freebind", is_flag=True, envvar=env("freebind"),
                  help="Default for IP listen addresses: bind one this host does not have "
                       "yet (IP_FREEBIND)."),
-    click.option("--kubeconfig", type=click.Path(dir_okay=False), envvar=env("kubeconfig"),
+    option("--kubeconfig", type=click.Path(dir_okay=False), envvar=env("kubeconfig"),
                  help="kubeconfig file; given (or --context), it is used even in a pod, "
                       "instead of the service account [KUBECONFIG, ~/.kube/config]."),
-    click.option("--context", "kube_context", envvar=env("context"),
+    option("--context", "kube_context", envvar=env("context"),
                  help="kubeconfig context to use."),
-    click.option("--node-name", envvar=[env("node-name"), "NODE_NAME"],
+    option("--node-name", envvar=[env("node-name"), "NODE_NAME"],
                  help="This node's name, to prefer its endpoints [NODE_NAME]."),
-    click.option("--tcp-services-configmap", envvar=env("tcp-services-configmap"),
+    option("--tcp-services-configmap", envvar=env("tcp-services-configmap"),
                  metavar="NS/NAME",
                  help="Follow an ingress-nginx tcp-services ConfigMap (port → ns/svc:port)."),
-    click.option("--udp-services-configmap", envvar=env("udp-services-configmap"),
+    option("--udp-services-configmap", envvar=env("udp-services-configmap"),
                  metavar="NS/NAME",
                  help="Follow an ingress-nginx udp-services ConfigMap."),
 )
 
 daemon_options = _options(
-    click.option("--admin-address", envvar=env("admin-address"), default=":9753",
+    option("--admin-address", envvar=env("admin-address"), default=":9753",
                  show_default=True,
                  help="Serve /metrics /healthz /readyz /forwards here; 'none' disables."),
-    click.option("--drain-timeout", type=DURATION, envvar=env("drain-timeout"),
+    option("--drain-timeout", type=DURATION, envvar=env("drain-timeout"),
                  default="30s", show_default=True,
                  help="How long open connections may finish after SIGTERM/SIGINT."),
-    click.option("--no-splice", is_flag=True, envvar=env("no-splice"),
+    option("--no-splice", is_flag=True, envvar=env("no-splice"),
                  help="Use the copy pump instead of zero-copy splice(2)."),
-    click.option("--workers", type=Count(1, 64), envvar=env("workers"), default=1,
+    option("--workers", type=Count(1, 64), envvar=env("workers"), default=1,
                  show_default=True,
                  help="Processes sharing every listener (SO_REUSEPORT); one supervisor "
                       "keeps the API watches and the admin endpoint."),
-    click.option("--max-conns", type=Count(0), envvar=env("max-conns"), default=0,
+    option("--max-conns", type=Count(0), envvar=env("max-conns"), default=0,
                  show_default=True,
                  help="TCP connections open at once across all forwards; 0 = unlimited."),
-    click.option("--log-level", envvar=env("log-level"), default="info", show_default=True,
+    option("--log-level", envvar=env("log-level"), default="info", show_default=True,
                  type=click.Choice(["debug", "info", "warning", "error"],
                                    case_sensitive=False),
                  help="Log verbosity."),
-    click.option("--log-format", envvar=env("log-format"), default="text",
+    option("--log-format", envvar=env("log-format"), default="text",
                  show_default=True, type=click.Choice(["text", "json"]),
                  help="Log line format."),
-    click.option("--access-log", is_flag=True, envvar=env("access-log"),
+    option("--access-log", is_flag=True, envvar=env("access-log"),
                  help="Log one line per finished TCP connection / expired UDP flow."),
-    click.option("--create-interface", envvar=env("create-interface"), metavar="NAME",
+    option("--create-interface", envvar=env("create-interface"), metavar="NAME",
                  help="Create (or adopt) a dummy interface with the --address VIPs at start "
                       "and remove it on exit; needs NET_ADMIN."),
-    click.option("--address", "addresses", multiple=True, envvar=env("address"),
+    option("--address", "addresses", multiple=True, envvar=env("address"),
                  metavar="CIDR", help="A VIP for --create-interface (repeatable)."),
 )
 
@@ -360,7 +380,7 @@ def run(ctx: click.Context, /, **params: Any) -> None:
 @main.command()
 @forward_options
 @daemon_options
-@click.option("--offline", is_flag=True, envvar=env("offline"),
+@option("--offline", is_flag=True, envvar=env("offline"),
               help="Parse and bind-test only; resolve nothing.")
 def check(**params: Any) -> None:
     """Parse, bind-test and resolve every forward once; print a table.

@@ -196,7 +196,8 @@ def test_connect_timeout_zero_is_refused_like_the_spec_option(
     result = run_cli(["check", "--offline", "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1",
                       *args], env=env)
     assert result.returncode == 2, result.stderr
-    assert "'--connect-timeout': must be greater than 0" in result.stderr
+    source = " (from $PORTPROXY_CONNECT_TIMEOUT)" if env else ""
+    assert f"'--connect-timeout'{source}: must be greater than 0" in result.stderr
 
 
 def test_zero_idle_and_fin_timeout_flags_still_disable() -> None:
@@ -299,3 +300,15 @@ def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None
     assert result.returncode == 3, output
     assert "No usable temporary directory" in output, output
     assert "mount a writable /tmp (docker run --tmpfs /tmp" in output
+
+
+def test_a_bad_value_from_the_environment_names_the_variable() -> None:
+    spec = f"tcp://127.0.0.1:{free_port()}=127.0.0.1:1"
+    from_env = run_cli(["check", "--offline", "-f", spec],
+                       env={"PORTPROXY_DRAIN_TIMEOUT": "abc"})
+    assert from_env.returncode == 2, from_env.stderr
+    assert "'--drain-timeout' (from $PORTPROXY_DRAIN_TIMEOUT): invalid duration 'abc'" in \
+        from_env.stderr, from_env.stderr
+    from_flag = run_cli(["check", "--offline", "-f", spec, "--drain-timeout", "abc"])
+    assert from_flag.returncode == 2
+    assert "'--drain-timeout': invalid duration 'abc'" in from_flag.stderr, from_flag.stderr
