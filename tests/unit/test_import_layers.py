@@ -17,7 +17,7 @@ OWNERS = {
     "kubernetes": {"resolve/kubernetes.py"},
     "urllib3": {"resolve/kubernetes.py"},
     "pyroute2": {"netlink.py"},
-    "click": {"cli.py"},
+    "click": {"cli.py", "cli_params.py"},
 }
 PURE = ["spec.py", "spec_values.py", "endpoints.py", "flowtable.py", "proxyproto.py", "metrics.py",
         "configmap.py", "status.py", "errors.py", "endpointslices.py"]
@@ -25,6 +25,7 @@ IO_MODULES = {"socket", "asyncio", "os", "subprocess", "selectors", "threading",
               "fcntl", "urllib", "http", "ssl", "signal"}
 #: Modules that may only be imported by the layers above them.
 UPPER = {"portproxy.cli": {"__main__.py"}, "portproxy.cli_settings": {"cli.py"},
+         "portproxy.cli_params": {"cli.py"},
          "portproxy.daemon": {"cli.py", "workers.py", "worker_process.py"},
          "portproxy.workers": {"cli.py"},
          "portproxy.worker_process": set(),  # a process entry point (python -m), never imported
