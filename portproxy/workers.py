@@ -122,10 +122,16 @@ class Supervisor:
     # -- workers --------------------------------------------------------------------------
     async def _spawn(self, worker: WorkerHandle) -> None:
         parent, child = socket.socketpair()
-        worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "portproxy.worker_process", str(child.fileno())],
-            pass_fds=[child.fileno()], start_new_session=True)
-        child.close()
+        try:
+            worker.proc = subprocess.Popen(
+                [sys.executable, "-m", "portproxy.worker_process", str(child.fileno())],
+                pass_fds=[child.fileno()], start_new_session=True)
+        except OSError as exc:  # fork or exec refused: out of memory or processes, ...
+            parent.close()
+            raise SetupError(f"cannot start worker {worker.index}: {exc.strerror or exc}; "
+                             "check the memory and process limits") from None
+        finally:
+            child.close()
         worker.link = Link(parent)
         worker.started = asyncio.get_running_loop().create_future()
         await worker.link.send("settings", self.settings)
@@ -165,9 +171,15 @@ class Supervisor:
             return
         log.error("worker %d exited with %d; restarting in %.0fs", worker.index, code,
                   RESTART_DELAY)
-        await asyncio.sleep(RESTART_DELAY)
-        if not self.stopping:
-            await self._spawn(worker)
+        while True:
+            await asyncio.sleep(RESTART_DELAY)
+            if self.stopping:
+                return
+            try:
+                await self._spawn(worker)
+                return
+            except SetupError as exc:  # the rest keeps serving; try again, never spin
+                log.error("%s; retrying in %.0fs", exc, RESTART_DELAY)
 
     # -- status ---------------------------------------------------------------------------
     def forward_statuses(self) -> list[ForwardStatus]:
@@ -240,10 +252,15 @@ class Supervisor:
             self.resolvers.kube()  # a bad kubeconfig fails the start here
         async with asyncio.TaskGroup() as group:
             self._group = group
+            problem = ""
             for worker in self.workers:
-                await self._spawn(worker)
+                try:
+                    await self._spawn(worker)
+                except SetupError as exc:  # those started stop below, as on a failed start
+                    problem = str(exc)
+                    break
             failures = [await w.started for w in self.workers if w.started is not None]
-            problem = next((f for f in failures if f), "")
+            problem = problem or next((f for f in failures if f), "")
             admin = None
             if problem:
                 self._on_signal(signal.SIGTERM)

@@ -8,15 +8,14 @@ compiler, whose socket() refuses AF_INET6 as such a kernel does.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
+from tests.e2e.preload import build_preload
 from tests.k8s.conftest import ep, write_kubeconfig
 from tests.k8s.fakeapi import FakeKube
 from tests.net.harness import EchoServer, free_port, recv_all
@@ -38,15 +37,7 @@ int socket(int domain, int type, int protocol) {
 
 @pytest.fixture
 def no_inet6(tmp_path: Path) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the library simulating a kernel without IPv6")
-    source = tmp_path / "noinet6.c"
-    source.write_text(NO_INET6)
-    library = tmp_path / "noinet6.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source), "-ldl"],
-                   check=True, capture_output=True, timeout=60)
-    return library
+    return build_preload(tmp_path, "noinet6", NO_INET6, "simulating a kernel without IPv6")
 
 
 def dual_stack_service(fake: FakeKube, name: str, protocol: str, port: int) -> None:
