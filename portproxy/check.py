@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from portproxy.endpoints import EndpointSet
 from portproxy.errors import PortproxyError, ResolveError, SetupError
-from portproxy.listen_claims import ListenClaims
+from portproxy.listen_claims import BoundKey, bound_keys, clash
 from portproxy.resolve.dns import system_lookup
 from portproxy.sockets import BindRequest, bind_socket
 from portproxy.spec import Forward, HostTarget, Protocol, ServiceTarget
@@ -50,25 +50,25 @@ def listen_hosts(forward: Forward) -> list[str]:
 
 @dataclass
 class BindTest:
-    """Test-binds every forward's listeners, holding them until ``close`` so that two
-    forwards on one address clash as they would at ``run`` (``ListenClaims``)."""
+    """Test-binds every forward's listeners and releases each at once (a UDP socket joining
+    a running instance's SO_REUSEPORT group would take some of its datagrams), remembering
+    the addresses so that two forwards on one address clash as they would at ``run``."""
 
-    claims: ListenClaims = field(default_factory=ListenClaims)
-    held: list[socket.socket] = field(default_factory=list)
+    seen: dict[BoundKey, str] = field(default_factory=dict)
 
     def bind(self, forward: Forward) -> None:
         kinds = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
         for host in listen_hosts(forward):
             for protocol in forward.protocols:
-                sock = bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
-                                               freebind=forward.options.freebind, listen=False),
-                                   forward.name)
-                self.held.append(sock)
-                self.claims.claim(sock, forward)
-
-    def close(self) -> None:
-        for sock in self.held:
-            sock.close()
+                with bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
+                                             freebind=forward.options.freebind, listen=False),
+                                 forward.name) as sock:
+                    keys = bound_keys(sock)
+                for key in keys:
+                    other = self.seen.get(key)
+                    if other is not None and other != forward.name:
+                        raise clash(forward.name, key, other)
+                self.seen.update(dict.fromkeys(keys, forward.name))
 
 
 async def resolve_once(forward: Forward, kube: object | None) -> EndpointSet:

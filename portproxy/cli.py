@@ -305,7 +305,6 @@ async def _check_all(settings: Settings, offline: bool) -> list[Any]:
     try:
         return [await check_forward(f, offline, kube, binds) for f in settings.forwards]
     finally:
-        binds.close()
         if kube is not None:
             await kube.close()
 

@@ -14,7 +14,13 @@ from typing import Any
 
 from portproxy.config import Settings
 from portproxy.errors import ConfigError
-from portproxy.spec import Forward, ForwardOptions, options_from_pairs, parse_forward
+from portproxy.spec import (
+    Forward,
+    ForwardOptions,
+    ListenAddress,
+    options_from_pairs,
+    parse_forward,
+)
 
 
 def default_options(params: dict[str, Any]) -> ForwardOptions:
@@ -39,6 +45,21 @@ def default_options(params: dict[str, Any]) -> ForwardOptions:
     )
 
 
+def _listen_keys(listen: ListenAddress) -> list[tuple[str, int, str]]:
+    """What a listen address takes, per family, as far as the text tells (the bound
+    addresses of interfaces are compared at bind time, by ``ListenClaims``)."""
+    if listen.kind == "interface":
+        # One family may be taken: eth0/ipv4:53 and eth0/ipv6:53 share no address, while
+        # eth0:53 (both families) overlaps either.
+        families = ("ipv4", "ipv6") if listen.family == "any" else (listen.family,)
+        return [(listen.host, listen.port, family) for family in families]
+    if listen.host == "":  # all addresses: the IPv4 and the IPv6 wildcard
+        return [("*", listen.port, "ipv4"), ("*", listen.port, "ipv6")]
+    ip = ipaddress.ip_address(listen.host)
+    host = "*" if ip.is_unspecified else ip.compressed
+    return [(host, listen.port, f"ipv{ip.version}")]
+
+
 def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: bool = False
                    ) -> tuple[Forward, ...]:
     if not specs and not allow_none:
@@ -47,11 +68,8 @@ def build_forwards(specs: Sequence[str], defaults: ForwardOptions, allow_none: b
     seen: dict[tuple[str, str, int, str], str] = {}
     for forward in forwards:
         listen = forward.listen
-        # An interface listen may take one family: eth0/ipv4:53 and eth0/ipv6:53 share no
-        # address, while eth0:53 (both families) overlaps either.
-        families = ("ipv4", "ipv6") if listen.family == "any" else (listen.family,)
         for protocol in forward.protocols:
-            keys = [(protocol.value, listen.host, listen.port, f) for f in families]
+            keys = [(protocol.value, *key) for key in _listen_keys(listen)]
             taken = next((seen[k] for k in keys if k in seen), None)
             if taken is not None:
                 raise ConfigError(f"invalid --forward {forward.spec!r}: {protocol.value} "

@@ -72,6 +72,9 @@ def reloaded(reloader: Reloader | None, sources: ForwardSources,
     if ignored:
         log.warning("reload: %s changed, which takes effect only at a restart; the running "
                     "value%s kept", ", ".join(ignored), " is" if len(ignored) == 1 else "s are")
+    if new.forward_defaults != running.forward_defaults and configmap_refs(running):
+        log.warning("reload: the option defaults changed: the file's forwards take them, the "
+                    "ConfigMap entries keep those of the start until a restart")
     sources.static = new.forwards
     return replace(new, forwards=sources.desired())
 
@@ -219,7 +222,7 @@ class Daemon:
         removed = [r for f, r in self.forwards.items() if f not in wanted]
         added = [f for f in new.forwards if f not in self.forwards]
         started: list[ForwardRuntime] = []
-        leaving = {r.forward for r in removed} - self.claims.retiring
+        leaving = {e for r in removed for e in r.engines} - self.claims.retiring
         self.claims.retiring |= leaving  # their successors may bind beside them
         try:
             for forward in added:
@@ -234,8 +237,9 @@ class Daemon:
             self.start(runtime)
         for runtime in removed:
             del self.forwards[runtime.forward]
-            sharing = self.claims.sharing(runtime.forward)
-            self._replace(runtime, [r for r in started if r.forward in sharing])
+            sharing = set().union(*(self.claims.sharing(e) for e in runtime.engines))
+            self._replace(runtime, [r for r in started
+                                    if any(e in sharing for e in r.engines)])
         if new.max_conns != self.settings.max_conns:
             self.global_limit.set_limit(new.max_conns)
             log.info("global --max-conns now %s", new.max_conns or "unlimited")
@@ -264,9 +268,10 @@ class Daemon:
         task.add_done_callback(self._drained)
 
     def _drained(self, task: asyncio.Task[None]) -> None:
-        forward = self._draining.pop(task).forward
-        self.claims.retired(forward)
-        name = forward.name
+        runtime = self._draining.pop(task)
+        for engine in runtime.engines:
+            self.claims.retired(engine)
+        name = runtime.forward.name
         in_use = {r.forward.name for r in (*self.forwards.values(), *self._draining.values(),
                                            *self._handovers)}
         if name not in in_use:  # a changed forward keeps its name, and its series

@@ -3,54 +3,76 @@
 Listeners set SO_REUSEPORT (workers, and the next pod of a rollout, share a port), so the
 kernel also lets two *forwards* of one process bind the same address: ``lo:80`` beside
 ``127.0.0.1:80``, or ``:80`` beside ``[::]:80``. It then splits their clients between the
-two targets at random. Spec texts differ, so only the bound address shows the clash; this
-registry is asked after each bind, with the socket's own address.
+two targets at random. Likewise a dual-stack ``[::]`` listener beside an IPv4 ``0.0.0.0`` one:
+the kernel sends every IPv4 client to the latter. Spec texts differ, so only the bound
+address shows the clash; this registry is asked after each bind, with the socket's own
+address.
 
-A forward a reload replaced is *retiring*: its successor may bind beside it (that overlap is
-the hand-over). A claim ends when its socket closes, so nothing has to be released.
+Claims belong to an *owner* (an engine: one forward's TCP or UDP side), compared by
+identity, so a forward reloaded away and back is two owners. An owner a reload replaced is
+*retiring*: its successors may bind beside it (that overlap is the hand-over), and it may
+still bind beside them (its interface gained an address meanwhile). A claim ends when its
+socket closes, so nothing has to be released.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from portproxy.errors import SetupError
-from portproxy.spec import Forward
 
 BoundKey = tuple[int, int, str, int]
 """(socket type, family, host, port) as the kernel reports them."""
 
 
+def bound_keys(sock: socket.socket) -> list[BoundKey]:
+    """The addresses a bound socket takes: its own, and for a dual-stack IPv6 wildcard also
+    the IPv4 wildcard (it serves IPv4 clients too)."""
+    host, port = sock.getsockname()[:2]
+    keys: list[BoundKey] = [(sock.type, sock.family, host, port)]
+    if (sock.family == socket.AF_INET6 and host == "::"
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)):
+        keys.append((sock.type, socket.AF_INET, "0.0.0.0", port))
+    return keys
+
+
+def clash(name: str, key: BoundKey, other: str) -> SetupError:
+    kind = "udp" if key[0] == socket.SOCK_DGRAM else "tcp"
+    host, port = key[2], key[3]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return SetupError(f"forward {name}: {kind} {where} is already served by forward {other}, "
+                      "and the kernel would split clients between the two; give them "
+                      "different addresses or ports")
+
+
 @dataclass(frozen=True, slots=True)
 class _Claim:
-    forward: Forward
+    owner: Hashable
+    name: str
     sock: socket.socket
 
 
 @dataclass
 class ListenClaims:
-    retiring: set[Forward] = field(default_factory=set)
+    retiring: set[Hashable] = field(default_factory=set)
     _claims: dict[BoundKey, list[_Claim]] = field(default_factory=dict)
 
-    def claim(self, sock: socket.socket, forward: Forward) -> None:
-        """Record that ``forward`` bound ``sock``; ``SetupError`` (and ``sock`` closed) when
-        another forward that is not retiring holds the same address."""
-        host, port = sock.getsockname()[:2]
-        key = (sock.type, sock.family, host, port)
+    def claim(self, sock: socket.socket, owner: Hashable, name: str) -> None:
+        """Record that ``owner`` (of forward ``name``) bound ``sock``; ``SetupError`` (and
+        ``sock`` closed) when another owner holds one of its addresses, unless either of
+        the two is retiring."""
         self._forget_closed()
-        live = self._claims.get(key, [])
-        for other in live:
-            if other.forward != forward and other.forward not in self.retiring:
-                sock.close()
-                kind = "udp" if key[0] == socket.SOCK_DGRAM else "tcp"
-                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                raise SetupError(
-                    f"forward {forward.name}: {kind} {where} is already served by forward "
-                    f"{other.forward.name}, and the kernel would split clients between the "
-                    "two; give them different addresses or ports")
-        live.append(_Claim(forward, sock))
-        self._claims[key] = live
+        keys = bound_keys(sock)
+        if owner not in self.retiring:
+            for key in keys:
+                for other in self._claims.get(key, ()):
+                    if other.owner is not owner and other.owner not in self.retiring:
+                        sock.close()
+                        raise clash(name, key, other.name)
+        for key in keys:
+            self._claims.setdefault(key, []).append(_Claim(owner, name, sock))
 
     def _forget_closed(self) -> None:
         for key, claims in list(self._claims.items()):
@@ -60,17 +82,17 @@ class ListenClaims:
             else:
                 del self._claims[key]
 
-    def sharing(self, forward: Forward) -> set[Forward]:
-        """The other forwards bound, right now, to an address ``forward`` is bound to: a
+    def sharing(self, owner: Hashable) -> set[Hashable]:
+        """The other owners bound, right now, to an address ``owner`` is bound to: a
         replaced forward's successors, whatever their spec says (``lo:80`` may succeed
         ``127.0.0.1:80``, and ``eth0/ipv4:53`` plus ``eth0/ipv6:53`` succeed ``eth0:53``)."""
-        found: set[Forward] = set()
+        found: set[Hashable] = set()
         for claims in self._claims.values():
-            holders = {c.forward for c in claims if c.sock.fileno() != -1}
-            if forward in holders:
-                found |= holders - {forward}
+            holders = {c.owner for c in claims if c.sock.fileno() != -1}
+            if owner in holders:
+                found |= holders - {owner}
         return found
 
-    def retired(self, forward: Forward) -> None:
-        """``forward`` has stopped for good: it no longer excuses an overlap."""
-        self.retiring.discard(forward)
+    def retired(self, owner: Hashable) -> None:
+        """``owner`` has stopped for good: it no longer excuses an overlap."""
+        self.retiring.discard(owner)

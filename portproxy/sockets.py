@@ -3,7 +3,8 @@
 Listeners: SO_REUSEADDR (restart without TIME_WAIT trouble), SO_REUSEPORT (a second
 instance — a worker or the next pod of a rolling DaemonSet — binds beside this one; the
 kernel still refuses a port held by another user's socket), optional IP_FREEBIND (bind an
-address that does not exist yet), dual-stack ``[::]`` for "all addresses".
+address that does not exist yet), dual-stack ``[::]`` for "all addresses" (a written ``[::]``
+is IPv6 only).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
         if request.reuseport and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            # All addresses ('' or '*') is dual-stack; a written [::] is every IPv6 address
+            # only (nginx's ipv6only=on), so that 0.0.0.0:P and [::]:P split the families.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if request.host == "" else 1)
         if request.freebind:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)

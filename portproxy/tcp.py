@@ -116,7 +116,7 @@ class TcpForwarder:
         sock = bind_socket(BindRequest(host, self.forward.listen.port, freebind=freebind,
                                        listen=False), self.name)
         if self.claims is not None:
-            self.claims.claim(sock, self.forward)
+            self.claims.claim(sock, self, self.name)
         self.waiting[host] = sock
         if self.target.resolved:
             self._listen_waiting()
@@ -268,16 +268,17 @@ class TcpForwarder:
         if err in RESOURCE_ERRNOS:  # ours, not the endpoint's fault
             self._resource_backoff(err, "connect")
             return
+        self.target.health.failed(endpoint)  # skipped a while: others take new clients
         if err == errno.EADDRNOTAVAIL:
-            # No ephemeral port left toward this endpoint (ports are taken per destination,
-            # so the next endpoint may still have some). A local limit: the endpoint is not
-            # benched as failing, and the log says what to change.
-            log.error("forward %s: no free local port to connect to backend %s (ephemeral "
-                      "ports exhausted: widen net.ipv4.ip_local_port_range or enable "
-                      "net.ipv4.tcp_tw_reuse)", self.name, endpoint,
+            # A local limit, not the backend's failure, so the log says what to change: no
+            # ephemeral port left toward this endpoint (ports are taken per destination, so
+            # the next endpoint may still have some), or no source address of its family.
+            log.error("forward %s: no free local port or source address to connect to "
+                      "backend %s (ephemeral ports exhausted: widen "
+                      "net.ipv4.ip_local_port_range or enable net.ipv4.tcp_tw_reuse; or no "
+                      "usable address of its family on this host)", self.name, endpoint,
                       extra={"forward": self.name, "endpoint": str(endpoint)})
             return
-        self.target.health.failed(endpoint)
         reason = "timed out" if err == errno.ETIMEDOUT else os.strerror(err)
         log.warning("forward %s: backend %s failed for client %s: %s", self.name, endpoint,
                     unmapped(attempt.client_addr[0]), reason,

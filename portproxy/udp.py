@@ -137,7 +137,7 @@ class UdpForwarder:
         request = BindRequest(host, self.forward.listen.port, socket.SOCK_DGRAM, freebind)
         sock = bind_socket(request, self.name)
         if self.claims is not None:
-            self.claims.claim(sock, self.forward)
+            self.claims.claim(sock, self, self.name)
         wildcard = needs_pktinfo(sock)
         try:
             if wildcard:

@@ -291,9 +291,11 @@ def table_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     return loop.time
 
 
-#: What ``connect`` on a UDP socket fails with when no ephemeral port is left to bind it to:
-#: EAGAIN from the kernel's autobind, EADDRNOTAVAIL as for TCP.
-NO_LOCAL_PORT_ERRNOS = frozenset({errno.EAGAIN, errno.EADDRNOTAVAIL})
+#: What ``connect`` on a UDP socket fails with when no ephemeral port is left to bind it to
+#: (the kernel's autobind). Unlike TCP's, UDP's ephemeral ports are not per destination,
+#: so no other endpoint would do better. (EADDRNOTAVAIL, no source address of the
+#: endpoint's family, concerns that endpoint only: the next one is tried.)
+NO_LOCAL_PORT_ERRNOS = frozenset({errno.EAGAIN})
 
 
 def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoint] | None:
@@ -317,7 +319,7 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
         except OSError as exc:
             sock.close()
             if exc.errno in NO_LOCAL_PORT_ERRNOS:
-                raise  # the same for every endpoint: UDP's ephemeral ports are not per peer
+                raise  # the same for every endpoint
             continue
         return sock, endpoint
     return None

@@ -651,22 +651,53 @@ def test_a_global_proxy_protocol_v1_heads_tcp_only(tmp_path: Path) -> None:
         udp_backend.close()
 
 
-@pytest.mark.parametrize("first,second,first_name", [
-    ("lo:{}", "127.0.0.1:{}", "lo:{}"), ("{}", "[::]:{}", "*:{}")],
-    ids=["interface-and-ip", "all-and-ipv6-wildcard"])
-def test_two_forwards_on_one_bound_address_fail_the_start(
-        first: str, second: str, first_name: str) -> None:
-    # Different texts, one address: with SO_REUSEPORT the kernel would take both and split
-    # clients between their targets.
+def test_two_forwards_on_one_bound_address_fail_the_start() -> None:
+    # lo:P binds 127.0.0.1:P (and ::1): with SO_REUSEPORT the kernel would take both
+    # forwards and split clients between their targets. Only the bind shows it: exit 3.
     port = free_port()
-    specs = ["-f", f"tcp://{first.format(port)}=127.0.0.1:1",
-             "-f", f"tcp://{second.format(port)}=127.0.0.1:2"]
+    specs = ["-f", f"tcp://lo:{port}=127.0.0.1:1", "-f", f"tcp://127.0.0.1:{port}=127.0.0.1:2"]
     for command in (["run", "--admin-address", "none"], ["check", "--offline"]):
         result = run_cli([*command, *specs], timeout=60)
         output = result.stdout + result.stderr
         assert result.returncode == 3, output
-        assert f"forward tcp/{second.format(port)}: tcp " in output, output
-        assert f"is already served by forward tcp/{first_name.format(port)}," in output
+        assert f"forward tcp/127.0.0.1:{port}: tcp 127.0.0.1:{port} is already served by " \
+               f"forward tcp/lo:{port}," in output, output
+
+
+@pytest.mark.parametrize("second", ["[::]:{}", "0.0.0.0:{}"], ids=["ipv6-any", "ipv4-any"])
+def test_all_addresses_beside_a_wildcard_of_one_family_is_invalid(second: str) -> None:
+    # All addresses is both wildcards: beside [::] the two would split IPv6 clients, beside
+    # 0.0.0.0 the kernel would give every IPv4 client to the latter. The text tells: exit 2.
+    port = free_port()
+    result = run_cli(["check", "--offline", "-f", f"tcp://:{port}=127.0.0.1:1",
+                      "-f", f"tcp://{second.format(port)}=127.0.0.1:2"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"is already used by 'tcp://:{port}=127.0.0.1:1'" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_ipv4_and_ipv6_wildcards_split_the_families() -> None:
+    # [::] is every IPv6 address only (nginx's ipv6only=on); 0.0.0.0 every IPv4 address.
+    v4_backend, v6_backend = EchoServer(), EchoServer()
+    port = free_port()
+    proc = PortproxyProcess(["run", "--admin-address", "none",
+                             "-f", f"tcp://0.0.0.0:{port}=127.0.0.1:{v4_backend.port}",
+                             "-f", f"tcp://[::]:{port}=127.0.0.1:{v6_backend.port}"])
+    try:
+        proc.wait_for_line(f"listening on tcp 0.0.0.0:{port}")
+        proc.wait_for_line(f"listening on tcp [::]:{port}")
+        for host, payload in (("127.0.0.1", b"over ipv4"), ("::1", b"over ipv6")):
+            with socket.create_connection((host, port), timeout=10) as client:
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == payload
+        assert (v4_backend.accepted, v6_backend.accepted) == (1, 1)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+        v4_backend.close()
+        v6_backend.close()
 
 
 def test_a_reload_may_move_a_forward_to_the_same_address_spelt_otherwise(

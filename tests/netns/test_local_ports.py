@@ -92,7 +92,7 @@ print(json.dumps(results))
 """
 
 
-def test_tcp_out_of_local_ports_resets_the_client_and_blames_no_backend(
+def test_tcp_out_of_local_ports_resets_the_client_and_says_why(
         netns: nsutil.NetNamespace) -> None:
     netns.run(["sysctl", "-w", f"net.ipv4.ip_local_port_range={PORT_RANGE}"])
     backend = netns.popen_python(TCP_BACKEND)
@@ -104,7 +104,7 @@ def test_tcp_out_of_local_ports_resets_the_client_and_blames_no_backend(
     logs = proxy.stderr_text()
     lines = [line for line in logs.splitlines() if "no free local port" in line]
     assert lines and "127.0.0.1:9000" in lines[0] and "ip_local_port_range" in lines[0], logs
-    # The endpoint did nothing wrong: no "backend failed" warning that would blame it.
+    # The cause is local: said as such, not as "backend ... failed for client".
     assert "failed for client" not in logs
 
 
@@ -154,3 +154,21 @@ def test_udp_out_of_local_ports_counts_an_overload_drop(netns: nsutil.NetNamespa
     logs = proxy.stderr_text()
     lines = [line for line in logs.splitlines() if "no socket for a new flow" in line]
     assert lines and "ip_local_port_range" in lines[0], logs
+
+
+CONNECT_FIRST = """
+from portproxy.endpoints import Endpoint
+from portproxy.udp_flow import connect_first
+sock, endpoint = connect_first([Endpoint("2001:db8::1", 53), Endpoint("127.0.0.1", 53)])
+sock.close()
+print(endpoint)
+"""
+
+
+def test_udp_no_source_address_of_a_family_tries_the_next_endpoint(
+        netns: nsutil.NetNamespace) -> None:
+    # No IPv6 address here: connect() to an IPv6 endpoint fails with EADDRNOTAVAIL. That
+    # concerns the endpoint's family, not the local ports: the IPv4 endpoint must be used.
+    netns.run(["sysctl", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.lo.disable_ipv6=1"])
+    assert netns.run_python(CONNECT_FIRST).stdout.strip() == "127.0.0.1:53"
