@@ -175,6 +175,15 @@ class Registry:
             else:
                 child.value += float(value)  # type: ignore[arg-type]
 
+    def label_values(self, label: str) -> set[str]:
+        """Every value ``label`` has in some series."""
+        found: set[str] = set()
+        for family in self._families:
+            if label in family.labelnames:
+                index = family.labelnames.index(label)
+                found.update(values[index] for values, _ in family.children())
+        return found
+
     def forget(self, label: str, value: str) -> None:
         for family in self._families:
             if label in family.labelnames:

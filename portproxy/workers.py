@@ -166,6 +166,11 @@ class Supervisor:
         worker.link.sock.close()
         worker.link = None
         self.retired.add_snapshot(worker.stats, gauges=False)
+        # A worker that died while draining a forward a reload removed reported it still:
+        # that forward's series were forgotten at the reload and must not come back.
+        current = {forward.name for forward in self.settings.forwards}
+        for name in self.retired.label_values("forward") - current:
+            self.retired.forget("forward", name)
         worker.stats, worker.statuses = [], []
         if self.stopping:
             return

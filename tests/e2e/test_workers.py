@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import urllib.request
+from pathlib import Path
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
@@ -102,15 +103,17 @@ def series_of(admin: int, name: str) -> list[str]:
     return [line for line in text.splitlines() if f'forward="{name}"' in line]
 
 
+def write_config(path: Path, admin: int, backend: EchoServer, *ports: int) -> None:
+    """A config file: the admin endpoint, and one forward per port to ``backend``."""
+    specs = ", ".join(f'"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"' for port in ports)
+    path.write_text(f'admin-address = "127.0.0.1:{admin}"\nforwards = [{specs}]\n')
+
+
 def test_a_removed_forward_leaves_metrics_after_a_worker_restart(backend: EchoServer,
                                                                   tmp_path) -> None:
     kept, removed, admin = free_port(), free_port(), free_port()
-    def spec(port: int) -> str:
-        return f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"
-
     config = tmp_path / "c.toml"
-    config.write_text(f'admin-address = "127.0.0.1:{admin}"\n'
-                      f'forwards = ["{spec(kept)}", "{spec(removed)}"]\n')
+    write_config(config, admin, backend, kept, removed)
     proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config)])
     name = f"tcp/127.0.0.1:{removed}"
     try:
@@ -123,8 +126,7 @@ def test_a_removed_forward_leaves_metrics_after_a_worker_restart(backend: EchoSe
         wait_for(lambda: proc.worker_pids().get(0, pids[0]) != pids[0],
                  what="worker 0 to be restarted")
         wait_for(lambda: metric(admin, counted) == 10, what="the dead worker's share kept")
-        config.write_text(f'admin-address = "127.0.0.1:{admin}"\n'
-                          f'forwards = ["{spec(kept)}"]\n')
+        write_config(config, admin, backend, kept)
         proc.signal(signal.SIGHUP)
         wait_for(lambda: series_of(admin, name) == [], what=f"{name} to leave /metrics")
         assert series_of(admin, f"tcp/127.0.0.1:{kept}") != []
@@ -227,4 +229,33 @@ def test_a_worker_draining_when_its_supervisor_dies_keeps_its_connections(
         wait_for(lambda: gone(alive[0]), timeout=30, what="the worker to finish and exit")
         assert "second signal" not in proc.output
     finally:
+        proc.stop()
+
+
+def test_a_worker_dying_mid_drain_does_not_bring_back_a_removed_forward(
+        backend: EchoServer, tmp_path) -> None:
+    kept, removed, admin = free_port(), free_port(), free_port()
+    config = tmp_path / "c.toml"
+    write_config(config, admin, backend, kept, removed)
+    proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config),
+                             "--drain-timeout", "60s"])
+    name = f"tcp/127.0.0.1:{removed}"
+    held = None
+    try:
+        pids = two_workers_up(proc, removed)
+        held = socket.create_connection(("127.0.0.1", removed), timeout=10)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"  # a connection that keeps the removed forward draining
+        wait_for(lambda: series_of(admin, name) != [], what="its series")
+        write_config(config, admin, backend, kept)
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("configuration changed")
+        for pid in pids.values():  # whichever holds it dies draining, reporting it
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(proc.worker_pids().get(i) not in (None, pids[i]) for i in pids),
+                 what="both workers to be restarted")
+        wait_for(lambda: series_of(admin, name) == [], what=f"{name} to leave /metrics")
+    finally:
+        if held is not None:
+            held.close()
         proc.stop()
