@@ -66,7 +66,10 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
     if host == "":
         host = "::" if _ipv6_available() else "0.0.0.0"
     family = family_of(host)
-    sock = socket.socket(family, request.kind)
+    try:
+        sock = socket.socket(family, request.kind)
+    except OSError as exc:  # an IPv6 address on a kernel without IPv6; out of descriptors
+        raise SetupError(bind_error_message(forward, host, request.port, exc)) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if request.reuseport and hasattr(socket, "SO_REUSEPORT"):
@@ -104,6 +107,9 @@ def bind_error_message(forward: str, host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return (f"forward {forward}: {where} is not an address of this host; use an interface "
                 "name, '*' or the freebind option")
+    if exc.errno == errno.EAFNOSUPPORT:
+        return (f"forward {forward}: cannot bind {where}: this kernel has no IPv6; use an IPv4 "
+                "address or '*'")
     return f"forward {forward}: cannot bind {where}: {exc.strerror or exc}"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
-from tests.e2e.cli import PortproxyProcess
+from tests.e2e.cli import PortproxyProcess, run_cli
 from tests.e2e.preload import build_preload
 from tests.k8s.conftest import ep, write_kubeconfig
 from tests.k8s.fakeapi import FakeKube
@@ -86,3 +86,16 @@ def test_without_ipv6_clients_reach_the_ipv4_endpoints(no_inet6: Path, tmp_path:
     finally:
         tcp_backend.close()
         udp_backend.close()
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_an_ipv6_listen_address_without_ipv6_is_one_line_not_a_crash(
+        no_inet6: Path, protocol: str) -> None:
+    port = free_port()
+    result = run_cli(["check", "--offline", "-f", f"{protocol}://[::]:{port}=127.0.0.1:1"],
+                     env={"LD_PRELOAD": str(no_inet6)})
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert f"cannot bind [::]:{port}: this kernel has no IPv6; use an IPv4 address or '*'" \
+        in output, output
+    assert "Traceback" not in output
