@@ -226,6 +226,9 @@ def test_global_wait_interface_reaches_interface_forwards_only(way: str) -> None
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.skipif(Path("/proc/sys/net/ipv4/ip_nonlocal_bind").exists() and
+                    Path("/proc/sys/net/ipv4/ip_nonlocal_bind").read_text().strip() == "1",
+                    reason="net.ipv4.ip_nonlocal_bind=1: any address binds, freebind or not")
 def test_global_freebind_binds_an_address_this_host_lacks() -> None:
     # 192.0.2.0/24 is TEST-NET-1: no host has it. IPv4 forwards only; an all-addresses
     # forward beside it takes no freebind (and is no error).
@@ -270,8 +273,18 @@ def test_a_failing_credential_plugin_is_reported_without_its_output(tmp_path) ->
     assert "HUNTER2" not in output
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="needs root and unshare(1) for a private mount namespace")
+def private_mounts_available() -> bool:
+    """Whether unshare(1) can make a private mount namespace here (root with
+    CAP_SYS_ADMIN: a plain container lacks it)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not private_mounts_available(),
+                    reason="needs unshare(1) and the right to make a private mount namespace")
 def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None:
     # A read-only container (docker run --read-only) with a kubeconfig holding inline
     # certificate data: the client has nowhere to write them. Read-only /tmp and /var/tmp
@@ -293,9 +306,11 @@ def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None
     script = (f"set -e; mount -t tmpfs tmpfs /var/tmp; cp {shlex.quote(str(kubeconfig))} "
               "/var/tmp/kubeconfig; mount -o remount,ro /var/tmp; "
               f"mount -t tmpfs -o ro tmpfs /tmp; cd /tmp; {portproxy}")
-    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
-                            text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    # Without TMPDIR and friends: tempfile tries them before /tmp and /var/tmp.
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script], capture_output=True, text=True, timeout=60,
+                            env={**env, "PYTHONPATH": str(REPO_ROOT)})
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert "No usable temporary directory" in output, output

@@ -608,6 +608,8 @@ def test_a_reload_says_which_settings_wait_for_a_restart(
         line = proc.wait_for_line("takes effect only at a restart")
         assert "admin-address, log-format changed" in line
         proc.wait_for_line(f"listening on tcp 127.0.0.1:{second}")  # the forwards did change
+        after = proc.lines[proc.lines.index(line):]
+        assert not [entry for entry in after if entry.startswith("{")]  # still text logs
         names = {f["name"] for f in admin_json(admin, "/forwards")}  # type: ignore[union-attr]
         assert names == {f"tcp/127.0.0.1:{first}", f"tcp/127.0.0.1:{second}"}
         proc.signal(signal.SIGTERM)

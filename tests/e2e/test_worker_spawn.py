@@ -68,7 +68,9 @@ def test_a_worker_that_cannot_start_fails_the_start_in_one_line(
                             env=environment(refuse_worker_exec, marker))
     try:
         assert proc.wait(30) == 3, proc.output
-        assert "cannot start worker 0: Resource temporarily unavailable" in proc.output
+        said = [line for line in proc.lines if "cannot start worker" in line]
+        assert len(said) == 1, proc.output
+        assert "cannot start worker 0: Resource temporarily unavailable" in said[0]
         assert "Traceback" not in proc.output
     finally:
         proc.stop()

@@ -122,10 +122,11 @@ def test_a_removed_forward_leaves_metrics_after_a_worker_restart(backend: EchoSe
             assert exchange(removed, b"x %d" % i) == b"x %d" % i
         counted = f'portproxy_connections_total{{forward="{name}",result="ok"}}'
         wait_for(lambda: metric(admin, counted) == 10, what="10 counted")
-        os.kill(pids[0], signal.SIGKILL)  # its counters now live on in the supervisor
-        wait_for(lambda: proc.worker_pids().get(0, pids[0]) != pids[0],
-                 what="worker 0 to be restarted")
-        wait_for(lambda: metric(admin, counted) == 10, what="the dead worker's share kept")
+        for pid in pids.values():  # both: their counters now live on in the supervisor
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(proc.worker_pids().get(i) not in (None, pids[i]) for i in pids),
+                 what="both workers to be restarted")
+        wait_for(lambda: metric(admin, counted) == 10, what="the dead workers' shares kept")
         write_config(config, admin, backend, kept)
         proc.signal(signal.SIGHUP)
         wait_for(lambda: series_of(admin, name) == [], what=f"{name} to leave /metrics")

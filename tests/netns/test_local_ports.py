@@ -126,16 +126,31 @@ def ask(source_port, payload, attempts):
     finally:
         sock.close()
 
+def metrics(source_port):
+    request = socket.socket()
+    request.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    request.bind(("127.0.0.1", source_port))
+    request.settimeout(5)
+    request.connect(("127.0.0.1", 9100))
+    request.sendall(b"GET /metrics HTTP/1.0\\r\\n\\r\\n")
+    text = b""
+    while chunk := request.recv(65536):
+        text += chunk
+    request.close()
+    return text.decode()
+
+def overload(text):
+    return [line for line in text.splitlines()
+            if line.startswith("portproxy_udp_dropped_total{") and 'reason="overload"' in line]
+
 answers = [ask(30001, b"a", 20), ask(30002, b"b", 20), ask(30003, b"c", 1)]
-request = socket.socket()
-request.bind(("127.0.0.1", 30010))
-request.settimeout(5)
-request.connect(("127.0.0.1", 9100))
-request.sendall(b"GET /metrics HTTP/1.0\\r\\n\\r\\n")
-text = b""
-while chunk := request.recv(65536):
-    text += chunk
-print(json.dumps({"answers": answers, "metrics": text.decode()}))
+deadline = time.monotonic() + 10  # the drop is counted when the forwarder reads "c"
+for source_port in range(30010, 30210):
+    text = metrics(source_port)
+    if not overload(text)[0].endswith(" 0") or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)  # poll interval, bounded by the deadline
+print(json.dumps({"answers": answers, "metrics": text}))
 """
 
 
