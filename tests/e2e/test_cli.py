@@ -287,8 +287,9 @@ def private_mounts_available() -> bool:
                     reason="needs unshare(1) and the right to make a private mount namespace")
 def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None:
     # A read-only container (docker run --read-only) with a kubeconfig holding inline
-    # certificate data: the client has nowhere to write them. Read-only /tmp and /var/tmp
-    # in a private mount namespace stand in for that container.
+    # certificate data: the client has nowhere to write them. /tmp and /var/tmp made
+    # read-only in a private mount namespace stand in for that container (remounted in
+    # place, not hidden: this checkout and its interpreter may well live under /tmp).
     import base64
     import json
 
@@ -302,10 +303,10 @@ def test_no_writable_temporary_directory_gets_a_hint_that_fits(tmp_path) -> None
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
     portproxy = shlex.join([sys.executable, "-m", "portproxy", "check", "-f",
                             f"tcp://127.0.0.1:{free_port()}=ns/svc:80",
-                            "--kubeconfig", "/var/tmp/kubeconfig"])
-    script = (f"set -e; mount -t tmpfs tmpfs /var/tmp; cp {shlex.quote(str(kubeconfig))} "
-              "/var/tmp/kubeconfig; mount -o remount,ro /var/tmp; "
-              f"mount -t tmpfs -o ro tmpfs /tmp; cd /tmp; {portproxy}")
+                            "--kubeconfig", str(kubeconfig)])
+    read_only = "".join(f"mount --bind {d} {d}; mount -o remount,bind,ro {d}; "
+                        for d in ("/tmp", "/var/tmp") if os.path.isdir(d))
+    script = f"set -e; {read_only}cd /tmp; {portproxy}"
     # Without TMPDIR and friends: tempfile tries them before /tmp and /var/tmp.
     env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
