@@ -163,6 +163,10 @@ daemon_options = _options(
                  help="Log line format."),
     option("--access-log", is_flag=True, envvar=env("access-log"),
                  help="Log one line per finished TCP connection / expired UDP flow."),
+    option("--ready-file", envvar=env("ready-file"), metavar="PATH",
+           help="A file that exists exactly while ready, for an exec readiness probe "
+                "(test -e PATH): on the host network the admin port is shared by the pods "
+                "of a rollout."),
     option("--create-interface", envvar=env("create-interface"), metavar="NAME",
                  help="Create (or adopt) a dummy interface with the --address VIPs at start "
                       "and remove it on exit; needs NET_ADMIN."),

@@ -97,6 +97,7 @@ def settings_from(params: dict[str, Any]) -> Settings:
         admin_address=parse_admin_address(params.get("admin_address") or "none"),
         max_conns=params.get("max_conns", 0),
         access_log=params.get("access_log", False),
+        ready_file=params.get("ready_file") or None,
         kubeconfig=params["kubeconfig"],
         kube_context=params["kube_context"],
         node_name=params["node_name"] or None,

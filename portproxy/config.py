@@ -39,6 +39,8 @@ class Settings:
     """The global --KEY option defaults, for forwards created later (ConfigMap entries)."""
     log_level: str = "info"
     log_format: str = "text"
+    ready_file: str | None = None
+    """A file that exists exactly while the instance is ready (for an exec readiness probe)."""
 
 
 #: Settings read once at start, by field, with the flag (and config-file key) that sets them.
@@ -58,6 +60,7 @@ RESTART_ONLY: dict[str, str] = {
     "udp_services_configmap": "udp-services-configmap",
     "log_level": "log-level",
     "log_format": "log-format",
+    "ready_file": "ready-file",
 }
 
 

@@ -28,6 +28,7 @@ from portproxy.listen_claims import ListenClaims
 from portproxy.logs import AccessLog, AccessRecord, format_address
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_header
+from portproxy.ready_file import ReadyFile
 from portproxy.relay import direction_type
 from portproxy.resolver_factory import ResolverFactory, Resolvers
 from portproxy.spec import Forward, Protocol
@@ -309,6 +310,7 @@ class Daemon:
                 runtimes.append(self.build(forward))
             refs = configmap_refs(self.settings)
             kube = self.resolvers.kube() if refs else None  # a bad kubeconfig fails here
+            ready_file = self._ready_file()
             await self._start_admin()
         except BaseException:
             for runtime in runtimes:
@@ -327,18 +329,31 @@ class Daemon:
                     ref, kube, self.settings.forward_defaults,
                     self.sources, self._apply_sources), name=f"configmap {ref}")
                     for ref in refs]
+                if ready_file is not None:
+                    watches.append(group.create_task(ready_file.run(), name="ready file"))
                 if ready is not None:
                     ready()
                 await self._stop.wait()
+                if ready_file is not None:
+                    ready_file.withdraw()  # the probe says "not ready" as draining starts
                 for watch in watches:  # no forward may open while draining
                     watch.cancel()
                 await self.drain()
         finally:
             remove_signals()
+            if ready_file is not None:
+                ready_file.withdraw()  # also when something failed: never ready once stopped
             if self.admin is not None:
                 await self.admin.stop()
             await self.close_resolvers()
         log.info("stopped")
+
+    def _ready_file(self) -> ReadyFile | None:
+        if self.settings.ready_file is None:
+            return None
+        ready_file = ReadyFile(self.settings.ready_file, self)
+        ready_file.check_writable()
+        return ready_file
 
     async def _start_admin(self) -> None:
         address = self.settings.admin_address

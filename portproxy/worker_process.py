@@ -54,7 +54,7 @@ def worker_settings(settings: Settings) -> Settings:
     """What a worker runs: the data plane only; the supervisor keeps the rest."""
     return replace(settings, admin_address=None, create_interface=None,
                    interface_addresses=(), workers=1, tcp_services_configmap=None,
-                   udp_services_configmap=None)
+                   udp_services_configmap=None, ready_file=None)
 
 
 async def worker_main(fd: int) -> int:

@@ -36,6 +36,7 @@ from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError, SetupError
 from portproxy.forward_runtime import status_of
 from portproxy.metrics import ProxyMetrics, Registry
+from portproxy.ready_file import ReadyFile
 from portproxy.resolver_factory import Resolvers
 from portproxy.spec import Forward
 from portproxy.status import ForwardStatus
@@ -255,6 +256,10 @@ class Supervisor:
             self.targets[forward] = self._target(forward)
         if configmap_refs(self.settings):
             self.resolvers.kube()  # a bad kubeconfig fails the start here
+        ready_file = None
+        if self.settings.ready_file is not None:
+            ready_file = ReadyFile(self.settings.ready_file, self)
+            ready_file.check_writable()
         async with asyncio.TaskGroup() as group:
             self._group = group
             problem = ""
@@ -271,7 +276,13 @@ class Supervisor:
                 self._on_signal(signal.SIGTERM)
             else:
                 admin = await self._begin(loop)
+            ready_task = None if ready_file is None or problem else group.create_task(
+                ready_file.run(), name="ready file")
             await self._stop.wait()
+            if ready_file is not None:
+                ready_file.withdraw()  # the probe says "not ready" as the workers drain
+            if ready_task is not None:
+                ready_task.cancel()
             await asyncio.gather(*(asyncio.to_thread(w.proc.wait) for w in self.workers
                                    if w.proc is not None))
             if admin is not None:

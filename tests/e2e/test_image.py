@@ -149,6 +149,13 @@ def test_image_metadata_and_contents(image: str) -> None:
     permitted = int.from_bytes(bytes.fromhex(facts["fcaps"])[4:8], "little")
     assert permitted == CAP_NET_BIND_SERVICE
 
+    # The hostNetwork examples' readiness probe is `test -e READY_FILE`, run in the image.
+    for path, code in (("/", 0), ("/no/such/ready", 1)):
+        probe_run = podman("run", "--rm", "--network", "none", "--cap-drop", "ALL",
+                           "--cap-add", "NET_BIND_SERVICE", "--entrypoint", "test", image,
+                           "-e", path, check=False)
+        assert probe_run.returncode == code, probe_run.stderr
+
 
 # Docker and Kubernetes (unlike podman) give a non-root process no ambient capabilities: only
 # the interpreter's file capability lets it bind port 80. setpriv reproduces that start: uid
