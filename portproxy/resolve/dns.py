@@ -38,8 +38,13 @@ async def system_lookup(host: str) -> list[str]:
         # can carry such a name; Kubernetes does not check label lengths there.
         raise socket.gaierror(socket.EAI_NONAME, f"not a valid DNS name ({exc})") from None
     addresses: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        address = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 scope id
+    for family, _type, _proto, _canon, sockaddr in infos:
+        address = str(sockaddr[0]).split("%", 1)[0]
+        scope_id = sockaddr[3] if family == socket.AF_INET6 and len(sockaddr) == 4 else 0
+        if scope_id:
+            # A link-local address is only reachable through its interface: keep the scope
+            # id (connect() reads "fe80::1%2" as interface 2).
+            address = f"{address}%{scope_id}"
         if address not in addresses:
             addresses.append(address)
     return addresses
