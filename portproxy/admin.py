@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from portproxy.errors import ConfigError, SetupError
 from portproxy.metrics import Registry
 from portproxy.spec_values import is_decimal
-from portproxy.status import StatusSource, is_ready, not_ready_lines
+from portproxy.status import StatusSource, readiness
 
 log = logging.getLogger("portproxy.admin")
 
@@ -368,10 +368,10 @@ class AdminServer:
         return _text(200, "ok")
 
     def _readyz(self) -> _Response:
-        statuses = self._status.forward_statuses()
-        if is_ready(statuses):
+        reasons = readiness(self._status)
+        if not reasons:
             return _text(200, "ready")
-        return _text(503, "\n".join(not_ready_lines(statuses)))
+        return _text(503, "\n".join(reasons))
 
     def _forwards(self) -> _Response:
         data = [status.to_dict() for status in self._status.forward_statuses()]

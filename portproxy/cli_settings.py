@@ -56,6 +56,8 @@ def _listen_keys(listen: ListenAddress) -> list[tuple[str, int, str]]:
     if listen.host == "":  # all addresses: the IPv4 and the IPv6 wildcard
         return [("*", listen.port, "ipv4"), ("*", listen.port, "ipv6")]
     ip = ipaddress.ip_address(listen.host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # [::ffff:a.b.c.d] takes IPv4 clients of a.b.c.d only
     host = "*" if ip.is_unspecified else ip.compressed
     return [(host, listen.port, f"ipv{ip.version}")]
 

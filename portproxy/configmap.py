@@ -28,6 +28,13 @@ class ConfigMapRef:
         return f"{self.protocol.value}-services {self.namespace}/{self.name}"
 
 
+def configmaps_unread(settings: Any, sources: ForwardSources) -> list[str]:
+    """Readiness lines for the ConfigMaps not read yet: their entries are forwards still to
+    come, so an instance without them is not ready (it would serve nothing)."""
+    return [f"{ref}: not read yet" for ref in configmap_refs(settings)
+            if ref not in sources.dynamic]
+
+
 def configmap_refs(settings: Any) -> list[ConfigMapRef]:
     """The ConfigMaps named by ``--tcp-services-configmap``/``--udp-services-configmap``."""
     refs = []

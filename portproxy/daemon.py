@@ -17,7 +17,7 @@ from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings, keep_restart_only
-from portproxy.configmap import ForwardSources, configmap_refs
+from portproxy.configmap import ForwardSources, configmap_refs, configmaps_unread
 from portproxy.configmap_watch import follow_configmap
 from portproxy.connect import Address
 from portproxy.endpoints import Balancer
@@ -165,6 +165,9 @@ class Daemon:
         self.forwards[runtime.forward] = runtime
 
     # -- status (admin) -------------------------------------------------------------------
+    def waiting_for(self) -> list[str]:
+        return configmaps_unread(self.settings, self.sources)
+
     def forward_statuses(self) -> list[ForwardStatus]:
         return [status_of(r.forward, r.target, r.engines, r.detail)
                 for r in self.forwards.values()]
@@ -305,12 +308,12 @@ class Daemon:
 
     async def _run(self, ready: Callable[[], None] | None) -> None:
         runtimes: list[ForwardRuntime] = []
+        ready_file = self._ready_file()  # first: a stale file from a crashed start goes now
         try:
             for forward in self.settings.forwards:
                 runtimes.append(self.build(forward))
             refs = configmap_refs(self.settings)
             kube = self.resolvers.kube() if refs else None  # a bad kubeconfig fails here
-            ready_file = self._ready_file()
             await self._start_admin()
         except BaseException:
             for runtime in runtimes:
@@ -352,7 +355,7 @@ class Daemon:
         if self.settings.ready_file is None:
             return None
         ready_file = ReadyFile(self.settings.ready_file, self)
-        ready_file.check_writable()
+        ready_file.prepare()
         return ready_file
 
     async def _start_admin(self) -> None:

@@ -32,9 +32,11 @@ def bound_keys(sock: socket.socket) -> list[BoundKey]:
     the IPv4 wildcard (it serves IPv4 clients too)."""
     host, port = sock.getsockname()[:2]
     keys: list[BoundKey] = [(sock.type, sock.family, host, port)]
-    if (sock.family == socket.AF_INET6 and host == "::"
-            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)):
-        keys.append((sock.type, socket.AF_INET, "0.0.0.0", port))
+    if sock.family == socket.AF_INET6:
+        if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            keys.append((sock.type, socket.AF_INET, "0.0.0.0", port))
+        elif host.startswith("::ffff:") and "." in host:  # IPv4-mapped: IPv4 clients only
+            keys.append((sock.type, socket.AF_INET, host[7:], port))
     return keys
 
 

@@ -3,8 +3,10 @@
 On the host network the two pods of a rolling update share the admin port (SO_REUSEPORT),
 so the kubelet's HTTP readiness probe of the new pod may be answered by the old one. A file
 in the pod's own filesystem cannot be: an exec probe ``test -e PATH`` asks this instance
-and no other. The file appears once every forward is bound and resolved (what /readyz
-says), goes when that stops being true, and goes for good when the instance starts to stop.
+and no other. The file appears once /readyz would say ready (every forward bound and
+resolved, every ConfigMap read), goes when that stops being true, and goes for good when
+the instance starts to stop. Like /readyz it says nothing of a hung event loop: that is the
+liveness probe's job (/healthz).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 
 from portproxy.errors import SetupError
-from portproxy.status import StatusSource, is_ready
+from portproxy.status import StatusSource, readiness
 
 log = logging.getLogger("portproxy")
 
@@ -30,22 +32,27 @@ class ReadyFile:
         self.interval = interval
         self.present = False
         self._withdrawn = False
+        self._failing = False
 
-    def check_writable(self) -> None:
-        """At start: a directory that is missing or read-only fails the start (exit 3)
-        rather than leaving the pod unready for good. It also clears a file a crashed
-        predecessor left (an emptyDir outlives a container restart)."""
+    def prepare(self) -> None:
+        """At start, first thing: remove a file a killed predecessor left (an emptyDir
+        outlives a container restart), and fail the start (exit 3) where no file can be
+        written, rather than leave the pod unready for good."""
+        if os.path.isdir(self.path):
+            raise SetupError(f"--ready-file {self.path} is a directory: give a file path "
+                             "inside it (e.g. /run/portproxy/ready)")
         try:
-            self._write()
+            self._remove()
+            self._write(f"{self.path}.probe")
+            self._remove(f"{self.path}.probe")
         except OSError as exc:
             raise SetupError(f"cannot write --ready-file {self.path}: "
                              f"{exc.strerror or exc}; mount a writable directory there "
                              "(an emptyDir in Kubernetes)") from None
-        self._remove()
 
     async def run(self) -> None:
         while not self._withdrawn:
-            self.update(is_ready(self.source.forward_statuses()))
+            self.update(not readiness(self.source))
             await asyncio.sleep(self.interval)
 
     def update(self, ready: bool) -> None:
@@ -53,12 +60,17 @@ class ReadyFile:
             return
         try:
             if ready:
-                self._write()
+                self._write(self.path)
             else:
                 self._remove()
-        except OSError as exc:  # the probe then reports the truth late; say why
-            log.error("cannot update --ready-file %s: %s", self.path, exc.strerror or exc)
+        except OSError as exc:  # the probe then reports the truth late: say so, once
+            if not self._failing:
+                log.error("cannot update --ready-file %s: %s", self.path, exc.strerror or exc)
+            self._failing = True
             return
+        if self._failing:
+            log.info("--ready-file %s can be updated again", self.path)
+        self._failing = False
         self.present = ready
         log.info("ready file %s %s", self.path, "written" if ready else "removed")
 
@@ -71,13 +83,19 @@ class ReadyFile:
             self.present = False
             log.info("ready file %s removed (stopping)", self.path)
 
-    def _write(self) -> None:
+    @staticmethod
+    def _write(path: str) -> None:
         # Written aside and renamed: a probe never sees a half-written file.
-        temporary = f"{self.path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write("ready\n")
-        os.replace(temporary, self.path)
+        temporary = f"{path}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as stream:
+                stream.write("ready\n")
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
-    def _remove(self) -> None:
+    def _remove(self, path: str | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(path or self.path)

@@ -126,6 +126,10 @@ def sockaddr(host: str, port: int) -> tuple[str, int]:
 
 
 def bound_address(sock: socket.socket) -> str:
-    """A bound socket's address for logs: ``host:port`` or ``[v6]:port``."""
+    """A bound socket's address for logs: ``host:port``, ``[v6]:port``, or ``*:port`` for
+    the dual-stack wildcard (``[::]:port`` is the IPv6-only one)."""
     host, port = sock.getsockname()[:2]
+    if (host == "::" and sock.family == socket.AF_INET6
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)):
+        return f"*:{port}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

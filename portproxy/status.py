@@ -67,6 +67,17 @@ class StatusSource(Protocol):
 
     def forward_statuses(self) -> Sequence[ForwardStatus]: ...
 
+    def waiting_for(self) -> Sequence[str]:
+        """What readiness waits for besides the forwards (a ConfigMap not read yet, whose
+        entries are forwards to come), one line each; empty when nothing."""
+        ...
+
+
+def readiness(source: StatusSource) -> list[str]:
+    """Why ``source`` is not ready, one line each (/readyz, the ready file); empty when it
+    is ready."""
+    return [*source.waiting_for(), *not_ready_lines(source.forward_statuses())]
+
 
 def is_ready(statuses: Sequence[ForwardStatus]) -> bool:
     """Ready iff every forward is bound and resolved; no forwards at all is ready (nothing

@@ -29,7 +29,7 @@ from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings
-from portproxy.configmap import ForwardSources, configmap_refs
+from portproxy.configmap import ForwardSources, configmap_refs, configmaps_unread
 from portproxy.configmap_watch import follow_configmap
 from portproxy.daemon import Reloader, reloaded
 from portproxy.endpoints import Balancer
@@ -188,6 +188,9 @@ class Supervisor:
                 log.error("%s; retrying in %.0fs", exc, RESTART_DELAY)
 
     # -- status ---------------------------------------------------------------------------
+    def waiting_for(self) -> list[str]:
+        return configmaps_unread(self.settings, self.sources)
+
     def forward_statuses(self) -> list[ForwardStatus]:
         statuses = []
         for forward, state in self.targets.items():
@@ -252,14 +255,22 @@ class Supervisor:
     # -- running --------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        ready_file = None
+        if self.settings.ready_file is not None:  # first: a stale file from a crash goes now
+            ready_file = ReadyFile(self.settings.ready_file, self)
+            ready_file.prepare()
         for forward in self.settings.forwards:
             self.targets[forward] = self._target(forward)
         if configmap_refs(self.settings):
             self.resolvers.kube()  # a bad kubeconfig fails the start here
-        ready_file = None
-        if self.settings.ready_file is not None:
-            ready_file = ReadyFile(self.settings.ready_file, self)
-            ready_file.check_writable()
+        try:
+            await self._run(loop, ready_file)
+        finally:
+            if ready_file is not None:
+                ready_file.withdraw()  # also when something failed: never ready once stopped
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, ready_file: ReadyFile | None
+                   ) -> None:
         async with asyncio.TaskGroup() as group:
             self._group = group
             problem = ""

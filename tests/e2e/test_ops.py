@@ -666,15 +666,19 @@ def test_two_forwards_on_one_bound_address_fail_the_start() -> None:
                f"forward tcp/lo:{port}," in output, output
 
 
-@pytest.mark.parametrize("second", ["[::]:{}", "0.0.0.0:{}"], ids=["ipv6-any", "ipv4-any"])
-def test_all_addresses_beside_a_wildcard_of_one_family_is_invalid(second: str) -> None:
+@pytest.mark.parametrize("first,second", [
+    ("{}", "[::]:{}"), ("{}", "0.0.0.0:{}"), ("[::ffff:127.0.0.1]:{}", "127.0.0.1:{}")],
+    ids=["all-and-ipv6-any", "all-and-ipv4-any", "mapped-and-ipv4"])
+def test_two_spellings_of_one_address_are_invalid(first: str, second: str) -> None:
     # All addresses is both wildcards: beside [::] the two would split IPv6 clients, beside
-    # 0.0.0.0 the kernel would give every IPv4 client to the latter. The text tells: exit 2.
+    # 0.0.0.0 the kernel would give every IPv4 client to the latter; an IPv4-mapped address
+    # is its IPv4 address. The text tells: exit 2.
     port = free_port()
-    result = run_cli(["check", "--offline", "-f", f"tcp://:{port}=127.0.0.1:1",
+    spec = f"tcp://{first.format(port)}=127.0.0.1:1"
+    result = run_cli(["check", "--offline", "-f", spec,
                       "-f", f"tcp://{second.format(port)}=127.0.0.1:2"])
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"is already used by 'tcp://:{port}=127.0.0.1:1'" in result.stderr, result.stderr
+    assert f"is already used by '{spec}'" in result.stderr, result.stderr
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")

@@ -61,3 +61,26 @@ def test_an_unwritable_place_fails_the_start(tmp_path: Path) -> None:
                       "-f", f"tcp://127.0.0.1:{free_port()}=127.0.0.1:9"])
     assert result.returncode == 3, result.stderr
     assert "cannot write --ready-file" in result.stderr and "emptyDir" in result.stderr
+
+
+def test_workers_a_dead_worker_withdraws_the_file_until_it_is_back(
+        backend: EchoServer, tmp_path: Path) -> None:
+    import os
+
+    ready = tmp_path / "ready"
+    port = free_port()
+    proc = PortproxyProcess(["run", "--workers", "2", "--ready-file", str(ready),
+                             "--admin-address", "none",
+                             "-f", f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}"])
+    try:
+        pids = wait_for(lambda: len(proc.worker_pids()) == 2 and ready.exists()
+                        and proc.worker_pids(), what="two workers and the ready file")
+        os.kill(pids[0], signal.SIGKILL)  # its listener is gone: not every one is bound
+        proc.wait_for_line("worker 0 exited")
+        wait_for(lambda: not ready.exists(), what="the file to go")
+        wait_for(lambda: proc.worker_pids().get(0) not in (None, pids[0]) and ready.exists(),
+                 what="the file back with the restarted worker")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()

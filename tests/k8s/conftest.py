@@ -122,3 +122,18 @@ def ep(ip: str, ready: bool | None = True, terminating: bool | None = None,
     if node:
         out["nodeName"] = node
     return out
+
+
+def readyz(admin: int) -> tuple[int, str]:
+    """The admin endpoint's /readyz answer: (status, body), or (0, "") while it does not
+    listen yet."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except urllib.error.URLError:
+        return 0, ""

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
-from tests.k8s.conftest import ep, write_kubeconfig
+from tests.k8s.conftest import ep, readyz, write_kubeconfig
 from tests.k8s.fakeapi import FakeKube
 from tests.net.harness import EchoServer, free_port, recv_all
 
@@ -205,6 +205,39 @@ def test_a_hand_over_follows_the_bound_address_not_the_spec_text(
                               f'forwards = ["tcp://127.0.0.1:{port}=web/two:tcp"]\n')
             proc.signal(signal.SIGHUP)
         hand_over(fake, proc, port, backends, change)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_not_ready_until_the_configmap_is_read(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer],
+        extra: list[str]) -> None:
+    # Before its first read a ConfigMap's entries are forwards still to come: an instance
+    # serving none of them must not count as ready (a rollout would stop the old pod).
+    service(fake, "one", backends[0])
+    port, admin = free_port(), free_port()
+    fake.configmap("ingress", "tcp-services", {str(port): "web/one:80"})
+    ready = tmp_path / "ready"
+    fake.hang_requests(True)
+    proc = PortproxyProcess(["run", *extra, "--kubeconfig",
+                             str(write_kubeconfig(tmp_path / "kubeconfig", fake.url)),
+                             "--tcp-services-configmap", "ingress/tcp-services",
+                             "--admin-address", f"127.0.0.1:{admin}",
+                             "--ready-file", str(ready)])
+    try:
+        try:
+            status, body = wait_for(lambda: (r := readyz(admin))[0] and r,
+                                    what="the admin endpoint")
+            assert (status, body) == (503, "tcp-services ingress/tcp-services: not read yet\n")
+            assert not ready.exists()
+        finally:
+            fake.hang_requests(False)
+        wait_for(lambda: readyz(admin)[0] == 200 and ready.exists(), timeout=20,
+                 what="ready once the ConfigMap is read and its forward serves")
+        assert served(port, b"entry")
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import signal
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
-from tests.k8s.conftest import ep, write_kubeconfig
+from tests.k8s.conftest import ep, readyz, write_kubeconfig
 from tests.k8s.fakeapi import FakeKube
 from tests.net.harness import EchoServer, free_port
-
-
-def readyz(admin: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except urllib.error.URLError:
-        return 0, ""  # not listening yet
 
 
 @pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])

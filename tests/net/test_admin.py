@@ -33,9 +33,13 @@ TIMEOUT = 10.0
 class FakeStatus:
     def __init__(self) -> None:
         self.statuses: list[ForwardStatus] = []
+        self.waiting: list[str] = []
 
     def forward_statuses(self) -> Sequence[ForwardStatus]:
         return list(self.statuses)
+
+    def waiting_for(self) -> Sequence[str]:
+        return list(self.waiting)
 
 
 class FakeClock:
@@ -193,6 +197,12 @@ def test_readyz_transitions(admin: Admin) -> None:
     assert (reply.status, reply.body) == (
         503, b"forward web not ready: listener lost\n"
         b"forward dns not ready: waiting for interface eth0\n")
+    # No forwards yet, but a ConfigMap whose entries are to come: not ready either.
+    admin.status.statuses = []
+    admin.status.waiting = ["tcp-services ingress/tcp-services: not read yet"]
+    reply = fetch(admin.url("/readyz"))
+    assert (reply.status, reply.body) == (
+        503, b"tcp-services ingress/tcp-services: not read yet\n")
 
 
 def test_forwards_json(admin: Admin) -> None:
@@ -301,6 +311,9 @@ def test_slow_client_gets_408(make_admin: Callable[..., Admin]) -> None:
 class BrokenStatus:
     def forward_statuses(self) -> Sequence[ForwardStatus]:
         raise RuntimeError("token=s3cr3t")
+
+    def waiting_for(self) -> Sequence[str]:
+        return []
 
 
 def test_internal_error_is_500_without_details(make_admin: Callable[..., Admin]) -> None:

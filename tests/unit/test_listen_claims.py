@@ -136,3 +136,27 @@ def test_sharing_finds_the_owners_on_any_common_address(opened: list[socket.sock
     assert claims.sharing(other) == set()
     b.close()
     assert claims.sharing(old) == set()  # a closed socket shares nothing
+
+
+def test_logs_tell_the_dual_stack_wildcard_from_the_ipv6_one(
+        opened: list[socket.socket]) -> None:
+    from portproxy.sockets import bound_address
+
+    bound = binder(opened)
+    dual, v6only, v4 = bound(""), bound("::"), bound("0.0.0.0")
+    if dual.family != socket.AF_INET6:
+        pytest.skip("no IPv6 here")
+    assert bound_address(dual) == f"*:{dual.getsockname()[1]}"
+    assert bound_address(v6only) == f"[::]:{v6only.getsockname()[1]}"
+    assert bound_address(v4) == f"0.0.0.0:{v4.getsockname()[1]}"
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address(opened: list[socket.socket]) -> None:
+    # The kernel gives the IPv4 socket every client: the mapped forward would get none.
+    bound = binder(opened)
+    claims = ListenClaims()
+    v4 = bound("127.0.0.1")
+    port = v4.getsockname()[1]
+    claims.claim(v4, Owner("v4"), "tcp/127.0.0.1:80")
+    with pytest.raises(SetupError, match=re.escape(f"tcp 127.0.0.1:{port} is already served")):
+        claims.claim(bound("::ffff:127.0.0.1", port), Owner("mapped"), "mapped")
