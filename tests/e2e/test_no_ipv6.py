@@ -80,7 +80,7 @@ def test_without_ipv6_clients_reach_the_ipv4_endpoints(no_inet6: Path, tmp_path:
                         c.sendto(b"udp %d" % i, ("127.0.0.1", udp_port))
                         assert c.recv(100) == b"udp %d" % i
                 assert tcp_backend.accepted == 6
-                assert "Address family not supported" in proc.output  # it did try ::1
+                proc.wait_for_line("Address family not supported")  # it did try ::1
             finally:
                 proc.stop()
     finally:

@@ -132,7 +132,7 @@ def hand_over(fake: FakeKube, proc: PortproxyProcess, port: int,
         fake.hang_requests(False)
     wait_for(lambda: served(port, b"to two?") and second.accepted > 0,
              what="the new target to take over once resolved")
-    assert "accepting until its successor listens" in proc.output
+    proc.wait_for_line("accepting until its successor listens")
 
 
 def test_a_changed_entry_keeps_serving_until_its_new_target_resolves(
