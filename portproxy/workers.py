@@ -196,9 +196,13 @@ class Supervisor:
         for forward, state in self.targets.items():
             reports = [s for w in self.workers for s in w.statuses if s.name == forward.name]
             mine = status_of(forward, state, [], "")
+            everyone = len(reports) == len(self.workers)
             statuses.append(replace(
                 mine,
-                bound=len(reports) == len(self.workers) and all(s.bound for s in reports),
+                bound=everyone and all(s.bound for s in reports),
+                # Resolved here is not enough: a worker listens once it has the endpoints
+                # (sent over its link, reported back within a second).
+                resolved=mine.resolved and everyone and all(s.resolved for s in reports),
                 active_connections=sum(s.active_connections for s in reports),
                 udp_flows=sum(s.udp_flows for s in reports),
                 # A worker's own words (an interface it waits for), else the supervisor's
