@@ -308,7 +308,8 @@ class Daemon:
 
     async def _run(self, ready: Callable[[], None] | None) -> None:
         runtimes: list[ForwardRuntime] = []
-        ready_file = self._ready_file()  # first: a stale file from a crashed start goes now
+        # First: a stale file from a crashed start goes now.
+        ready_file = ReadyFile.prepared(self.settings.ready_file, self)
         try:
             for forward in self.settings.forwards:
                 runtimes.append(self.build(forward))
@@ -350,13 +351,6 @@ class Daemon:
                 await self.admin.stop()
             await self.close_resolvers()
         log.info("stopped")
-
-    def _ready_file(self) -> ReadyFile | None:
-        if self.settings.ready_file is None:
-            return None
-        ready_file = ReadyFile(self.settings.ready_file, self)
-        ready_file.prepare()
-        return ready_file
 
     async def _start_admin(self) -> None:
         address = self.settings.admin_address

@@ -22,6 +22,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from portproxy.errors import SetupError
+from portproxy.sockets import host_port, is_dual_stack, unmapped
 
 BoundKey = tuple[int, int, str, int]
 """(socket type, family, host, port) as the kernel reports them."""
@@ -32,18 +33,16 @@ def bound_keys(sock: socket.socket) -> list[BoundKey]:
     the IPv4 wildcard (it serves IPv4 clients too)."""
     host, port = sock.getsockname()[:2]
     keys: list[BoundKey] = [(sock.type, sock.family, host, port)]
-    if sock.family == socket.AF_INET6:
-        if host == "::" and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            keys.append((sock.type, socket.AF_INET, "0.0.0.0", port))
-        elif host.startswith("::ffff:") and "." in host:  # IPv4-mapped: IPv4 clients only
-            keys.append((sock.type, socket.AF_INET, host[7:], port))
+    if is_dual_stack(sock):
+        keys.append((sock.type, socket.AF_INET, "0.0.0.0", port))
+    elif sock.family == socket.AF_INET6 and unmapped(host) != host:  # IPv4 clients only
+        keys.append((sock.type, socket.AF_INET, unmapped(host), port))
     return keys
 
 
 def clash(name: str, key: BoundKey, other: str) -> SetupError:
     kind = "udp" if key[0] == socket.SOCK_DGRAM else "tcp"
-    host, port = key[2], key[3]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(key[2], key[3])
     return SetupError(f"forward {name}: {kind} {where} is already served by forward {other}, "
                       "and the kernel would split clients between the two; give them "
                       "different addresses or ports")

@@ -34,6 +34,15 @@ class ReadyFile:
         self._withdrawn = False
         self._failing = False
 
+    @classmethod
+    def prepared(cls, path: str | None, source: StatusSource) -> ReadyFile | None:
+        """The ready file of ``path`` (None without one), prepared: see ``prepare``."""
+        if path is None:
+            return None
+        ready_file = cls(path, source)
+        ready_file.prepare()
+        return ready_file
+
     def prepare(self) -> None:
         """At start, first thing: remove a file a killed predecessor left (an emptyDir
         outlives a container restart), and fail the start (exit 3) where no file can be

@@ -96,8 +96,19 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
     return sock
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, or ``[v6]:port`` for an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_dual_stack(sock: socket.socket) -> bool:
+    """Whether ``sock`` is the IPv6 wildcard that also takes IPv4 clients (all addresses)."""
+    return (sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::"
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+
+
 def bind_error_message(forward: str, host: str, port: int, exc: OSError) -> str:
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = host_port(host, port)
     if exc.errno == errno.EADDRINUSE:
         return (f"forward {forward}: {where} is already in use by another program; stop it or "
                 "choose another port")
@@ -129,7 +140,4 @@ def bound_address(sock: socket.socket) -> str:
     """A bound socket's address for logs: ``host:port``, ``[v6]:port``, or ``*:port`` for
     the dual-stack wildcard (``[::]:port`` is the IPv6-only one)."""
     host, port = sock.getsockname()[:2]
-    if (host == "::" and sock.family == socket.AF_INET6
-            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)):
-        return f"*:{port}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"*:{port}" if is_dual_stack(sock) else host_port(host, port)

@@ -169,9 +169,7 @@ class Supervisor:
         self.retired.add_snapshot(worker.stats, gauges=False)
         # A worker that died while draining a forward a reload removed reported it still:
         # that forward's series were forgotten at the reload and must not come back.
-        current = {forward.name for forward in self.settings.forwards}
-        for name in self.retired.label_values("forward") - current:
-            self.retired.forget("forward", name)
+        self._forget_retired_removed()
         worker.stats, worker.statuses = [], []
         if self.stopping:
             return
@@ -186,6 +184,12 @@ class Supervisor:
                 return
             except SetupError as exc:  # the rest keeps serving; try again, never spin
                 log.error("%s; retrying in %.0fs", exc, RESTART_DELAY)
+
+    def _forget_retired_removed(self) -> None:
+        """Dead workers' counters of forwards no longer configured leave /metrics."""
+        current = {forward.name for forward in self.settings.forwards}
+        for name in self.retired.label_values("forward") - current:
+            self.retired.forget("forward", name)
 
     # -- status ---------------------------------------------------------------------------
     def waiting_for(self) -> list[str]:
@@ -244,9 +248,9 @@ class Supervisor:
             self._resolving.pop(forward).cancel()
             if forward.name not in names:  # the workers forget theirs once drained
                 self.metrics.registry.forget("forward", forward.name)
-                # Dead workers' share goes now: while live workers drain the forward, its
-                # counters may drop by that share (a reset, to Prometheus), then vanish.
-                self.retired.forget("forward", forward.name)
+        # Dead workers' share of removed forwards goes now: while live workers drain one, its
+        # counters may drop by that share (a reset, to Prometheus), then vanish.
+        self._forget_retired_removed()
         self._broadcast("settings", self.settings)
         for forward, state in added.items():
             self.targets[forward] = state
@@ -259,10 +263,8 @@ class Supervisor:
     # -- running --------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        ready_file = None
-        if self.settings.ready_file is not None:  # first: a stale file from a crash goes now
-            ready_file = ReadyFile(self.settings.ready_file, self)
-            ready_file.prepare()
+        # First: a stale file from a crashed start goes now.
+        ready_file = ReadyFile.prepared(self.settings.ready_file, self)
         for forward in self.settings.forwards:
             self.targets[forward] = self._target(forward)
         if configmap_refs(self.settings):

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
-from tests.net.harness import free_tcp_udp_port
+from tests.net.harness import free_tcp_udp_port, stop_process
 
 ANSWER = "192.0.2.1"  # TEST-NET-1: what dnsmasq answers for example.test
 
@@ -51,12 +51,7 @@ def dnsmasq() -> Iterator[int]:
         wait_for(ready, 20, what="dnsmasq to answer")
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 10)
 
 
 @pytest.fixture

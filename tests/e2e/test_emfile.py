@@ -12,7 +12,7 @@ import threading
 import urllib.request
 
 from tests.conftest import wait_for
-from tests.net.harness import EchoServer, free_port, recv_all
+from tests.net.harness import EchoServer, free_port, recv_all, stop_process
 
 FD_LIMIT = 64
 
@@ -39,16 +39,6 @@ def start_limited(port: int, backend: EchoServer, admin: str
         proc.wait(20)
         raise
     return proc, lines
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM, and SIGKILL if it has not ended at the deadline."""
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(20)
 
 
 def test_emfile_backs_off_and_recovers() -> None:
@@ -87,7 +77,7 @@ def test_emfile_backs_off_and_recovers() -> None:
     finally:
         for client in clients:
             client.close()
-        stop(proc)
+        stop_process(proc)
         backend.close()
 
 
@@ -137,5 +127,5 @@ def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
         go_bulk.set()
         for conn in idle:
             conn.close()
-        stop(proc)
+        stop_process(proc)
         backend.close()
