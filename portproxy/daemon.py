@@ -210,8 +210,9 @@ class Daemon:
     def _apply_sources(self) -> None:
         self.apply(replace(self.settings, forwards=self.sources.desired()))
 
-    def apply(self, new: Settings) -> None:
-        """Move to ``new`` forwards without touching unchanged ones.
+    def apply(self, new: Settings) -> str | None:
+        """Move to ``new`` forwards without touching unchanged ones; returns why ``new`` was
+        refused (the running configuration stays), or None once it is applied.
 
         New listeners are bound before removed ones close: SO_REUSEPORT lets a changed forward
         bind its port beside the old listener, and the old one keeps accepting until the new
@@ -221,7 +222,7 @@ class Daemon:
             # Draining is final: a forward opened now would accept clients after "no new
             # connections", and keep the process alive past its drain.
             log.warning("stopping: configuration change ignored")
-            return
+            return "stopping"
         wanted = set(new.forwards)
         removed = [r for f, r in self.forwards.items() if f not in wanted]
         added = [f for f in new.forwards if f not in self.forwards]
@@ -236,7 +237,9 @@ class Daemon:
             for runtime in started:
                 runtime.stop_accepting()
             self.claims.retiring -= leaving
-            return
+            for forward in added:  # built far enough to have series, never to run
+                self._forget_series(forward.name)
+            return str(exc)
         for runtime in started:
             self.start(runtime)
         for runtime in removed:
@@ -250,6 +253,7 @@ class Daemon:
         self.settings = new
         log.info("reloaded: %d unchanged, %d added, %d removed",
                  len(self.forwards) - len(started), len(started), len(removed))
+        return None
 
     def _replace(self, old: ForwardRuntime, successors: list[ForwardRuntime]) -> None:
         if all(s.target.resolved for s in successors):
@@ -275,12 +279,16 @@ class Daemon:
         runtime = self._draining.pop(task)
         for engine in runtime.engines:
             self.claims.retired(engine)
-        name = runtime.forward.name
+        self._forget_series(runtime.forward.name)
+
+    def _forget_series(self, name: str) -> None:
+        """Drop forward ``name``'s metric series unless a running or draining forward has
+        that name (a changed forward keeps its name, and its series). A removed forward's
+        series end with it, as a scrape target's do; otherwise every ConfigMap entry ever
+        seen would be exported for good."""
         in_use = {r.forward.name for r in (*self.forwards.values(), *self._draining.values(),
                                            *self._handovers)}
-        if name not in in_use:  # a changed forward keeps its name, and its series
-            # A removed forward's series end with it, as a scrape target's do; otherwise
-            # every ConfigMap entry ever seen would be exported for good.
+        if name not in in_use:
             self.metrics.registry.forget("forward", name)
 
     # -- running --------------------------------------------------------------------------

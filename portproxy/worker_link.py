@@ -1,8 +1,10 @@
 """The supervisor↔worker channel of ``--workers``: length-prefixed pickled messages.
 
-Each message is a tuple whose first item names it (``"settings"``, ``"endpoints"``,
-``"ready"``, ``"stats"``, ``"failed"``). Pickle is safe here: both ends are this program,
-the worker started by its own supervisor over a socketpair nobody else holds.
+Each message is a tuple whose first item names it: to a worker ``"settings"`` and
+``"endpoints"``; from it ``"ready"`` or ``"failed"`` once, then ``"stats"`` each second and
+``"applied"`` (None, or why it refused) for each ``"settings"`` after the first. Pickle
+is safe here: both ends are this program, the worker started by its own supervisor over a
+socketpair nobody else holds.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ class Link:
         sock.setblocking(False)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
+        self._sending = asyncio.Lock()
 
     async def send(self, *message: object) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        await self.loop.sock_sendall(self.sock, _HEADER.pack(len(data)) + data)
+        # One message at a time, in order: a send that fills the socket buffer finishes
+        # later, and another task's bytes must not land in the middle of it.
+        async with self._sending:
+            await self.loop.sock_sendall(self.sock, _HEADER.pack(len(data)) + data)
 
     async def _exactly(self, size: int) -> bytes:
         chunks = bytearray()

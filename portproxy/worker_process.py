@@ -64,10 +64,12 @@ async def worker_main(fd: int) -> int:
     from portproxy.logs import setup_logging
 
     limiter = setup_logging(settings.log_level, settings.log_format)
-    fed: dict[str, FedResolver] = {}
+    # By forward, not by name: while a reload replaces a forward, the old one and its
+    # successor (one name, maybe two targets) each follow their own target.
+    fed: dict[Forward, FedResolver] = {}
 
     def factory(forward: Forward) -> FedResolver:
-        resolver = fed[forward.name] = FedResolver(forward)
+        resolver = fed[forward] = FedResolver(forward)
         return resolver
 
     daemon = Daemon(worker_settings(settings), resolver_factory=factory)
@@ -91,7 +93,16 @@ async def worker_main(fd: int) -> int:
                 if message[0] == "endpoints" and message[1] in fed:
                     fed[message[1]].push(message[2])
                 elif message[0] == "settings":
-                    daemon.apply(worker_settings(message[1]))
+                    # A reload sent while this worker starts: its first forwards come first.
+                    await ready.wait()
+                    before = set(fed)
+                    refusal = daemon.apply(worker_settings(message[1]))
+                    # Refused forwards never run; removed ones drain on the endpoints they
+                    # have, as the supervisor stops resolving their targets.
+                    keep = before if refusal is not None else set(message[1].forwards)
+                    for forward in set(fed) - keep:
+                        del fed[forward]
+                    await link.send("applied", refusal)
         except (EOFError, OSError):
             # A supervisor killed with our reports unread in its socket shows up as
             # ECONNRESET rather than EOF.

@@ -38,7 +38,7 @@ from portproxy.forward_runtime import status_of
 from portproxy.metrics import ProxyMetrics, Registry
 from portproxy.ready_file import ReadyFile
 from portproxy.resolver_factory import Resolvers
-from portproxy.spec import Forward
+from portproxy.spec import Forward, ServiceTarget
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
 from portproxy.worker_link import Link
@@ -57,6 +57,9 @@ class WorkerHandle:
         self.stats: list[Any] = []
         self.statuses: list[ForwardStatus] = []
         self.started: asyncio.Future[str] | None = None
+        self.applied: asyncio.Future[str | None] | None = None
+        """Its answer to the reload on offer: "" applied, else why it refused; None if it
+        exited first."""
 
 
 class MergedRegistry(Registry):
@@ -100,13 +103,14 @@ class Supervisor:
         self._group: asyncio.TaskGroup | None = None
         self._resolving: dict[Forward, asyncio.Task[None]] = {}
         self._watches: list[asyncio.Task[None]] = []
+        self._reloading = asyncio.Lock()
 
     # -- targets --------------------------------------------------------------------------
     def _target(self, forward: Forward) -> TargetState:
         state = TargetState(forward.name, self.resolvers.for_forward(forward),
                             Balancer(forward.options.balance),
                             self.metrics.endpoints.labels(forward.name))
-        state.on_change(lambda endpoints: self._broadcast("endpoints", forward.name, endpoints))
+        state.on_change(lambda endpoints: self._broadcast("endpoints", forward, endpoints))
         return state
 
     def _broadcast(self, *message: object) -> None:
@@ -138,7 +142,7 @@ class Supervisor:
         await worker.link.send("settings", self.settings)
         for forward, state in self.targets.items():
             if state.resolved:
-                await worker.link.send("endpoints", forward.name, state.endpoints)
+                await worker.link.send("endpoints", forward, state.endpoints)
         assert self._group is not None
         self._group.create_task(self._listen(worker), name=f"worker {worker.index}")
 
@@ -154,10 +158,15 @@ class Supervisor:
                     worker.started.set_result(message[1])
                 elif message[0] == "stats":
                     worker.stats, worker.statuses = message[1], message[2]
+                elif message[0] == "applied" and worker.applied is not None \
+                        and not worker.applied.done():
+                    worker.applied.set_result(message[1] or "")
         except (EOFError, OSError):
             pass
         if not worker.started.done():
             worker.started.set_result("worker exited during start-up")
+        if worker.applied is not None and not worker.applied.done():
+            worker.applied.set_result(None)
         await self._reap(worker)
 
     async def _reap(self, worker: WorkerHandle) -> None:
@@ -231,17 +240,51 @@ class Supervisor:
             self._apply(new)
 
     def _apply(self, new: Settings) -> None:
-        """Send ``new`` to every worker; resolve added targets, forget removed ones."""
         assert self._group is not None
-        if self.stopping:  # the workers are draining and would ignore it too
-            log.warning("stopping: configuration change ignored")
-            return
-        try:
-            added = {f: self._target(f) for f in new.forwards if f not in self.targets}
-        except PortproxyError as exc:  # the first Service target, with a broken kubeconfig
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        self.settings = replace(new, workers=len(self.workers))
+        self._group.create_task(self._reload(new), name="reload")
+
+    async def _reload(self, new: Settings) -> None:
+        """Offer ``new`` to the workers and adopt it once they applied it: they bind, so
+        only they know whether it can run (a port taken, an interface address another
+        forward holds). A refused one leaves everything as it was, as without workers."""
+        async with self._reloading:  # one reload at a time, in the order asked
+            if self.stopping:  # the workers are draining and would ignore it too
+                log.warning("stopping: configuration change ignored")
+                return
+            added = [f for f in new.forwards if f not in self.targets]
+            try:  # the first Service target, with a broken kubeconfig
+                for forward in added:
+                    if isinstance(forward.target, ServiceTarget):
+                        self.resolvers.for_forward(forward)
+            except PortproxyError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return
+            new = replace(new, workers=len(self.workers))
+            answers = await self._offer(new)
+            refusals = [(w, a) for w, a in answers if a]
+            if refusals and not any(a == "" for _, a in answers):
+                log.error("reload refused by the workers, keeping the running "
+                          "configuration: %s", refusals[0][1])
+                return
+            self._adopt(new, added)
+            for worker, refusal in refusals:  # they run the old one: start them afresh
+                log.error("worker %d refused the reload (%s) that the others applied; "
+                          "restarting it", worker.index, refusal)
+                if worker.proc is not None and worker.proc.poll() is None:
+                    worker.proc.send_signal(signal.SIGTERM)
+
+    async def _offer(self, new: Settings) -> list[tuple[WorkerHandle, str | None]]:
+        """Send ``new`` to every worker; their answers (see ``WorkerHandle.applied``)."""
+        loop = asyncio.get_running_loop()
+        offered = [w for w in self.workers if w.link is not None]
+        for worker in offered:
+            worker.applied = loop.create_future()
+        self._broadcast("settings", new)
+        return [(w, await w.applied) for w in offered if w.applied is not None]
+
+    def _adopt(self, new: Settings, added: list[Forward]) -> None:
+        """Resolve the added targets, forget removed ones, and send the workers endpoints."""
+        self.settings = new
         names = {f.name for f in new.forwards}
         for forward in [f for f in self.targets if f not in new.forwards]:
             del self.targets[forward]
@@ -251,14 +294,13 @@ class Supervisor:
         # Dead workers' share of removed forwards goes now: while live workers drain one, its
         # counters may drop by that share (a reset, to Prometheus), then vanish.
         self._forget_retired_removed()
-        self._broadcast("settings", self.settings)
-        for forward, state in added.items():
-            self.targets[forward] = state
+        for forward in added:
+            self.targets[forward] = self._target(forward)
             self._follow(forward)
         for forward, state in self.targets.items():
             if state.resolved:
-                self._broadcast("endpoints", forward.name, state.endpoints)
-        log.info("configuration changed; workers apply the new forwards")
+                self._broadcast("endpoints", forward, state.endpoints)
+        log.info("configuration changed; the workers run the new forwards")
 
     # -- running --------------------------------------------------------------------------
     async def run(self) -> None:

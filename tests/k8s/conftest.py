@@ -15,6 +15,7 @@ from portproxy.endpoints import EndpointSet
 from portproxy.resolve.kube_informer import Backoff
 from portproxy.resolve.kubernetes import KubeSettings
 from tests.k8s.fakeapi import FakeKube
+from tests.net.harness import EchoServer
 
 TOKEN = "test-token"
 
@@ -25,6 +26,17 @@ def fake() -> Iterator[FakeKube]:
     # client going away: a bug in the fake must not pass as a flaky client.
     with FakeKube(token=TOKEN).serving() as api:
         yield api
+
+
+@pytest.fixture
+def backends() -> Iterator[tuple[EchoServer, EchoServer]]:
+    """Two TCP echo backends, to tell which one a forward uses."""
+    first, second = EchoServer(), EchoServer()
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
 
 
 def write_kubeconfig(path: Path, server: str, token: str = TOKEN,

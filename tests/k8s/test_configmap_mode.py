@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,16 +14,6 @@ from tests.e2e.cli import PortproxyProcess
 from tests.k8s.conftest import ep, readyz, write_kubeconfig
 from tests.k8s.fakeapi import FakeKube
 from tests.net.harness import EchoServer, free_port, recv_all
-
-
-@pytest.fixture
-def backends() -> Iterator[tuple[EchoServer, EchoServer]]:
-    first, second = EchoServer(), EchoServer()
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
 
 
 def service(fake: FakeKube, name: str, backend: EchoServer) -> None:
