@@ -76,7 +76,7 @@ async def resolve_once(forward: Forward, kube: object | None) -> EndpointSet:
     if isinstance(target, ServiceTarget):
         assert kube is not None
         result: EndpointSet = await kube.check_once(  # type: ignore[attr-defined]
-            target, forward.options.mode)
+            target, forward.options.mode, forward.protocols)
         return result
     assert isinstance(target, HostTarget)
     if target.is_ip:

@@ -9,10 +9,11 @@ which pods take traffic:
   that are serving *and* terminating are used instead, so a Service whose pods are all
   rolling out keeps answering until the new ones are ready (kube-proxy's
   ProxyTerminatingEndpoints behaviour).
-- The port is matched by the Service port's *name*, because an EndpointSlice's ports carry
-  the service port name with the pod's target port number: that is how per-pod targetPorts
-  (named container ports that differ between pods) work. An unnamed single-port Service has
-  the name ``""`` on both sides (the API may also omit it or send null).
+- The port is matched by the Service port's *name* and *protocol* (as kube-proxy keys its
+  rules), because an EndpointSlice's ports carry the service port name with the pod's target
+  port number: that is how per-pod targetPorts (named container ports that differ between
+  pods) work. An unnamed single-port Service has the name ``""`` on both sides (the API may
+  also omit it or send null); an absent protocol is TCP, the API's default.
 - Several slices per Service are normal (over 100 endpoints, or one per address family):
   the result is their union. ``endpoints: null`` is an empty slice. ``FQDN`` slices are
   ignored (deprecated; the addresses are not IPs).
@@ -37,10 +38,16 @@ def _flag(conditions: JsonDict, key: str, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def _slice_port(slice_: JsonDict, port_name: str) -> int | None:
-    """The port number this slice gives to the service port ``port_name`` (None if absent)."""
+def _protocol(port: JsonDict) -> str:
+    return str(port.get("protocol") or "TCP")
+
+
+def _slice_port(slice_: JsonDict, port_name: str, protocol: str) -> int | None:
+    """The port number this slice gives to the service port ``port_name`` of ``protocol``
+    (None if absent)."""
     for port in slice_.get("ports") or ():
-        if (port.get("name") or "") == port_name and port.get("port") is not None:
+        if (port.get("name") or "") == port_name and _protocol(port) == protocol \
+                and port.get("port") is not None:
             number = int(port["port"])
             return number if 1 <= number <= 65535 else None
     return None
@@ -65,9 +72,10 @@ class SliceEndpoints:
     serving_terminating: tuple[Endpoint, ...] = ()
 
 
-def slice_endpoints(slice_: JsonDict, port_name: str) -> SliceEndpoints:
-    """Read one EndpointSlice for the service port named ``port_name``."""
-    port = _slice_port(slice_, port_name)
+def slice_endpoints(slice_: JsonDict, port_name: str, protocol: str = "TCP"
+                    ) -> SliceEndpoints:
+    """Read one EndpointSlice for the service port named ``port_name`` of ``protocol``."""
+    port = _slice_port(slice_, port_name, protocol)
     if port is None:
         return SliceEndpoints()
     ready: list[Endpoint] = []
@@ -85,8 +93,10 @@ def slice_endpoints(slice_: JsonDict, port_name: str) -> SliceEndpoints:
     return SliceEndpoints(tuple(ready), tuple(fallback))
 
 
-def endpoints_from_slices(slices: Iterable[JsonDict], port_name: str | None) -> EndpointSet:
-    """The union of every slice's usable endpoints for service port ``port_name``.
+def endpoints_from_slices(slices: Iterable[JsonDict], port_name: str | None,
+                          protocol: str = "TCP") -> EndpointSet:
+    """The union of every slice's usable endpoints for service port ``port_name`` of
+    ``protocol`` ("TCP" or "UDP", the API's spelling).
 
     Ready endpoints when any exist across all slices, else serving-and-terminating ones.
     ``port_name`` None is the same as ``""`` (an unnamed port).
@@ -95,37 +105,29 @@ def endpoints_from_slices(slices: Iterable[JsonDict], port_name: str | None) -> 
     ready: list[Endpoint] = []
     fallback: list[Endpoint] = []
     for slice_ in slices:
-        found = slice_endpoints(slice_, name)
+        found = slice_endpoints(slice_, name, protocol)
         ready.extend(found.ready)
         fallback.extend(found.serving_terminating)
     return EndpointSet.of(ready if ready else fallback)
 
 
-def service_port_name(service: JsonDict, port: int | str) -> str | None:
-    """Map a requested port (number or name) to the Service port's name; None if no match.
+def service_port(service: JsonDict, port: int | str, protocol: str) -> JsonDict | None:
+    """The Service's ``spec.ports`` entry for a requested number or name and ``protocol``
+    ("TCP" or "UDP"); None if it has none.
 
-    A number matches ``spec.ports[].port`` (the Service's port, not the targetPort); when two
-    ports share a number (53/UDP and 53/TCP) the first is taken, as their pods serve both.
+    A number matches ``spec.ports[].port`` (the Service's port, not the targetPort). A name
+    stands for its entry's number: ``kube-dns:dns`` (53/UDP) in a TCP forward is 53/TCP
+    (``dns-tcp``), as a client reaching the Service's port 53 over TCP would get.
     """
-    for entry in (service.get("spec") or {}).get("ports") or ():
-        name = entry.get("name") or ""
-        if isinstance(port, int):
-            if entry.get("port") == port:
-                return str(name)
-        elif name == port:
-            return str(name)
-    return None
-
-
-def service_port_number(service: JsonDict, port: int | str) -> int | None:
-    """The Service's own port number for a requested number or name (for ClusterIP mode)."""
-    for entry in (service.get("spec") or {}).get("ports") or ():
-        if (isinstance(port, int) and entry.get("port") == port) or (
-            isinstance(port, str) and (entry.get("name") or "") == port
-        ):
-            number = entry.get("port")
-            return int(number) if number is not None else None
-    return None
+    entries = [e for e in (service.get("spec") or {}).get("ports") or ()
+               if e and e.get("port") is not None]
+    if isinstance(port, str):
+        named = next((e for e in entries if (e.get("name") or "") == port), None)
+        if named is None or _protocol(named) == protocol:
+            return named
+        port = named.get("port")
+    return next((e for e in entries if e.get("port") == port and _protocol(e) == protocol),
+                None)
 
 
 def describe_ports(service: JsonDict) -> str:
@@ -133,5 +135,7 @@ def describe_ports(service: JsonDict) -> str:
     parts = []
     for entry in (service.get("spec") or {}).get("ports") or ():
         name = entry.get("name") or ""
-        parts.append(f"{name}={entry.get('port')}" if name else str(entry.get("port")))
+        port = str(entry.get("port")) + ("" if _protocol(entry) == "TCP" else
+                                         f"/{_protocol(entry)}")
+        parts.append(f"{name}={port}" if name else port)
     return ", ".join(parts) or "none"

@@ -36,7 +36,8 @@ class Resolvers:
                 kube = self.kube()
             except SetupError as exc:
                 raise SetupError(f"forward {forward.name}: {exc}") from None
-            resolver: Resolver = kube.resolver(target, forward.options.mode, forward.name)
+            resolver: Resolver = kube.resolver(target, forward.options.mode, forward.name,
+                                               forward.protocols)
             return resolver
         assert isinstance(target, HostTarget)
         return StaticResolver(target) if target.is_ip else DnsResolver(target,

@@ -185,7 +185,6 @@ _PROTOCOLS = {
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.\-@]{1,15}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?$")
 
 
@@ -274,10 +273,12 @@ def _parse_service(host: str, port_text: str) -> ServiceTarget:
         raise InvalidPart(f"service name {name!r} is not a valid Kubernetes Service name")
     if is_decimal(port_text):
         return ServiceTarget(namespace, name, parse_port(port_text, "service port"))
-    if not _PORT_NAME.match(port_text) or not re.search("[a-z]", port_text):
+    # A Service port name is a DNS label (up to 63); the 15-character IANA limit is for
+    # container port names. One of digits only would read as a number here.
+    if not _DNS_LABEL.match(port_text) or not re.search("[a-z]", port_text):
         raise InvalidPart(
             f"service port {port_text!r} is neither a number nor a valid port name "
-            "(lowercase letters, digits and '-', at most 15)"
+            "(lowercase letters, digits and '-', at most 63)"
         )
     return ServiceTarget(namespace, name, port_text)
 

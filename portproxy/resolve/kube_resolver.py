@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.resolve.dns import system_lookup
 from portproxy.resolve.kube_state import Outcome, SharedService, resolve_view
-from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+from portproxy.spec import HostTarget, Protocol, ServiceTarget, TargetMode
 
 log = logging.getLogger("portproxy.kube")
 
@@ -24,9 +24,11 @@ class KubeServiceResolver:
 
     def __init__(self, target: ServiceTarget, mode: TargetMode,
                  acquire: Callable[[], SharedService], release: Callable[[SharedService], None],
-                 dns_interval: float, forward: str = "") -> None:
+                 dns_interval: float, forward: str = "",
+                 protocols: tuple[Protocol, ...] = (Protocol.TCP,)) -> None:
         self.target = target
         self.mode = mode
+        self.protocols = protocols
         self._acquire = acquire
         self._release = release
         self._dns_interval = dns_interval
@@ -55,7 +57,7 @@ class KubeServiceResolver:
             while True:
                 if shared.version != version:
                     version = shared.version
-                    outcome = resolve_view(shared.view, self.target, self.mode)
+                    outcome = resolve_view(shared.view, self.target, self.mode, self.protocols)
                     if outcome.problem != problem and outcome.problem:
                         log.warning("%s%s", self._prefix, outcome.problem)
                     problem = self._problem = outcome.problem

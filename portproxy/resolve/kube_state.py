@@ -15,13 +15,13 @@ from typing import Any
 
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.endpointslices import (
+    JsonDict,
     describe_ports,
     endpoints_from_slices,
-    service_port_name,
-    service_port_number,
+    service_port,
 )
 from portproxy.loop import wait_at_most
-from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+from portproxy.spec import HostTarget, Protocol, ServiceTarget, TargetMode
 
 Obj = dict[str, Any]
 
@@ -57,25 +57,47 @@ def _spec(service: Obj) -> Obj:
     return spec if isinstance(spec, dict) else {}
 
 
-def _missing_port(target: ServiceTarget, service: Obj) -> Outcome:
-    return Outcome(EndpointSet(), f"Service {target.namespace}/{target.name} has no port "
-                                  f"{target.port!r} (ports: {describe_ports(service)})")
+def _missing_port(target: ServiceTarget, service: Obj, protocol: str) -> Outcome:
+    return Outcome(EndpointSet(), f"Service {target.namespace}/{target.name} has no "
+                                  f"{protocol} port {target.port!r} "
+                                  f"(ports: {describe_ports(service)})")
 
 
-def _external(target: ServiceTarget, service: Obj) -> Outcome:
+def _ports(target: ServiceTarget, service: Obj, protocols: tuple[Protocol, ...]
+           ) -> dict[str, JsonDict] | Outcome:
+    """The Service port entry for each of the forward's protocols (API spelling), or the
+    Outcome saying which one it lacks. They share one number (see ``service_port``)."""
+    found: dict[str, JsonDict] = {}
+    for protocol in protocols:
+        name = protocol.value.upper()
+        entry = service_port(service, target.port, name)
+        if entry is None:
+            return _missing_port(target, service, name)
+        found[name] = entry
+    return found
+
+
+def _external(target: ServiceTarget, service: Obj, protocols: tuple[Protocol, ...]
+              ) -> Outcome:
     host = str(_spec(service).get("externalName") or "")
     if not host:
         return Outcome(EndpointSet(), f"Service {target.namespace}/{target.name} is "
                                       "ExternalName without an externalName")
-    port = target.port if isinstance(target.port, int) else service_port_number(service,
-                                                                                target.port)
-    if port is None:
-        return _missing_port(target, service)
+    if isinstance(target.port, int):
+        port = target.port
+    else:  # its ports only name numbers: the protocol is the client's business
+        entry = service_port(service, target.port, "TCP") or service_port(
+            service, target.port, "UDP")
+        if entry is None or entry.get("port") is None:
+            return _missing_port(target, service, protocols[0].value.upper())
+        port = int(entry["port"])
     return Outcome(external=HostTarget(host.rstrip("."), port))
 
 
-def resolve_view(view: ServiceView, target: ServiceTarget, mode: TargetMode) -> Outcome:
-    """The endpoints one forward should use given the current view of its Service."""
+def resolve_view(view: ServiceView, target: ServiceTarget, mode: TargetMode,
+                 protocols: tuple[Protocol, ...] = (Protocol.TCP,)) -> Outcome:
+    """The endpoints one forward (of ``protocols``) should use given the current view of
+    its Service."""
     where = f"{target.namespace}/{target.name}"
     if not view.service_synced:
         return Outcome()
@@ -85,29 +107,35 @@ def resolve_view(view: ServiceView, target: ServiceTarget, mode: TargetMode) -> 
                                       "refused until it exists (watching for it)")
     spec = _spec(service)
     if spec.get("type") == "ExternalName":
-        return _external(target, service)
+        return _external(target, service, protocols)
+    ports = _ports(target, service, protocols)
+    if isinstance(ports, Outcome):
+        return ports
     if mode is TargetMode.CLUSTERIP:
-        return _cluster_ip(target, service)
-    name = service_port_name(service, target.port)
-    if name is None:
-        return _missing_port(target, service)
+        return _cluster_ip(target, service, ports)
     if not view.slices_synced:
         return Outcome()
-    return Outcome(endpoints_from_slices(view.slices, name))
+    found = {protocol: endpoints_from_slices(view.slices, entry.get("name"), protocol)
+             for protocol, entry in ports.items()}
+    first = next(iter(found.values()))
+    if any(endpoints != first for endpoints in found.values()):
+        # One forward has one endpoint list for both protocols.
+        return Outcome(EndpointSet(), f"Service {where} port {target.port!r} leads to other "
+                                      "pod ports for TCP than for UDP; write a tcp:// and a "
+                                      "udp:// forward instead of tcp+udp://")
+    return Outcome(first)
 
 
-def _cluster_ip(target: ServiceTarget, service: Obj) -> Outcome:
+def _cluster_ip(target: ServiceTarget, service: Obj, ports: dict[str, JsonDict]) -> Outcome:
     spec = _spec(service)
     where = f"{target.namespace}/{target.name}"
     ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if ip]
     if "None" in ips:
         return Outcome(EndpointSet(), f"Service {where} is headless (clusterIP: None), so "
                                       "it has no ClusterIP to forward to; use mode=endpoints")
-    port = service_port_number(service, target.port)
-    if port is None:
-        return _missing_port(target, service)
     if not ips:
         return Outcome(EndpointSet(), f"Service {where} has no ClusterIP yet")
+    port = int(next(iter(ports.values()))["port"])
     return Outcome(EndpointSet.of([Endpoint(ip, port) for ip in ips]))
 
 

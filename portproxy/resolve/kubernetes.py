@@ -45,7 +45,7 @@ from portproxy.resolve.kube_informer import (
 )
 from portproxy.resolve.kube_resolver import KubeServiceResolver
 from portproxy.resolve.kube_state import Problem, ServiceView, SharedService, resolve_view
-from portproxy.spec import ServiceTarget, TargetMode
+from portproxy.spec import Protocol, ServiceTarget, TargetMode
 
 log = logging.getLogger("portproxy.kube")
 
@@ -290,11 +290,13 @@ class KubeResolvers:
         """Read the kubeconfig or service account now (SetupError if it is unusable)."""
         self._client()
 
-    def resolver(self, target: ServiceTarget, mode: TargetMode, forward: str = "") -> Resolver:
-        """``forward``: the name of the forward it serves, for messages."""
+    def resolver(self, target: ServiceTarget, mode: TargetMode, forward: str = "",
+                 protocols: tuple[Protocol, ...] = (Protocol.TCP,)) -> Resolver:
+        """``forward``: the name of the forward it serves, for messages; ``protocols``: its
+        protocols, which pick the Service's port entries."""
         return KubeServiceResolver(target, mode, lambda: self._acquire(target, mode, forward),
                                    lambda shared: self._release(shared, forward),
-                                   self.settings.dns_interval, forward)
+                                   self.settings.dns_interval, forward, protocols)
 
     # --- shared watches (on the event loop) ------------------------------------------------
 
@@ -378,11 +380,12 @@ class KubeResolvers:
 
     # --- one-shot and ConfigMap ------------------------------------------------------------
 
-    async def check_once(self, target: ServiceTarget, mode: TargetMode) -> EndpointSet:
+    async def check_once(self, target: ServiceTarget, mode: TargetMode,
+                         protocols: tuple[Protocol, ...] = (Protocol.TCP,)) -> EndpointSet:
         """Resolve once for ``portproxy check``: ResolveError/SetupError when it would fail."""
         transport = self._client()
         view = await call_in_thread(lambda: self._read_view(transport, target, mode))
-        outcome = resolve_view(view, target, mode)
+        outcome = resolve_view(view, target, mode, protocols)
         if view.service is None:
             raise ResolveError(f"Service {target.namespace}/{target.name} not found")
         if outcome.problem:

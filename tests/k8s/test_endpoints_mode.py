@@ -12,7 +12,7 @@ import pytest
 from portproxy.errors import ResolveError, SetupError
 from portproxy.metrics import ProxyMetrics
 from portproxy.resolve.kubernetes import KubeResolvers, KubeSettings
-from portproxy.spec import ServiceTarget, TargetMode
+from portproxy.spec import Protocol, ServiceTarget, TargetMode
 from tests.k8s.conftest import Collector, ep, hosts, poll
 from tests.k8s.fakeapi import FakeKube
 
@@ -57,6 +57,30 @@ def test_starts_with_ready_endpoints_by_port_name_and_number(fake, settings) -> 
         finally:
             await by_name.close()
             await by_number.close()
+
+    run(scenario, settings)
+
+
+def test_the_forwards_protocol_picks_the_port(fake, settings) -> None:
+    # One port number, two protocols, two pod ports: as kube-proxy, by name and protocol.
+    fake.service("logs", "syslog", [{"name": "syslog-udp", "port": 514, "protocol": "UDP"},
+                                    {"name": "syslog-tcp", "port": 514, "protocol": "TCP"}])
+    fake.endpoint_slice("logs", "syslog", "syslog-1", [ep("10.1.0.1")],
+                        [{"name": "syslog-udp", "port": 5514, "protocol": "UDP"},
+                         {"name": "syslog-tcp", "port": 6514, "protocol": "TCP"}])
+    target = ServiceTarget("logs", "syslog", 514)
+
+    async def scenario(kube: KubeResolvers) -> None:
+        tcp = Collector(kube.resolver(target, TargetMode.ENDPOINTS, "t", (Protocol.TCP,))
+                        .watch())
+        udp = Collector(kube.resolver(target, TargetMode.ENDPOINTS, "u", (Protocol.UDP,))
+                        .watch())
+        try:
+            assert hosts(await tcp.wait_for(bool)) == ["10.1.0.1:6514"]
+            assert hosts(await udp.wait_for(bool)) == ["10.1.0.1:5514"]
+        finally:
+            await tcp.close()
+            await udp.close()
 
     run(scenario, settings)
 
@@ -155,7 +179,7 @@ def test_unknown_port_is_reported_and_empty(fake, settings, caplog) -> None:
 
     with caplog.at_level(logging.WARNING, logger="portproxy.kube"):
         run(scenario, settings)
-    assert any("no port 'grpc'" in r.getMessage() and "http=80" in r.getMessage()
+    assert any("no TCP port 'grpc'" in r.getMessage() and "http=80" in r.getMessage()
                for r in caplog.records)
 
 
@@ -219,7 +243,7 @@ def test_check_once(fake, settings) -> None:
             await kube.check_once(ServiceTarget("web", "missing", 80), TargetMode.ENDPOINTS)
         with pytest.raises(ResolveError, match=r"headless.*mode=endpoints"):
             await kube.check_once(ServiceTarget("web", "headless", 80), TargetMode.CLUSTERIP)
-        with pytest.raises(ResolveError, match="no port 'grpc'"):
+        with pytest.raises(ResolveError, match="no TCP port 'grpc'"):
             await kube.check_once(ServiceTarget("web", "frontend", "grpc"),
                                   TargetMode.ENDPOINTS)
         fake.deny("get", "services", "web")

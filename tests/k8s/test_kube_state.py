@@ -18,10 +18,11 @@ from portproxy.resolve.kube_informer import (
     problem_line,
 )
 from portproxy.resolve.kube_state import ServiceView, SharedService, resolve_view
-from portproxy.spec import HostTarget, ServiceTarget, TargetMode
+from portproxy.spec import HostTarget, Protocol, ServiceTarget, TargetMode
 from tests.k8s.conftest import ep, hosts
 
 E, C = TargetMode.ENDPOINTS, TargetMode.CLUSTERIP
+TCP, UDP = Protocol.TCP, Protocol.UDP
 SERVICE = {"metadata": {"name": "web"},
            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80}]}}
 SLICE = {"addressType": "IPv4", "endpoints": [ep("10.1.0.1")],
@@ -50,8 +51,50 @@ def test_missing_service_and_port_are_empty_with_a_reason() -> None:
     assert missing.endpoints == EndpointSet() and "not found" in (missing.problem or "")
     wrong = resolve_view(ServiceView(True, SERVICE, True, (SLICE,)),
                          ServiceTarget("ns", "web", 81), C)
-    assert wrong.endpoints == EndpointSet() and "no port 81 (ports: http=80)" in (
+    assert wrong.endpoints == EndpointSet() and "no TCP port 81 (ports: http=80)" in (
         wrong.problem or "")
+
+
+KUBE_DNS = {"spec": {"clusterIP": "10.96.0.10", "ports": [
+    {"name": "dns", "port": 53, "protocol": "UDP"},
+    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+    {"name": "metrics", "port": 9153, "protocol": "TCP"}]}}
+KUBE_DNS_SLICE = {"addressType": "IPv4", "endpoints": [ep("10.1.0.7")], "ports": [
+    {"name": "dns", "port": 5353, "protocol": "UDP"},
+    {"name": "dns-tcp", "port": 5353, "protocol": "TCP"},
+    {"name": "metrics", "port": 9153, "protocol": "TCP"}]}
+SYSLOG = {"spec": {"clusterIP": "10.96.0.20", "ports": [
+    {"name": "syslog-udp", "port": 514, "protocol": "UDP"},
+    {"name": "syslog-tcp", "port": 514, "protocol": "TCP"}]}}
+SYSLOG_SLICE = {"addressType": "IPv4", "endpoints": [ep("10.1.0.1")], "ports": [
+    {"name": "syslog-udp", "port": 5514, "protocol": "UDP"},
+    {"name": "syslog-tcp", "port": 6514, "protocol": "TCP"}]}
+
+
+def test_the_forwards_protocol_picks_the_service_port() -> None:
+    syslog = ServiceView(True, SYSLOG, True, (SYSLOG_SLICE,))
+    target = ServiceTarget("logs", "syslog", 514)
+    assert hosts(resolve_view(syslog, target, E, (TCP,)).endpoints) == ["10.1.0.1:6514"]
+    assert hosts(resolve_view(syslog, target, E, (UDP,)).endpoints) == ["10.1.0.1:5514"]
+    # A name stands for its number: the UDP entry's name in a TCP forward is 514/TCP.
+    by_name = ServiceTarget("logs", "syslog", "syslog-udp")
+    assert hosts(resolve_view(syslog, by_name, E, (TCP,)).endpoints) == ["10.1.0.1:6514"]
+    both = resolve_view(syslog, target, E, (TCP, UDP))
+    assert both.endpoints == EndpointSet() and "other pod ports for TCP than for UDP" in (
+        both.problem or "")
+    assert hosts(resolve_view(syslog, target, C, (TCP, UDP)).endpoints) == ["10.96.0.20:514"]
+
+    dns = ServiceView(True, KUBE_DNS, True, (KUBE_DNS_SLICE,))
+    for port in ("dns", "dns-tcp", 53):  # the README's tcp+udp example, any spelling
+        outcome = resolve_view(dns, ServiceTarget("kube-system", "kube-dns", port), E,
+                               (TCP, UDP))
+        assert hosts(outcome.endpoints) == ["10.1.0.7:5353"], port
+    metrics = ServiceTarget("kube-system", "kube-dns", "metrics")
+    for mode in (E, C):  # kube-proxy has no UDP rule for a TCP-only port
+        outcome = resolve_view(dns, metrics, mode, (UDP,))
+        assert outcome.endpoints == EndpointSet() and \
+            "has no UDP port 'metrics' (ports: dns=53/UDP, dns-tcp=53, metrics=9153)" in (
+                outcome.problem or "")
 
 
 def test_headless_and_unallocated_cluster_ip() -> None:
@@ -72,7 +115,11 @@ def test_external_name_asks_for_dns() -> None:
             HostTarget("db.example.com", 5432)
     assert resolve_view(view, ServiceTarget("ns", "db", 7000), C).external == \
         HostTarget("db.example.com", 7000)
-    assert "no port 'x'" in (resolve_view(view, ServiceTarget("ns", "db", "x"), C).problem or "")
+    # The port entries only name numbers: a UDP forward may use a TCP entry's name.
+    assert resolve_view(view, ServiceTarget("ns", "db", "pg"), C, (UDP,)).external == \
+        HostTarget("db.example.com", 5432)
+    assert "no TCP port 'x'" in (
+        resolve_view(view, ServiceTarget("ns", "db", "x"), C).problem or "")
     empty = ServiceView(True, {"spec": {"type": "ExternalName"}})
     assert "without an externalName" in (resolve_view(empty, T, C).problem or "")
 

@@ -10,8 +10,7 @@ from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.endpointslices import (
     describe_ports,
     endpoints_from_slices,
-    service_port_name,
-    service_port_number,
+    service_port,
     slice_endpoints,
 )
 
@@ -162,20 +161,43 @@ SERVICE = {"spec": {"ports": [
 ]}}
 
 
-def test_service_port_name_by_number_and_name() -> None:
-    assert service_port_name(SERVICE, "dns-tcp") == "dns-tcp"
-    assert service_port_name(SERVICE, 53) == "dns"  # first of two sharing the number
-    assert service_port_name(SERVICE, 9153) == "metrics"
-    assert service_port_name(SERVICE, 5353) is None  # a targetPort is not a service port
-    assert service_port_name(SERVICE, "http") is None
-    assert service_port_name({"spec": {"ports": [{"port": 80}]}}, 80) == ""
-    assert service_port_name({"spec": {}}, 80) is None
+def port_name(service: dict[str, Any], port: int | str, protocol: str = "TCP") -> str | None:
+    entry = service_port(service, port, protocol)
+    return None if entry is None else str(entry.get("name") or "")
 
 
-def test_service_port_number_and_description() -> None:
-    assert service_port_number(SERVICE, "metrics") == 9153
-    assert service_port_number(SERVICE, 53) == 53
-    assert service_port_number(SERVICE, 54) is None
-    assert describe_ports(SERVICE) == "dns=53, dns-tcp=53, metrics=9153"
+def test_service_port_by_number_name_and_protocol() -> None:
+    assert port_name(SERVICE, "dns-tcp") == "dns-tcp"
+    assert port_name(SERVICE, 53) == "dns-tcp"  # the TCP one of two sharing the number
+    assert port_name(SERVICE, 53, "UDP") == "dns"
+    # A name stands for its number: the Service's port 53 over the other protocol.
+    assert port_name(SERVICE, "dns") == "dns-tcp"
+    assert port_name(SERVICE, "dns-tcp", "UDP") == "dns"
+    assert port_name(SERVICE, 9153) == "metrics"
+    assert port_name(SERVICE, 9153, "UDP") is None  # kube-proxy has no UDP rule for it
+    assert port_name(SERVICE, "metrics", "UDP") is None
+    assert port_name(SERVICE, 5353) is None  # a targetPort is not a service port
+    assert port_name(SERVICE, "http") is None
+    assert port_name({"spec": {"ports": [{"port": 80}]}}, 80) == ""  # protocol absent: TCP
+    assert port_name({"spec": {"ports": [{"port": 80}]}}, 80, "UDP") is None
+    assert port_name({"spec": {}}, 80) is None
+    assert port_name({"spec": {"ports": [{"name": "x"}]}}, "x") is None  # no number
+
+
+def test_slices_are_read_for_the_ports_protocol() -> None:
+    # syslog: 514/UDP and 514/TCP lead to different pod ports.
+    s = slice_([ep("10.0.0.1")], ports=[{"name": "udp", "port": 5514, "protocol": "UDP"},
+                                        {"name": "tcp", "port": 6514, "protocol": "TCP"},
+                                        {"name": "both", "port": 7514, "protocol": "UDP"},
+                                        {"name": "both", "port": 8514}])
+    assert hosts(endpoints_from_slices([s], "udp", "UDP")) == ["10.0.0.1:5514"]
+    assert endpoints_from_slices([s], "udp", "TCP") == EndpointSet()
+    assert hosts(endpoints_from_slices([s], "tcp")) == ["10.0.0.1:6514"]
+    assert hosts(endpoints_from_slices([s], "both", "UDP")) == ["10.0.0.1:7514"]
+    assert hosts(endpoints_from_slices([s], "both", "TCP")) == ["10.0.0.1:8514"]
+
+
+def test_port_description() -> None:
+    assert describe_ports(SERVICE) == "dns=53/UDP, dns-tcp=53, metrics=9153"
     assert describe_ports({"spec": {"ports": [{"port": 80}]}}) == "80"
     assert describe_ports({}) == "none"

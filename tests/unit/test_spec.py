@@ -37,6 +37,9 @@ VALID = [
      HostTarget("fd00::1", 443)),
     ("eth0:80=ns/svc:8080", TCP, ListenAddress("interface", "eth0", 80),
      ServiceTarget("ns", "svc", 8080)),
+    # A Service port name is a DNS label, up to 63 (15 is the limit of container ports).
+    ("9100=logs/syslog:http-metrics-internal", TCP, ListenAddress("any", "", 9100),
+     ServiceTarget("logs", "syslog", "http-metrics-internal")),
     ("UDP://eth0/ipv6:53=a.b:53", UDP, ListenAddress("interface", "eth0", 53, "ipv6"),
      HostTarget("a.b", 53)),
     ("tcp://127.0.0.1:2222=localhost:22", TCP, ListenAddress("ip", "127.0.0.1", 2222),
@@ -104,6 +107,8 @@ INVALID = [
     ("300.1.1.1:80=a:1", "'300.1.1.1' is not an IPv4 address"),
     ("80=a:http", "target port 'http' is not a number"),
     ("80=ns/svc:BAD_NAME", "service port 'BAD_NAME' is neither a number nor a valid port name"),
+    ("80=ns/svc:" + "a" * 64, "is neither a number nor a valid port name (lowercase letters, "
+     "digits and '-', at most 63)"),
     ("80=Ns/svc:80", "namespace 'Ns' is not a valid Kubernetes namespace name"),
     ("80=ns/1svc:80", "service name '1svc' is not a valid Kubernetes Service name"),
     ("80=a:1,foo=1", "unknown option 'foo'"),
