@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from portproxy.errors import ConfigError, SetupError
 from portproxy.metrics import Registry
+from portproxy.sockets import sockaddr
 from portproxy.spec_values import is_decimal
 from portproxy.status import StatusSource, readiness
 
@@ -246,7 +247,7 @@ class AdminServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            sock.bind((host, self._port))
+            sock.bind(sockaddr(host, self._port))
             sock.listen(64)
             sock.setblocking(False)
         except BaseException:

@@ -18,7 +18,7 @@ from typing import Protocol
 from portproxy.deadlines import Deadlines, Slot
 from portproxy.endpoints import Endpoint
 from portproxy.poller import Poller
-from portproxy.sockets import RESOURCE_ERRNOS, family_of, tune_stream
+from portproxy.sockets import RESOURCE_ERRNOS, family_of, sockaddr, tune_stream
 
 Address = tuple[str, int]
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -81,6 +81,7 @@ class BackendConnect:
             return
         endpoint = self.endpoint = self.attempts.pop(0)
         try:
+            address = sockaddr(endpoint.host, endpoint.port)
             # SOCK_NONBLOCK at creation: one ioctl fewer than setblocking(False).
             sock = socket.socket(family_of(endpoint.host),
                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -102,7 +103,7 @@ class BackendConnect:
         # Not the loop's clock: uvloop's is cached to the millisecond, which would put every
         # loopback connect into the histogram's first bucket as 0.
         self.started = time.monotonic()
-        err = sock.connect_ex((endpoint.host, endpoint.port))
+        err = sock.connect_ex(address)
         if err == 0:
             engine.on_connected(self)
         elif err == errno.EINPROGRESS:

@@ -83,7 +83,7 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        sock.bind((host, request.port))
+        sock.bind(sockaddr(host, request.port))
         if request.kind == socket.SOCK_STREAM:
             # Accepted sockets inherit these on Linux: set once here, not per connection.
             tune_stream(sock)
@@ -132,8 +132,20 @@ def tune_stream(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPIDLE_SECONDS)
 
 
-def sockaddr(host: str, port: int) -> tuple[str, int]:
-    return (host, port)
+def sockaddr(host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The address tuple for bind/connect. An IPv6 zone (``fe80::1%eth0`` or ``%2``) becomes
+    the scope id of a 4-tuple: Python's 2-tuple form drops it, so the kernel would refuse a
+    link-local address (EINVAL). OSError(ENODEV) names a zone that is no interface."""
+    if "%" not in host:
+        return (host, port)
+    address, zone = host.split("%", 1)
+    if zone.isdecimal():
+        return (address, port, 0, int(zone))
+    try:
+        return (address, port, 0, socket.if_nametoindex(zone))
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface named {zone!r} (the address's zone)"
+                      ) from None
 
 
 def bound_address(sock: socket.socket) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from portproxy.endpoints import Endpoint
 from portproxy.flowtable import FlowTable
 from portproxy.metrics import Counter, Gauge, ProxyMetrics
-from portproxy.sockets import RESOURCE_ERRNOS, family_of, unmapped
+from portproxy.sockets import RESOURCE_ERRNOS, family_of, sockaddr, unmapped
 from portproxy.spec import IPNetwork
 from portproxy.udp_pktinfo import Ancillary, LocalAddress, enable_drop_count, kernel_drops
 
@@ -315,7 +315,7 @@ def connect_first(endpoints: Sequence[Endpoint]) -> tuple[socket.socket, Endpoin
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FLOW_BUFFER)
             enable_drop_count(sock)
-            sock.connect((endpoint.host, endpoint.port))
+            sock.connect(sockaddr(endpoint.host, endpoint.port))
         except OSError as exc:
             sock.close()
             if exc.errno in NO_LOCAL_PORT_ERRNOS:
