@@ -245,8 +245,12 @@ class Daemon:
         for runtime in removed:
             del self.forwards[runtime.forward]
             sharing = set().union(*(self.claims.sharing(e) for e in runtime.engines))
-            self._replace(runtime, [r for r in started
-                                    if any(e in sharing for e in r.engines)])
+            successors = [r for r in started if any(e in sharing for e in r.engines)]
+            # A forward an earlier reload replaced may still wait for this one to listen:
+            # it now waits for this one's successors (or none) instead.
+            for handover in list(self._handovers.values()):
+                handover.successor_replaced(runtime, successors)
+            self._replace(runtime, successors)
         if new.max_conns != self.settings.max_conns:
             self.global_limit.set_limit(new.max_conns)
             log.info("global --max-conns now %s", new.max_conns or "unlimited")

@@ -69,17 +69,32 @@ class Handover:
                  retire: Callable[[ForwardRuntime], None],
                  timeout: float = HANDOVER_TIMEOUT) -> None:
         self.old = old
-        self.targets = [s.target for s in successors if not s.target.resolved]
+        self.successors: list[ForwardRuntime] = []
         self._retire = retire
         self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
         self.done = False
-        for target in self.targets:
-            target.on_change(self._on_change)
+        self._await(successors)
         log.info("forward %s replaced: accepting until its successor listens",
                  old.forward.name, extra={"forward": old.forward.name})
 
+    def _await(self, successors: list[ForwardRuntime]) -> None:
+        for successor in successors:
+            if not successor.target.resolved:
+                self.successors.append(successor)
+                successor.target.on_change(self._on_change)
+
+    def successor_replaced(self, successor: ForwardRuntime, by: list[ForwardRuntime]) -> None:
+        """A later reload replaced ``successor`` (still unresolved) by ``by``, maybe none:
+        those are awaited instead, or the old forward retires if nothing is left."""
+        if successor not in self.successors:
+            return
+        self.successors.remove(successor)
+        successor.target.off_change(self._on_change)
+        self._await(by)
+        self._on_change(EndpointSet())
+
     def _on_change(self, _endpoints: EndpointSet) -> None:
-        if all(target.resolved for target in self.targets):
+        if all(s.target.resolved for s in self.successors):
             self.finish()
 
     def _timed_out(self) -> None:
@@ -92,8 +107,8 @@ class Handover:
             return
         self.done = True
         self._timer.cancel()
-        for target in self.targets:
-            target.off_change(self._on_change)
+        for successor in self.successors:
+            successor.target.off_change(self._on_change)
         self._retire(self.old)
 
 

@@ -727,3 +727,49 @@ def test_a_reload_may_move_a_forward_to_the_same_address_spelt_otherwise(
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+def test_a_replaced_forward_follows_a_second_reload_of_its_successor(tmp_path: Path) -> None:
+    """The first reload's successor cannot resolve, so the original keeps accepting; a second
+    reload replaces that successor by one that resolves: the original stops at once, rather
+    than splitting clients with it until the hand-over times out."""
+    first, second = EchoServer(), EchoServer()
+    port = free_port()
+    config = tmp_path / "c.toml"
+
+    def configure(target: str) -> None:
+        write(config, f'admin-address = "none"\n'
+                      f'forwards = ["tcp://127.0.0.1:{port}={target},name=web"]\n')
+
+    configure(f"127.0.0.1:{first.port}")
+    proc = PortproxyProcess(["run", "--config", str(config)])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
+        configure("no-such-host.invalid:80")
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("accepting until its successor listens")
+        configure(f"127.0.0.1:{second.port}")
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: proc.output.count("reloaded:") == 2, what="the second reload")
+
+        def only_second() -> bool:
+            before = first.accepted
+            for i in range(20):
+                assert exchange_once(port, b"%d" % i) == b"%d" % i
+            return first.accepted == before
+
+        wait_for(only_second, what="every client to reach the second target")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "stopping it anyway" not in proc.output
+    finally:
+        proc.stop()
+        first.close()
+        second.close()
+
+
+def exchange_once(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
