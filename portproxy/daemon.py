@@ -260,6 +260,8 @@ class Daemon:
         return None
 
     def _replace(self, old: ForwardRuntime, successors: list[ForwardRuntime]) -> None:
+        if old.udp is not None:  # new clients it receives while it drains go to them
+            old.udp.successors = [s.udp for s in successors if s.udp is not None]
         if all(s.target.resolved for s in successors):
             self._drain_in_background(old)
             return

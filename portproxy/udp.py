@@ -43,7 +43,7 @@ from portproxy.listen_claims import ListenClaims
 from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
-from portproxy.sockets import BindRequest, bind_socket, bound_address, unmapped
+from portproxy.sockets import BindRequest, bind_socket, bound_address, log_address, unmapped
 from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
@@ -57,7 +57,6 @@ from portproxy.udp_flow import (
     UdpCounters,
     allowed,
     connect_first,
-    log_address,
     resend_after_refusal,
     table_clock,
 )
@@ -128,6 +127,11 @@ class UdpForwarder:
         self.endpoint_keys = frozenset(e.key for e in target.endpoints.endpoints)
         target.on_change(self._endpoints_changed)
         self.count = UdpCounters(metrics, self.name)
+        self.successors: list[UdpForwarder] = []
+        """Set when a reload replaced this forward: the new ones bound to its addresses,
+        which take the new clients this one still receives while it drains."""
+        self._peers: dict[socket.socket, socket.socket] = {}
+        """A predecessor's listening socket → this forward's one on the same address."""
 
     # -- listeners ------------------------------------------------------------------------
     def add_listener(self, host: str, freebind: bool = False) -> None:
@@ -209,18 +213,11 @@ class UdpForwarder:
             if ancdata and ancdata[0][0] == _SOL_SOCKET:
                 self.kernel_drops[lsock] = count.kernel_drops(self.kernel_drops[lsock], ancdata)
             flow = get(client)
-            if flow is None:
-                flow = self._new_flow(lsock, client, ancdata, wildcard)
+            if flow is None or flow.generation != self.generation or flow.listener is not \
+                    lsock or (wildcard and pktinfo_of(ancdata) != flow.local.raw):
+                flow = self._flow_for(lsock, client, ancdata, wildcard, flow)
                 if flow is None:
                     continue
-            else:
-                if flow.listener is not lsock or (
-                        wildcard and pktinfo_of(ancdata) != flow.local.raw):
-                    self._relocate(flow, lsock, ancdata, wildcard)
-                if flow.generation != self.generation:
-                    flow = self._endpoint_ok(flow, lsock, ancdata, wildcard)
-                    if flow is None:
-                        continue
             try:
                 if flow.header is None:
                     flow.sock.send(view[:size])
@@ -235,11 +232,25 @@ class UdpForwarder:
             payload.value += size
 
     # -- flows ------------------------------------------------------------------------------
+    def _flow_for(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
+                  wildcard: bool, flow: Flow | None) -> Flow | None:
+        """The flow to relay ``client``'s datagram on when ``flow`` (its entry in the
+        table) is none or not fit as it is; None when the datagram is dropped (counted)."""
+        if flow is None:
+            return self._new_flow(lsock, client, ancdata, wildcard)
+        if flow.listener is not lsock or (wildcard and pktinfo_of(ancdata) != flow.local.raw):
+            self._relocate(flow, lsock, ancdata, wildcard)
+        if flow.generation != self.generation:
+            return self._endpoint_ok(flow, lsock, ancdata, wildcard)
+        return flow
+
     def _new_flow(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
                   wildcard: bool) -> Flow | None:
         if not self.accepting:
-            self.count.draining.inc()
-            return None
+            handled, flow = self._hand_over(lsock, client, ancdata)
+            if not handled:
+                self.count.draining.inc()
+            return flow
         if self.allow and not allowed(client[0], self.allow):
             self.count.denied.inc()
             return None
@@ -253,6 +264,33 @@ class UdpForwarder:
         flow.header = self._header(flow)
         self._admit(flow)
         return flow
+
+    def _hand_over(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary]
+                   ) -> tuple[bool, Flow | None]:
+        """A new client reaching this replaced, draining forward: SO_REUSEPORT spreads
+        clients over every socket bound to the address, this one's too until it closes, so
+        the successor on the same address takes it (its flow, its socket for the replies).
+        (handled, the flow or None if the successor dropped it); (False, None) when no
+        successor has that address."""
+        for successor in self.successors:
+            handled, flow = successor._take_over(lsock, client, ancdata)
+            if handled:
+                return handled, flow
+        return False, None
+
+    def _take_over(self, theirs: socket.socket, client: Client, ancdata: list[Ancillary]
+                   ) -> tuple[bool, Flow | None]:
+        if not self.accepting:  # replaced in turn: its own successors
+            return self._hand_over(theirs, client, ancdata)
+        mine = self._peers.get(theirs)
+        if mine is None or mine not in self.ports:
+            address = theirs.getsockname()
+            mine = next((s for s in self.ports if s.getsockname() == address), None)
+            if mine is None:
+                return False, None
+            self._peers[theirs] = mine
+        return True, self._flow_for(mine, client, ancdata, mine not in self.locals.bound,
+                                    self.table.get(client))
 
     def _connect(self, client: Client) -> tuple[socket.socket, Endpoint] | None:
         """A socket connected to a candidate endpoint for ``client`` (counted when none)."""
