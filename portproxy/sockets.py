@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from portproxy.errors import SetupError
 
@@ -54,6 +55,12 @@ def unmapped(host: str) -> str:
     """``::ffff:a.b.c.d`` → ``a.b.c.d``: an IPv4 client of a dual-stack socket has one
     identity, whichever way it arrived, for balancing (source-ip) and logs."""
     return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def log_address(client: tuple[Any, ...]) -> tuple[str, int]:
+    """A client address as a user would write it (IPv4 clients of dual-stack sockets
+    unmapped), for the access log of both protocols."""
+    return (unmapped(client[0]), client[1])
 
 
 def family_of(host: str) -> socket.AddressFamily:

@@ -26,6 +26,7 @@ from portproxy.sockets import (
     BindRequest,
     bind_socket,
     bound_address,
+    log_address,
     unmapped,
 )
 from portproxy.spec import Forward, Protocol
@@ -331,7 +332,8 @@ class TcpForwarder:
         self.g_active.value -= 1
         self.c_closed.labels(self.name, relay.result).inc()
         if self.access_log is not None:
-            self.access_log(self.name, relay.client_addr, str(endpoint), relay.bytes_up,
+            self.access_log(self.name, log_address(relay.client_addr), str(endpoint),
+                            relay.bytes_up,
                             relay.bytes_down, self.loop.time() - relay.started, relay.result)
         self._release_slot()
 

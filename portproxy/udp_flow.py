@@ -27,7 +27,7 @@ from typing import Any
 from portproxy.endpoints import Endpoint
 from portproxy.flowtable import FlowTable
 from portproxy.metrics import Counter, Gauge, ProxyMetrics
-from portproxy.sockets import RESOURCE_ERRNOS, family_of, sockaddr, unmapped
+from portproxy.sockets import RESOURCE_ERRNOS, family_of, sockaddr
 from portproxy.spec import IPNetwork
 from portproxy.udp_pktinfo import Ancillary, LocalAddress, enable_drop_count, kernel_drops
 
@@ -354,8 +354,3 @@ def allowed(host: str, allow: Sequence[IPNetwork]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in network for network in allow)
-
-
-def log_address(client: Client) -> tuple[str, int]:
-    """The client as a user would write it (IPv4 clients of dual-stack sockets unmapped)."""
-    return (unmapped(client[0]), client[1])

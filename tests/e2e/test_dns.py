@@ -67,16 +67,21 @@ def portproxy_processes() -> Iterator[list[PortproxyProcess]]:
 def test_dig_over_udp_and_tcp_through_one_tcp_udp_forward(
         dnsmasq: int, portproxy_processes: list[PortproxyProcess]) -> None:
     port = free_tcp_udp_port()
-    proxy = PortproxyProcess(["run", "-f", f"tcp+udp://127.0.0.1:{port}=127.0.0.1:{dnsmasq}",
-                              "--admin-address", "none"])
+    # All addresses (dual-stack sockets), so that IPv4 clients arrive IPv4-mapped.
+    proxy = PortproxyProcess(["run", "-f", f"tcp+udp://:{port}=127.0.0.1:{dnsmasq},"
+                              "responses=1", "--admin-address", "none", "--access-log"])
     portproxy_processes.append(proxy)
-    proxy.wait_for_line(f"listening on udp 127.0.0.1:{port}")
-    proxy.wait_for_line(f"listening on tcp 127.0.0.1:{port}")
+    proxy.wait_for_line(f"listening on udp *:{port}")
+    proxy.wait_for_line(f"listening on tcp *:{port}")
 
     over_udp = dig("127.0.0.1", port)
     assert answered(over_udp), over_udp.stdout + over_udp.stderr
     over_tcp = dig("127.0.0.1", port, "+tcp")
     assert answered(over_tcp), over_tcp.stdout + over_tcp.stderr
+    # One client, written one way in both protocols' access log lines.
+    for kind in ("udp flow closed", "tcp connection closed"):
+        line = proxy.wait_for_line(kind)
+        assert " client=127.0.0.1:" in line, line
 
     proxy.signal(signal.SIGTERM)
     assert proxy.wait() == 0, proxy.output
