@@ -37,6 +37,8 @@ class ConnectOwner(Protocol):
     def on_attempt_failed(self, attempt: BackendConnect, endpoint: Endpoint, err: int) -> None:
         ...
 
+    def retry_after_backoff(self, attempt: BackendConnect) -> None: ...
+
 
 def reset_close(sock: socket.socket) -> None:
     """Close with RST: the client learns at once that nothing will be served."""
@@ -89,9 +91,11 @@ class BackendConnect:
             self.last_error = exc.errno or errno.EMFILE
             engine.on_attempt_failed(self, endpoint, self.last_error)
             if self.last_error in RESOURCE_ERRNOS:
-                # Out of descriptors or memory: no endpoint can help, fail this client.
-                self.attempts.clear()
-                engine.on_connect_failed(self)
+                # Out of descriptors or memory: no endpoint can help now. The engine backs
+                # off and tries this endpoint again after it; the client waits meanwhile,
+                # as those still in the accept queue do.
+                self.attempts.insert(0, endpoint)
+                engine.retry_after_backoff(self)
             else:
                 # This endpoint's family, e.g. IPv6 on a kernel without it (EAFNOSUPPORT):
                 # the next endpoint may well be reachable.

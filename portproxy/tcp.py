@@ -82,6 +82,8 @@ class TcpForwarder:
         self.paused = False
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
+        self._waiting: list[BackendConnect] = []
+        """Accepted clients whose backend socket found no descriptor, in order."""
         self._idle = asyncio.Event()
         """Set once no longer accepting and the last connection is gone (``drain`` waits)."""
         name = self.name
@@ -218,6 +220,8 @@ class TcpForwarder:
                 continue  # ECONNABORTED and friends concern one client only
             self._backoff = 0.0
             self._admit(client, address)
+            if self._backoff_timer is not None:  # out of descriptors connecting it
+                return
 
     def _resume_if_possible(self) -> None:
         if self.limit.full:
@@ -241,7 +245,17 @@ class TcpForwarder:
 
     def _end_backoff(self) -> None:
         self._backoff_timer = None
-        self._resume_if_possible()
+        waiting, self._waiting = self._waiting, []
+        for attempt in waiting:  # accepted before the shortage: they go first
+            if attempt in self.pending:
+                attempt.next()
+        if self._backoff_timer is None:  # none ran out again
+            self._resume_if_possible()
+
+    def retry_after_backoff(self, attempt: BackendConnect) -> None:
+        """``attempt`` found no descriptor for its backend socket: it tries again once the
+        back-off (started by ``on_attempt_failed``) ends."""
+        self._waiting.append(attempt)
 
     def _admit(self, client: socket.socket, address: Address) -> None:
         if self.allow:
@@ -350,8 +364,8 @@ class TcpForwarder:
             self.remove_listener(host)
         self.limit.cancel(self)
         self.global_limit.cancel(self)
-        if self._backoff_timer is not None:
-            self._backoff_timer.cancel()
+        if self._backoff_timer is not None and not self._waiting:
+            self._backoff_timer.cancel()  # else it ends the back-off: they connect then
         for host in list(self.listeners):
             self.remove_listener(host)
 

@@ -129,3 +129,34 @@ def test_out_of_descriptors_a_transfer_turning_bulk_keeps_copying() -> None:
             conn.close()
         stop_process(proc)
         backend.close()
+
+
+def test_out_of_descriptors_for_the_backend_socket_clients_wait_rather_than_reset() -> None:
+    """The accept takes the last descriptor and the backend socket finds none: that client
+    and those queued behind it wait for descriptors (the back-off), none is reset."""
+    backend = EchoServer()
+    port = free_port()
+    proc, lines = start_limited(port, backend, "none")
+    held: list[socket.socket] = []
+    burst: list[socket.socket] = []
+    try:
+        for i in range(5):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"%d" % i)
+            assert client.recv(1) == b"%d" % i
+            held.append(client)
+        in_use = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (in_use + 1, FD_LIMIT))
+        burst = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        wait_for(lambda: any("connect failed (Too many open files); not accepting for" in line
+                             for line in lines), what="the back-off")
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+        for i, client in enumerate(burst):
+            client.sendall(b"burst %d" % i)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"burst %d" % i
+    finally:
+        for client in [*held, *burst]:
+            client.close()
+        stop_process(proc)
+        backend.close()
