@@ -186,8 +186,12 @@ class AdminServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self) -> None:
+    async def start(self, claim: Callable[[socket.socket], None] | None = None) -> None:
+        """Bind and serve; ``claim`` is shown the bound socket first (it may refuse it by
+        raising, e.g. an address a forward serves)."""
         sock = self._bind()
+        if claim is not None:
+            claim(sock)
         self._stopping = False
         try:
             # A plain callback, not a coroutine: the slot is taken synchronously, so a burst of

@@ -67,7 +67,7 @@ class BindTest:
                 for key in keys:
                     other = self.seen.get(key)
                     if other is not None and other != forward.name:
-                        raise clash(forward.name, key, other)
+                        raise clash(f"forward {forward.name}", key, f"forward {other}")
                 self.seen.update(dict.fromkeys(keys, forward.name))
 
 

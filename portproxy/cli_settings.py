@@ -9,7 +9,7 @@ that need ``--create-interface``. Every problem is a ``ConfigError`` (exit 2 in 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from portproxy.config import Settings
@@ -18,6 +18,7 @@ from portproxy.spec import (
     Forward,
     ForwardOptions,
     ListenAddress,
+    Protocol,
     options_from_pairs,
     parse_forward,
 )
@@ -96,7 +97,7 @@ def settings_from(params: dict[str, Any]) -> Settings:
         udp_services_configmap=configmaps[1] or None,
         drain_timeout=params.get("drain_timeout", 30.0),
         use_splice=not params.get("no_splice", False),
-        admin_address=parse_admin_address(params.get("admin_address") or "none"),
+        admin_address=_admin_address(params, parse_admin_address),
         max_conns=params.get("max_conns", 0),
         access_log=params.get("access_log", False),
         ready_file=params.get("ready_file") or None,
@@ -110,10 +111,33 @@ def settings_from(params: dict[str, Any]) -> Settings:
         log_format=params.get("log_format", "text"),
         interface_addresses=_vip_addresses(params),
     )
+    _admin_beside_forwards(settings)
     from portproxy.configmap import configmap_refs
 
     configmap_refs(settings)  # NS/NAME checked now: a typo is exit 2, not a log line later
     return settings
+
+
+def _admin_address(params: dict[str, Any], parse: Callable[[str], tuple[str, int] | None]
+                   ) -> tuple[str, int] | None:
+    text = params.get("admin_address")
+    # Absent (commands without an admin endpoint) is none; an empty value is a mistake.
+    return None if text is None else parse(text)
+
+
+def _admin_beside_forwards(settings: Settings) -> None:
+    """The admin endpoint's socket shares ports (SO_REUSEPORT, for rollouts): a TCP forward
+    on its address would split its clients with it. The text tells for IP addresses;
+    interface forwards are compared at bind time."""
+    if settings.admin_address is None:
+        return
+    host, port = settings.admin_address
+    admin = set(_listen_keys(ListenAddress("ip", host, port) if host else
+                             ListenAddress("any", "", port)))
+    for forward in settings.forwards:
+        if Protocol.TCP in forward.protocols and admin & set(_listen_keys(forward.listen)):
+            raise ConfigError(f"invalid --forward {forward.spec!r}: tcp {forward.listen} is "
+                              "also the --admin-address; give them different ports")
 
 
 def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:

@@ -370,8 +370,11 @@ class Daemon:
         address = self.settings.admin_address
         if address is None:
             return
-        self.admin = AdminServer(address[0], address[1], self.metrics.registry, self)
-        await self.admin.start()
+        admin = self.admin = AdminServer(address[0], address[1], self.metrics.registry, self)
+        # Its socket has SO_REUSEPORT too (the next pod of a rollout binds it), so a forward
+        # on its address would split its clients with it: refused like two forwards.
+        await admin.start(lambda sock: self.claims.claim(sock, admin, "admin",
+                                                         "the admin endpoint"))
         log.info("admin endpoint on %s (/metrics /healthz /readyz /forwards)",
                  self.admin.address)
 

@@ -40,18 +40,20 @@ def bound_keys(sock: socket.socket) -> list[BoundKey]:
     return keys
 
 
-def clash(name: str, key: BoundKey, other: str) -> SetupError:
+def clash(label: str, key: BoundKey, other: str) -> SetupError:
+    """``label`` (``forward NAME``, ``the admin endpoint``) cannot have ``key``: ``other``
+    (labelled alike) serves it."""
     kind = "udp" if key[0] == socket.SOCK_DGRAM else "tcp"
     where = host_port(key[2], key[3])
-    return SetupError(f"forward {name}: {kind} {where} is already served by forward {other}, "
-                      "and the kernel would split clients between the two; give them "
-                      "different addresses or ports")
+    return SetupError(f"{label}: {kind} {where} is already served by {other}, and the "
+                      "kernel would split clients between the two; give them different "
+                      "addresses or ports")
 
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
     owner: Hashable
-    name: str
+    label: str
     sock: socket.socket
 
 
@@ -60,20 +62,21 @@ class ListenClaims:
     retiring: set[Hashable] = field(default_factory=set)
     _claims: dict[BoundKey, list[_Claim]] = field(default_factory=dict)
 
-    def claim(self, sock: socket.socket, owner: Hashable, name: str) -> None:
-        """Record that ``owner`` (of forward ``name``) bound ``sock``; ``SetupError`` (and
-        ``sock`` closed) when another owner holds one of its addresses, unless either of
-        the two is retiring."""
+    def claim(self, sock: socket.socket, owner: Hashable, name: str, label: str = "") -> None:
+        """Record that ``owner`` (of forward ``name``, or what ``label`` says) bound
+        ``sock``; ``SetupError`` (and ``sock`` closed) when another owner holds one of its
+        addresses, unless either of the two is retiring."""
         self._forget_closed()
         keys = bound_keys(sock)
+        label = label or f"forward {name}"
         if owner not in self.retiring:
             for key in keys:
                 for other in self._claims.get(key, ()):
                     if other.owner is not owner and other.owner not in self.retiring:
                         sock.close()
-                        raise clash(name, key, other.name)
+                        raise clash(label, key, other.label)
         for key in keys:
-            self._claims.setdefault(key, []).append(_Claim(owner, name, sock))
+            self._claims.setdefault(key, []).append(_Claim(owner, label, sock))
 
     def _forget_closed(self) -> None:
         for key, claims in list(self._claims.items()):

@@ -85,6 +85,23 @@ def test_port_in_use_exits_3_naming_the_forward() -> None:
     assert f"forward tcp/127.0.0.1:{port}: 127.0.0.1:{port} is already in use" in result.stderr
 
 
+def test_a_forward_on_the_admin_address_is_refused() -> None:
+    # Both sockets set SO_REUSEPORT, so the kernel would split clients between the two.
+    port = free_port()
+    spelled = run_cli(["run", "-f", f"tcp://:{port}=127.0.0.1:9", "--admin-address",
+                       f":{port}"])
+    assert spelled.returncode == 2, spelled.stderr
+    assert f"tcp *:{port} is also the --admin-address" in spelled.stderr
+    # An interface's address is known once bound: the admin endpoint's claim finds it.
+    bound = run_cli(["run", "-f", f"tcp://lo/ipv4:{port}=127.0.0.1:9", "--admin-address",
+                     f"127.0.0.1:{port}"])
+    assert bound.returncode == 3, bound.stderr
+    assert (f"the admin endpoint: tcp 127.0.0.1:{port} is already served by forward "
+            f"tcp/lo/ipv4:{port}") in bound.stderr
+    empty = run_cli(["run", "-f", f"tcp://:{port}=127.0.0.1:9", "--admin-address", ""])
+    assert empty.returncode == 2 and "invalid --admin-address ''" in empty.stderr
+
+
 BROKEN_KUBECONFIG = "apiVersion: v1\nclusters: [ {this is not yaml\n"
 
 
