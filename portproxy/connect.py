@@ -59,8 +59,8 @@ def client_ip(address: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 class BackendConnect:
     """Connecting one accepted client to a backend, trying endpoints in order."""
 
-    __slots__ = ("attempts", "client", "client_addr", "deadline", "endpoint", "engine",
-                 "last_error", "sock", "started")
+    __slots__ = ("accepted", "attempts", "client", "client_addr", "deadline", "endpoint",
+                 "engine", "last_error", "sock", "started")
 
     def __init__(
         self, engine: ConnectOwner, client: socket.socket, client_addr: Address,
@@ -73,6 +73,8 @@ class BackendConnect:
         self.sock: socket.socket | None = None
         self.endpoint: Endpoint | None = None
         self.deadline: Slot | None = None
+        self.accepted = engine.loop.time()
+        """When the client was accepted (the loop's clock): its access log duration."""
         self.started = 0.0
         self.last_error = 0
 

@@ -89,6 +89,7 @@ class Relay:
         endpoint: Endpoint,
         client_addr: Address,
         on_close: Callable[[Relay], None],
+        accepted: float | None = None,
     ) -> None:
         self.setup = setup
         self.endpoint = endpoint
@@ -99,7 +100,9 @@ class Relay:
         self.peer = upstream
         self.timeouts = setup.timeouts
         self.on_close = on_close
-        self.started = self.last_activity = loop.time()
+        self.last_activity = loop.time()
+        self.started = self.last_activity if accepted is None else accepted
+        """When the client was accepted: the connection's duration counts the connect."""
         self.fin_since = 0.0
         self.closed = False
         self.result = "ok"

@@ -263,6 +263,7 @@ class TcpForwarder:
             if not any(ip in network for network in self.allow):
                 self.c_denied.inc()
                 reset_close(client)
+                self._log_unrelayed(address, None, 0.0, "denied")
                 return
         # Unmapped, as UDP does: on a tcp+udp forward, source-ip sends a client's TCP and
         # UDP to the same endpoint, whether its IPv4 arrived mapped on [::] or not.
@@ -270,6 +271,7 @@ class TcpForwarder:
         if not candidates:
             self.c_no_endpoints.inc()
             reset_close(client)
+            self._log_unrelayed(address, None, 0.0, "no_endpoints")
             return
         client.setblocking(False)  # TCP_NODELAY and keepalive come from the listener
         attempt = BackendConnect(self, client, address, candidates[:CONNECT_ATTEMPTS])
@@ -304,7 +306,17 @@ class TcpForwarder:
         timed_out = attempt.last_error == errno.ETIMEDOUT
         (self.c_timeout if timed_out else self.c_refused).inc()
         reset_close(attempt.client)
+        self._log_unrelayed(attempt.client_addr, attempt.endpoint, attempt.accepted,
+                            "timeout" if timed_out else "refused")
         self._release_slot()
+
+    def _log_unrelayed(self, client: Address, endpoint: Endpoint | None, accepted: float,
+                       result: str) -> None:
+        """The access log line of a client reset before any byte was relayed (the last
+        endpoint tried, if any; the time since accept, 0 when decided at once)."""
+        if self.access_log is not None:
+            self.access_log(self.name, log_address(client), str(endpoint or ""), 0, 0,
+                            self.loop.time() - accepted if accepted else 0.0, result)
 
     def on_connected(self, attempt: BackendConnect) -> None:
         self.pending.discard(attempt)
@@ -319,11 +331,12 @@ class TcpForwarder:
             reset_close(upstream)
             reset_close(client)
             self.c_refused.inc()
+            self._log_unrelayed(attempt.client_addr, endpoint, attempt.accepted, "refused")
             self._release_slot()
             return
         self.c_ok.inc()
         relay = Relay(self.relay_setup, client, upstream, endpoint, attempt.client_addr,
-                      self._relay_closed)
+                      self._relay_closed, attempt.accepted)
         self.relays.add(relay)
         self.target.opened(endpoint)
         self.g_active.value += 1

@@ -130,13 +130,16 @@ class ProxyThread(LoopThread):
         )
         self.forward = forward
         self.endpoint = Endpoint(target_host, target_port)
+        self.access: list[tuple[Any, ...]] = []
+        """Access log records: (forward, client, endpoint, up, down, duration, result)."""
 
         async def build() -> TcpForwarder:
             target = TargetState("test", StaticResolver(forward.target),  # type: ignore[arg-type]
                                  Balancer(forward.options.balance))
             target.update(EndpointSet.of([self.endpoint]))
             engine = TcpForwarder(forward, target, self.metrics, mover(pump),
-                                  SharedLimit(global_limit))
+                                  SharedLimit(global_limit),
+                                  lambda *record: self.access.append(record))
             engine.add_listener(listen_host)
             return engine
 

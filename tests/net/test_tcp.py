@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from ipaddress import ip_network
 
 import pytest
 
@@ -451,3 +452,50 @@ def test_a_stopped_forward_binds_no_new_listener(echo_server: EchoServer, pump: 
             == ({}, {})
     finally:
         proxy.close()
+
+
+def exchange(proxy: ProxyThread, payload: bytes) -> bytes:
+    with proxy.connect() as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
+
+
+def test_access_log_has_a_line_for_every_result_and_counts_from_accept(
+        echo_server: EchoServer) -> None:
+    """Clients reset before any byte moved (refused, no endpoints, denied) get their line,
+    and a connection's duration includes its backend connect, a timed-out try included."""
+    # A listener whose accept queue is full drops SYNs: connecting to it times out.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.2", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname(), timeout=10)
+    stalled = Endpoint("127.0.0.2", blackhole.getsockname()[1])
+    working = Endpoint("127.0.0.1", echo_server.port)
+    proxy = ProxyThread(echo_server.port, "copy", connect_timeout=0.3)
+    denying = ProxyThread(echo_server.port, "copy", allow=(ip_network("10.0.0.0/8"),))
+    try:
+        proxy.set_endpoints([stalled, working])
+        # Round robin puts the stalled endpoint first for one of the first two clients.
+        for i in range(2):
+            assert exchange(proxy, b"%d" % i) == b"%d" % i
+        wait_for(lambda: len(proxy.access) == 2, what="two lines")
+        slow = [r for r in proxy.access if r[6] == "ok" and r[2] == str(working)
+                and r[5] >= 0.3]
+        assert len(slow) == 1, proxy.access  # waited out the connect timeout, then retried
+        dead = free_port()
+        proxy.set_endpoints([Endpoint("127.0.0.1", dead)])
+        assert_closed_by_proxy(proxy.host, proxy.port)
+        proxy.set_endpoints([])
+        assert_closed_by_proxy(proxy.host, proxy.port)
+        assert_closed_by_proxy(denying.host, denying.port)
+        wait_for(lambda: len(proxy.access) == 4 and denying.access, what="the lines")
+        assert [(r[2], r[3], r[4], r[6]) for r in proxy.access[2:]] == [
+            (f"127.0.0.1:{dead}", 0, 0, "refused"), ("", 0, 0, "no_endpoints")]
+        assert [(r[1][0], r[2], r[6]) for r in denying.access] == [("127.0.0.1", "",
+                                                                   "denied")]
+    finally:
+        proxy.close()
+        denying.close()
+        filler.close()
+        blackhole.close()
