@@ -157,8 +157,8 @@ class PassiveHealth:
     """Passes over endpoints that recently failed to connect, for a growing period.
 
     After the n-th consecutive failure an endpoint is skipped for ``base * 2**(n-1)`` seconds
-    (capped). A success clears it. Skipped endpoints are moved to the end of the order rather
-    than removed, so a target whose every endpoint failed recently is still tried.
+    (capped). A success clears it. Skipped endpoints go to the end of the order rather than
+    away, so a target whose every endpoint failed recently is still tried (``TargetState``).
     """
 
     def __init__(self, clock: Callable[[], float], base: float = 1.0, cap: float = 30.0) -> None:
@@ -183,13 +183,11 @@ class PassiveHealth:
         entry = self._failures.get(endpoint.key)
         return entry is not None and entry[1] > self._clock()
 
-    def apply(self, ordered: list[Endpoint]) -> list[Endpoint]:
+    def benched(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        """Those of ``endpoints`` skipped now, in their order."""
         if not self._failures:
-            return ordered
-        healthy = [e for e in ordered if not self.is_benched(e)]
-        if len(healthy) == len(ordered):
-            return ordered
-        return healthy + [e for e in ordered if self.is_benched(e)]
+            return []
+        return [e for e in endpoints if self.is_benched(e)]
 
     def forget_missing(self, current: EndpointSet) -> None:
         keys = {e.key for e in current.endpoints}

@@ -74,8 +74,16 @@ class TargetState:
             self.update(endpoints)
 
     def candidates(self, client_ip: str) -> list[Endpoint]:
-        ordered = self.balancer.order(self.endpoints, client_ip, self.active)
-        return self.health.apply(ordered)
+        """The endpoints to try for a new client, in order: the balancer's pick among the
+        healthy ones, then those benched after failures (all of them, when every one is)."""
+        endpoints = self.endpoints
+        benched = self.health.benched(endpoints.endpoints)
+        if not benched or len(benched) == len(endpoints):
+            return self.balancer.order(endpoints, client_ip, self.active)
+        # Balanced among the healthy only: ordering all and moving the benched to the end
+        # would give each benched endpoint's round-robin turns to its neighbour.
+        healthy = EndpointSet(tuple(e for e in endpoints.endpoints if e not in benched))
+        return self.balancer.order(healthy, client_ip, self.active) + benched
 
     def opened(self, endpoint: Endpoint) -> None:
         self.active[endpoint.key] = self.active.get(endpoint.key, 0) + 1

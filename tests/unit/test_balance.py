@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from portproxy.endpoints import BalancePolicy, Balancer, Endpoint, EndpointSet, PassiveHealth
+from portproxy.resolve.static import StaticResolver
+from portproxy.spec import HostTarget
+from portproxy.target import TargetState
 
 A, B, C, D = (Endpoint(f"10.0.0.{i}", 80) for i in range(1, 5))
 
@@ -157,25 +160,55 @@ def test_passive_health_survives_a_backend_down_for_hours() -> None:
     assert not health.is_benched(A)
 
 
-def test_passive_health_moves_benched_to_the_end_and_success_clears() -> None:
+def test_passive_health_lists_the_benched_and_success_clears() -> None:
     clock = FakeClock()
     health = PassiveHealth(clock)
-    order = [A, B, C]
-    assert health.apply(order) is order
+    assert health.benched([A, B, C]) == []
     health.failed(A)
-    assert health.apply([A, B, C]) == [B, C, A]
-    health.failed(B)
+    assert health.benched([A, B, C]) == [A]
     health.failed(C)
-    # All benched: still all tried, in the balancer's order.
-    assert health.apply([A, B, C]) == [A, B, C]
+    assert health.benched([C, B, A]) == [C, A]
     health.succeeded(A)
-    assert health.apply([A, B, C]) == [A, B, C] and not health.is_benched(A)
-    health.succeeded(B)
-    assert health.apply([B, C]) == [B, C]
+    assert health.benched([A, B, C]) == [C] and not health.is_benched(A)
     # A success resets the growth: the next failure benches for base again.
-    health.failed(B)
+    health.succeeded(C)
+    health.failed(C)
     clock.now += 1.01
-    assert not health.is_benched(B)
+    assert not health.is_benched(C)
+
+
+def target_of(endpoints: list[Endpoint], clock: FakeClock,
+              policy: BalancePolicy = BalancePolicy.ROUND_ROBIN) -> TargetState:
+    target = TargetState("t", StaticResolver(HostTarget("10.0.0.1", 80)), Balancer(policy),
+                         clock=clock)
+    target.update(EndpointSet.of(endpoints))
+    return target
+
+
+def test_round_robin_spreads_evenly_over_the_healthy_and_tries_the_benched_last() -> None:
+    clock = FakeClock()
+    target = target_of([A, B, C, D], clock)
+    target.health.failed(B)
+    firsts = [target.candidates("")[0] for _ in range(30)]
+    # Not B's turns handed to its neighbour C: A, C and D ten times each.
+    assert {e: firsts.count(e) for e in (A, B, C, D)} == {A: 10, B: 0, C: 10, D: 10}
+    assert target.candidates("")[-1] == B  # still tried, last
+    # Every endpoint benched: all are still tried, spread by the balancer.
+    for endpoint in (A, C, D):
+        target.health.failed(endpoint)
+    firsts = [target.candidates("")[0] for _ in range(40)]
+    assert {e: firsts.count(e) for e in (A, B, C, D)} == {A: 10, B: 10, C: 10, D: 10}
+
+
+def test_source_ip_over_the_healthy_keeps_other_clients_in_place() -> None:
+    clock = FakeClock()
+    target = target_of([A, B, C, D], clock, BalancePolicy.SOURCE_IP)
+    clients = [f"192.0.2.{i}" for i in range(40)]
+    before = {c: target.candidates(c)[0] for c in clients}
+    target.health.failed(B)
+    after = {c: target.candidates(c)[0] for c in clients}
+    assert B not in after.values()
+    assert all(after[c] == before[c] for c in clients if before[c] != B)
 
 
 def test_passive_health_forgets_removed_endpoints() -> None:
