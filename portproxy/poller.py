@@ -28,7 +28,11 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
+        self._failures: dict[int, Callback] = {}
+        """Sockets watched for errors only (a half-closed side): the kernel reports EPOLLERR
+        and EPOLLHUP even for a registration asking for no event."""
         self._masks: dict[int, int] = {}
+        """The registered events of each fd in the epoll set (0: errors only)."""
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -38,6 +42,13 @@ class Poller:
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None:
             self._update(fd)
+
+    def reader_to_failure_watch(self, fd: int, callback: Callback) -> None:
+        """Stop reading ``fd`` (its end of stream was read) but call ``callback`` if it fails
+        later (a reset, keepalive giving up): one ``epoll_ctl``, as ``remove_reader``."""
+        self._readers.pop(fd, None)
+        self._failures[fd] = callback
+        self._update(fd)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
         self._writers[fd] = callback
@@ -62,22 +73,24 @@ class Poller:
         each of a connection's sockets."""
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
+        self._failures.pop(fd, None)
         self._masks.pop(fd, None)
 
     def _update(self, fd: int) -> None:
         mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
-        old = self._masks.get(fd, 0)
+        old = self._masks.get(fd)
+        if not mask and fd not in self._failures:
+            if old is not None:
+                del self._masks[fd]
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass  # already closed: the kernel dropped it from the set
+            return
         if mask == old:
             return
-        if not mask:
-            del self._masks[fd]
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # already closed: the kernel dropped it from the set
-            return
         self._masks[fd] = mask
-        if old:
+        if old is not None:
             try:
                 self._epoll.modify(fd, mask)
                 return
@@ -86,17 +99,20 @@ class Poller:
         self._epoll.register(fd, mask)
 
     def _dispatch(self) -> None:
-        readers, writers = self._readers, self._writers
+        readers, writers, failures = self._readers, self._writers, self._failures
         # Callbacks are looked up before any runs: a callback may close a socket and a new one
-        # may reuse its number within this batch; the identity check below keeps a stale event
-        # from reaching the new owner.
-        batch = [(readers.get(fd), writers.get(fd), fd, events)
+        # may reuse its number within this batch; the identity checks below keep a stale
+        # event from reaching the new owner.
+        batch = [(readers.get(fd), writers.get(fd), fd, events,
+                  failures.get(fd) if events & _ERR else None)
                  for fd, events in self._epoll.poll(0, MAX_EVENTS)]
-        for reader, writer, fd, events in batch:
+        for reader, writer, fd, events, failure in batch:
             if reader is not None and events & (_IN | _ERR) and readers.get(fd) is reader:
                 reader()
             if writer is not None and events & (_OUT | _ERR) and writers.get(fd) is writer:
                 writer()
+            if failure is not None and failures.get(fd) is failure:
+                failure()
 
     def close(self) -> None:
         self._epoll.close()

@@ -89,10 +89,11 @@ class Direction:
 
     def _end_of_stream(self) -> None:
         if not self.relay.other_done(self):
-            # Level-triggered: an unread end of stream would be reported again. When the
-            # other side is done the relay closes both sockets now, which takes them out of
-            # the epoll set anyway.
-            self.poller.remove_reader(self.src_fd)
+            # Level-triggered: an unread end of stream would be reported again, so it is no
+            # longer read; but a reset after the FIN must still end the connection, or a
+            # silent other side would hold it until fin-timeout. When the other side is
+            # done the relay closes both sockets now, which takes them out of the epoll set.
+            self.poller.reader_to_failure_watch(self.src_fd, self.relay.src_failed)
         self.eof = True
         self._finish()
 

@@ -179,6 +179,12 @@ class Relay:
             self.fin_since = self.loop.time()
             self._arm()
 
+    def src_failed(self) -> None:
+        """A side that half-closed has failed since (a reset, keepalive giving up) while
+        the other direction still runs: nothing more can reach it, so the connection ends
+        as at any error."""
+        self.abort(ConnectionResetError())
+
     def abort(self, exc: OSError | None) -> None:
         """Close both sides at once with RST (an error, a timeout, or a forced drain)."""
         if self.closed:

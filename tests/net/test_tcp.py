@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -499,3 +501,55 @@ def test_access_log_has_a_line_for_every_result_and_counts_from_accept(
         denying.close()
         filler.close()
         blackhole.close()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST (linger 0) instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def was_reset(sock: socket.socket) -> bool:
+    """Whether the peer reset ``sock``: a socket that had its peer's FIN reads EOF, not the
+    reset, which shows as its pending error (EPIPE once the FIN came; reading clears it)."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in (errno.ECONNRESET,
+                                                                    errno.EPIPE)
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str) -> None:
+    """A side sends its FIN, then a reset, while the other side stays silent: the proxy
+    must notice at once (not at fin-timeout) and reset the other side too."""
+    release = threading.Event()
+    backend_conns: list[socket.socket] = []
+
+    def backend_side(conn: socket.socket) -> None:
+        if side == "backend":
+            conn.sendall(b"bye")
+            conn.shutdown(socket.SHUT_WR)
+        else:
+            recv_all(conn)  # the client's FIN; then silence
+        backend_conns.append(conn)
+        release.wait(30)
+
+    backend = EchoServer(handler=backend_side)
+    proxy = ProxyThread(backend.port, pump)
+    client = proxy.connect()
+    try:
+        if side == "client":
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            wait_for(lambda: backend_conns, what="the FIN to be passed on")
+            reset(client)
+            wait_for(lambda: was_reset(backend_conns[0]), what="the backend to be reset")
+        else:
+            assert recv_all(client) == b"bye"  # the backend's FIN came through
+            wait_for(lambda: backend_conns, what="the backend's socket")
+            reset(backend_conns[0])
+            wait_for(lambda: was_reset(client), what="the client to be reset")
+        wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+    finally:
+        release.set()
+        client.close()
+        proxy.close()
+        backend.close()
