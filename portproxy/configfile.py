@@ -15,6 +15,7 @@ line by scanning the text (``_Locator``): good enough for the files people write
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
@@ -23,6 +24,7 @@ from types import MappingProxyType
 
 from portproxy.errors import ConfigError
 from portproxy.spec import OPTION_KEYS, parse_forward
+from portproxy.spec_values import format_seconds
 
 FORWARD_KEYS = ("forwards", "forward")
 """Top-level keys holding forwards: a spec string, or a list of spec strings and tables."""
@@ -146,7 +148,13 @@ def _option_text(name: str, value: object) -> str | None:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".")
+        # Seconds, for a duration only (`max-conns = 2.0` is an error, as at the top
+        # level), written exactly: rounding 1e-07 to 0 would turn a timeout into "never".
+        if not name.endswith("-timeout"):
+            return None
+        if not math.isfinite(value) or value < 0:
+            return repr(value)  # the spec parser says why that is no duration
+        return format_seconds(value)
     if isinstance(value, list) and name == "allow":
         if not all(isinstance(item, str) for item in value):
             return None

@@ -166,6 +166,8 @@ def test_bad_spec_string_in_forwards_names_its_index_and_line() -> None:
     ('balance = "random,max-conns=1"', "balance = 'random,max-conns=1' is not a usable value"),
     ("max-conns = [1, 2]", "max-conns = [1, 2] is not a usable value"),
     ("name = true", "name = True is not a usable value"),
+    # A whole number is a TOML integer, as for the top-level settings.
+    ("max-conns = 2.0", "max-conns = 2.0 is not a usable value"),
 ])
 def test_option_values_that_cannot_be_spec_text_are_rejected(line: str, why: str) -> None:
     text = f'[[forward]]\nspec = "tcp://:80=10.0.0.1:80"\n{line}\n'
@@ -173,6 +175,14 @@ def test_option_values_that_cannot_be_spec_text_are_rejected(line: str, why: str
         parse_config_text(text, ALLOWED, source="p.toml")
     assert str(info.value) == (
         f"config file p.toml, line 3: [[forward]] number 1 (spec 'tcp://:80=10.0.0.1:80'): {why}")
+
+
+def test_float_durations_are_read_exactly() -> None:
+    # Rounded to 6 places, 1e-07 was 0: for idle-timeout, "never" instead of "at once".
+    text = ('[[forward]]\nspec = "tcp://:80=10.0.0.1:80"\nidle-timeout = 0.0000001\n'
+            'connect-timeout = 2.5\n')
+    [spec] = parse_config_text(text, ALLOWED, source="p.toml").forwards
+    assert spec == "tcp://:80=10.0.0.1:80,connect-timeout=2.5,idle-timeout=0.0000001"
 
 
 def test_negative_duration_is_rejected_by_the_spec_parser() -> None:
