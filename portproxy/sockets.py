@@ -76,7 +76,8 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
     try:
         sock = socket.socket(family, request.kind)
     except OSError as exc:  # an IPv6 address on a kernel without IPv6; out of descriptors
-        raise SetupError(bind_error_message(forward, host, request.port, exc)) from None
+        raise SetupError(bind_error_message(forward, host, request.port, exc,
+                                            request.kind)) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if request.reuseport and hasattr(socket, "SO_REUSEPORT"):
@@ -99,7 +100,8 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise SetupError(bind_error_message(forward, host, request.port, exc)) from None
+        raise SetupError(bind_error_message(forward, host, request.port, exc,
+                                            request.kind)) from None
     return sock
 
 
@@ -114,11 +116,15 @@ def is_dual_stack(sock: socket.socket) -> bool:
             and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
 
-def bind_error_message(forward: str, host: str, port: int, exc: OSError) -> str:
+def bind_error_message(forward: str, host: str, port: int, exc: OSError,
+                       kind: int = socket.SOCK_STREAM) -> str:
     where = host_port(host, port)
     if exc.errno == errno.EADDRINUSE:
-        return (f"forward {forward}: {where} is already in use by another program; stop it or "
-                "choose another port")
+        # Which protocol: on a tcp+udp forward the other one may well be free, and the
+        # command to find the holder differs (ss -ltnp or ss -lunp).
+        protocol = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+        return (f"forward {forward}: {protocol} {where} is already in use by another program "
+                f"(ss -l{protocol[0]}np shows it); stop it or choose another port")
     if exc.errno == errno.EACCES:
         return (f"forward {forward}: permission denied binding {where}; ports below 1024 need "
                 "CAP_NET_BIND_SERVICE (or root)")

@@ -82,7 +82,22 @@ def test_port_in_use_exits_3_naming_the_forward() -> None:
     finally:
         holder.close()
     assert result.returncode == 3
-    assert f"forward tcp/127.0.0.1:{port}: 127.0.0.1:{port} is already in use" in result.stderr
+    assert f"forward tcp/127.0.0.1:{port}: tcp 127.0.0.1:{port} is already in use" in \
+        result.stderr
+
+
+def test_udp_port_in_use_says_udp() -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        result = run_cli(["run", "-f", f"tcp+udp://127.0.0.1:{port}=127.0.0.1:9",
+                          "--admin-address", "none"])
+    finally:
+        holder.close()
+    assert result.returncode == 3
+    assert f"udp 127.0.0.1:{port} is already in use by another program (ss -lunp shows it)" \
+        in result.stderr, result.stderr
 
 
 def test_a_forward_on_the_admin_address_is_refused() -> None:
