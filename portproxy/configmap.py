@@ -9,6 +9,7 @@ format).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 from portproxy.errors import ConfigError
 from portproxy.spec import Forward, ForwardOptions, Protocol, parse_forward
 from portproxy.spec_values import is_decimal
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS label
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS subdomain
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,13 @@ def parse_ref(text: str, protocol: Protocol, flag: str) -> ConfigMapRef:
     namespace, sep, name = text.partition("/")
     if not sep or not namespace or not name or "/" in name:
         raise ConfigError(f"invalid {flag} {text!r}: expected NAMESPACE/NAME")
+    # As the API validates them: a typo is exit 2 now, not a watch failing for good later.
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError(f"invalid {flag} {text!r}: namespace {namespace!r} is not a valid "
+                          "Kubernetes namespace name (lowercase letters, digits and '-')")
+    if len(name) > 253 or not _OBJECT_NAME.match(name):
+        raise ConfigError(f"invalid {flag} {text!r}: {name!r} is not a valid ConfigMap name "
+                          "(lowercase letters, digits, '-' and '.')")
     return ConfigMapRef(namespace, name, protocol)
 
 

@@ -89,3 +89,15 @@ def test_refs() -> None:
                                                                          Protocol.TCP)
     with pytest.raises(ConfigError, match="expected NAMESPACE/NAME"):
         parse_ref("tcp-services", Protocol.TCP, "--tcp-services-configmap")
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("NS/tcp", "namespace 'NS' is not a valid Kubernetes namespace name"),
+    ("ingress/Tcp_Services", "'Tcp_Services' is not a valid ConfigMap name"),
+    ("ingress/" + "a" * 254, "is not a valid ConfigMap name"),
+])
+def test_refs_are_checked_as_the_api_would(text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_ref(text, Protocol.UDP, "--udp-services-configmap")
+    assert parse_ref("ingress-nginx/tcp.services-1", Protocol.TCP, "--x").name == \
+        "tcp.services-1"
