@@ -369,6 +369,7 @@ def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
     protocols, listen = _parse_listen(listen_text)
     target_text, *option_parts = rest.split(",")
     target = _parse_target(target_text)
+    _check_not_itself(listen, target)
     pairs = _split_options(option_parts)
     values = option_values(pairs)
     _check_applicable(pairs.keys(), protocols, target)
@@ -383,6 +384,27 @@ def _parse_forward(text: str, defaults: ForwardOptions) -> Forward:
 #: rejected; the global ``--KEY`` defaults apply wherever they can and are never an error.
 _TCP_ONLY = ("connect-timeout", "fin-timeout", "max-conns")
 _UDP_ONLY = ("max-flows", "responses")
+
+
+def _check_not_itself(listen: ListenAddress, target: object) -> None:
+    """A static target that is the forward's own listen address: each connection would open
+    another through the proxy until no descriptor is left. Only an exact match is refused:
+    beside a wildcard listener, a more specific one (a local DNS server on 127.0.0.53:53)
+    takes the connections to its address, so ``:53=127.0.0.53:53`` can be meant."""
+    if not isinstance(target, HostTarget) or not target.is_ip or target.port != listen.port \
+            or listen.kind != "ip":
+        return
+    own = _unmapped_ip(listen.host)
+    if not own.is_unspecified and _unmapped_ip(target.host) == own:
+        raise InvalidPart(f"target {target} is this forward's own listen address: every "
+                          "connection would loop back into it")
+
+
+def _unmapped_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _where_applicable(defaults: ForwardOptions, protocols: tuple[Protocol, ...],

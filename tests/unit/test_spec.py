@@ -44,6 +44,12 @@ VALID = [
      HostTarget("a.b", 53)),
     ("tcp://127.0.0.1:2222=localhost:22", TCP, ListenAddress("ip", "127.0.0.1", 2222),
      HostTarget("localhost", 22)),
+    # The same port on another address; beside a wildcard, a more specific listener (a
+    # local DNS server) takes connections to its own address.
+    ("127.0.0.2:80=127.0.0.1:80", TCP, ListenAddress("ip", "127.0.0.2", 80),
+     HostTarget("127.0.0.1", 80)),
+    ("udp://:53=127.0.0.53:53", UDP, ListenAddress("any", "", 53),
+     HostTarget("127.0.0.53", 53)),
 ]
 
 
@@ -110,6 +116,10 @@ INVALID = [
     ("80=ns/svc:" + "a" * 64, "is neither a number nor a valid port name (lowercase letters, "
      "digits and '-', at most 63)"),
     ("80=Ns/svc:80", "namespace 'Ns' is not a valid Kubernetes namespace name"),
+    # Its own listen address: each connection would open another through the proxy.
+    ("127.0.0.1:8700=127.0.0.1:8700", "target 127.0.0.1:8700 is this forward's own listen"),
+    ("udp://[::1]:53=[::1]:53", "target [::1]:53 is this forward's own listen address"),
+    ("[::ffff:10.0.0.1]:80=10.0.0.1:80", "target 10.0.0.1:80 is this forward's own listen"),
     ("80=ns/1svc:80", "service name '1svc' is not a valid Kubernetes Service name"),
     ("80=a:1,foo=1", "unknown option 'foo'"),
     ("80=a:1,balance=fastest", "balance='fastest' is not one of round-robin"),
