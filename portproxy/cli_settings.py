@@ -22,6 +22,7 @@ from portproxy.spec import (
     options_from_pairs,
     parse_forward,
 )
+from portproxy.spec_values import check_interface_name
 
 
 def default_options(params: dict[str, Any]) -> ForwardOptions:
@@ -146,6 +147,11 @@ def _vip_addresses(params: dict[str, Any]) -> tuple[str, ...]:
         raise ConfigError("--address needs --create-interface NAME")
     if params.get("create_interface") and not addresses:
         raise ConfigError("--create-interface needs at least one --address CIDR")
+    if params.get("create_interface"):
+        try:
+            check_interface_name(params["create_interface"])
+        except ConfigError as exc:
+            raise ConfigError(f"invalid --create-interface: {exc}") from None
     for address in addresses:
         try:
             ipaddress.ip_interface(address)

@@ -34,6 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from portproxy.errors import ConfigError, SetupError
 from portproxy.netlink_events import open_event_socket, wait_relevant
 from portproxy.netlink_runner import netlink_executor, run_blocking, run_private
+from portproxy.spec_values import check_interface_name
 
 Family = Literal["any", "ipv4", "ipv6"]
 """Which address families of an interface to use: both, or one of them."""
@@ -45,7 +46,6 @@ _IFA_F_NODAD = 0x02
 _IFA_F_DADFAILED = 0x08
 _IFA_F_TENTATIVE = 0x40
 _IFF_UP = 0x1
-_IFNAMSIZ = 16
 _LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/10")
 
 _DUMP_ATTEMPTS = 5
@@ -103,13 +103,13 @@ def interface_exists(name: str) -> bool:
     """Whether an interface with this name exists in the current network namespace.
 
     Like every function here, a name the kernel would refuse is a ConfigError."""
-    _check_name(name)
+    check_interface_name(name)
     return run_blocking(lambda: _read_snapshot(name, "any")).exists
 
 
 def interface_addresses(name: str, family: Family = "any") -> list[str]:
     """The usable addresses of ``name`` (IPv4 first); SetupError if it does not exist."""
-    _check_name(name)
+    check_interface_name(name)
     snapshot = run_blocking(lambda: _read_snapshot(name, family))
     if not snapshot.exists:
         raise SetupError(f"interface {name!r} does not exist")
@@ -118,7 +118,7 @@ def interface_addresses(name: str, family: Family = "any") -> list[str]:
 
 async def read_snapshot(name: str, family: Family = "any") -> AddressSnapshot:
     """The current state of ``name``, without blocking the caller's event loop."""
-    _check_name(name)
+    check_interface_name(name)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         netlink_executor(), run_private, lambda: _read_snapshot(name, family)
@@ -135,7 +135,7 @@ async def watch_addresses(name: str, family: Family = "any") -> AsyncIterator[Ad
     Close it with ``contextlib.aclosing`` or by cancelling the task that iterates it; either
     way the netlink socket is closed.
     """
-    _check_name(name)
+    check_interface_name(name)
     loop = asyncio.get_running_loop()
     # Subscribe before the first read, so that no change can slip between read and watch.
     sock = open_event_socket(ipv4=family != "ipv6", ipv6=family != "ipv4")
@@ -163,7 +163,7 @@ def create_dummy_interface(
     ``dummy`` for node-local VIPs; another kind is only for kernels built without the
     dummy driver.  On failure, whatever was done is undone.  Needs NET_ADMIN.
     """
-    _check_name(name)
+    check_interface_name(name)
     wanted = _parse_cidrs(cidrs)
     return run_blocking(lambda: _create(name, wanted, kind))
 
@@ -176,17 +176,6 @@ def remove_created(created: CreatedInterface) -> None:
 
 
 # ------------------------------------------------------------------ pure helpers
-
-
-def _check_name(name: str) -> None:
-    # The kernel's dev_valid_name(): what it would refuse can never exist.
-    valid = (
-        0 < len(name.encode()) < _IFNAMSIZ
-        and name not in (".", "..")
-        and not any(ch == "/" or ch == ":" or ch.isspace() for ch in name)
-    )
-    if not valid:
-        raise ConfigError(f"invalid interface name {name!r}: 1-15 bytes, no '/', ':' or whitespace")
 
 
 def _parse_cidrs(cidrs: Sequence[str]) -> tuple[_IPInterface, ...]:

@@ -130,3 +130,15 @@ def label(key: str, value: str) -> str:
     if not _LABEL.match(value):
         raise InvalidPart(f"{key}={value!r}: use 1-100 letters, digits or . _ - : / + *")
     return value
+
+
+def check_interface_name(name: str) -> None:
+    """ConfigError unless the kernel's dev_valid_name() would accept ``name``: what it would
+    refuse can never exist."""
+    valid = (
+        0 < len(name.encode()) < 16  # IFNAMSIZ, with its NUL
+        and name not in (".", "..")
+        and not any(ch == "/" or ch == ":" or ch.isspace() for ch in name)
+    )
+    if not valid:
+        raise ConfigError(f"invalid interface name {name!r}: 1-15 bytes, no '/', ':' or whitespace")

@@ -117,6 +117,14 @@ def test_a_forward_on_the_admin_address_is_refused() -> None:
     assert empty.returncode == 2 and "invalid --admin-address ''" in empty.stderr
 
 
+def test_an_invalid_interface_to_create_is_exit_2_for_check_too() -> None:
+    for command in ("run", "check"):
+        result = run_cli([command, "-f", f":{free_port()}=127.0.0.1:9", "--create-interface",
+                          "x y", "--address", "10.1.1.1/32", "--admin-address", "none"])
+        assert result.returncode == 2, (command, result.stderr)
+        assert "invalid --create-interface: invalid interface name 'x y'" in result.stderr
+
+
 BROKEN_KUBECONFIG = "apiVersion: v1\nclusters: [ {this is not yaml\n"
 
 
