@@ -15,6 +15,7 @@ import pytest
 from portproxy import netlink as nl
 from portproxy import netlink_events as events
 from portproxy.errors import ConfigError
+from portproxy.spec_values import check_interface_name
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE = 16, 17, 20, 21, 24
 
@@ -91,12 +92,12 @@ def test_addresses_sort_ipv4_first_numerically() -> None:
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "eth0:1", "has space", "x" * 16])
 def test_names_the_kernel_would_refuse_are_config_errors(name: str) -> None:
     with pytest.raises(ConfigError, match="invalid interface name"):
-        nl._check_name(name)
+        check_interface_name(name)
 
 
 @pytest.mark.parametrize("name", ["eth0", "x" * 15, "nodelocaldns", "br-1.100"])
 def test_valid_names_pass(name: str) -> None:
-    nl._check_name(name)
+    check_interface_name(name)
 
 
 def test_cidrs_are_normalised_deduplicated_and_default_to_host_routes() -> None:
