@@ -32,6 +32,7 @@ from portproxy.ready_file import ReadyFile
 from portproxy.relay import direction_type
 from portproxy.resolver_factory import ResolverFactory, Resolvers
 from portproxy.spec import Forward, Protocol
+from portproxy.spec_values import format_seconds
 from portproxy.splice import splice_available
 from portproxy.status import ForwardStatus
 from portproxy.target import TargetState
@@ -176,8 +177,9 @@ class Daemon:
     def request_stop(self) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("stopping: no new connections; draining for up to %.0fs "
-                     "(signal again to stop at once)", self.settings.drain_timeout)
+            log.info("stopping: no new connections; draining for up to %ss "
+                     "(signal again to stop at once)",
+                     format_seconds(self.settings.drain_timeout))
             self._stop.set()
         else:
             log.warning("second signal: closing every connection now")

@@ -42,6 +42,7 @@ class InterfaceBinding:
         self.wait = wait
         self.on_detail = on_detail
         self.bound: set[str] = set()
+        self._detail = ""
 
     def bind_now(self) -> None:
         """At start-up: bind what exists (errors exit 3), or wait if allowed."""
@@ -50,7 +51,7 @@ class InterfaceBinding:
             if not self.wait:
                 raise SetupError(f"forward {self.forward}: interface {name} does not exist; "
                                  "add ,wait-interface to wait for it")
-            self.on_detail(f"waiting for interface {name}")
+            self._set_detail(f"waiting for interface {name}")
             return
         self._converge(set(interface_addresses(name, self.listen.family)), True, strict=True)
 
@@ -85,11 +86,20 @@ class InterfaceBinding:
                 continue
             self.bound.add(address)
         if not exists:
-            self.on_detail(f"waiting for interface {name}")
+            self._set_detail(f"waiting for interface {name}")
         elif not self.bound:
-            self.on_detail(f"waiting for an address on interface {name}")
+            self._set_detail(f"waiting for an address on interface {name}")
         else:
-            self.on_detail("")
+            self._set_detail("")
+
+    def _set_detail(self, detail: str) -> None:
+        """What /readyz shows for the forward; said in the log too when it starts waiting
+        (an interface without a usable address otherwise leaves no trace but /readyz)."""
+        if detail and detail != self._detail:
+            log.warning("forward %s: %s (not listening until then)", self.forward, detail,
+                        extra={"forward": self.forward})
+        self._detail = detail
+        self.on_detail(detail)
 
 
 

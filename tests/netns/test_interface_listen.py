@@ -90,8 +90,13 @@ def test_missing_interface_is_an_error_unless_waited_for(netns: nsutil.NetNamesp
     assert answer is not None
     status, body = answer
     assert status == 503 and "waiting for interface ppxlate" in body
+    assert "forward tcp/ppxlate:8080: waiting for interface ppxlate (not listening until " \
+        "then)" in proxy.stderr_text()
 
+    # The interface comes without an address first: said in the log, not only in /readyz.
     netns.ip("link", "add", "ppxlate", "type", "veth", "peer", "name", "ppxpeer")
+    wait_for(lambda: "waiting for an address on interface ppxlate" in proxy.stderr_text(),
+             what="the log line")
     netns.ip("addr", "add", "10.98.0.1/24", "dev", "ppxlate")
     netns.ip("link", "set", "ppxlate", "up")
     netns.ip("link", "set", "ppxpeer", "up")
