@@ -170,8 +170,13 @@ class Daemon:
         return configmaps_unread(self.settings, self.sources)
 
     def forward_statuses(self) -> list[ForwardStatus]:
-        return [status_of(r.forward, r.target, r.engines, r.detail)
-                for r in self.forwards.values()]
+        running = [status_of(r.forward, r.target, r.engines, r.detail)
+                   for r in self.forwards.values()]
+        # Replaced or removed by a reload, still serving what they had (and, handing over,
+        # new clients until their successors listen).
+        leaving = [replace(status_of(r.forward, r.target, r.engines, r.detail), draining=True)
+                   for r in [*self._handovers, *self._draining.values()]]
+        return running + leaving
 
     # -- signals --------------------------------------------------------------------------
     def request_stop(self) -> None:

@@ -38,6 +38,9 @@ class ForwardStatus:
     detail: str = ""
     """Why the forward is not ready, in words (``waiting for interface eth0``,
     ``target not resolved yet``, ``listener lost``); empty when there is nothing to add."""
+    draining: bool = False
+    """A forward a reload removed or replaced, finishing its connections and flows: listed
+    so that they show, never a reason to be unready (its listeners are closed on purpose)."""
 
     @property
     def ready(self) -> bool:
@@ -82,7 +85,7 @@ def readiness(source: StatusSource) -> list[str]:
 def is_ready(statuses: Sequence[ForwardStatus]) -> bool:
     """Ready iff every forward is bound and resolved; no forwards at all is ready (nothing
     to wait for, e.g. ConfigMap mode before the first key)."""
-    return all(status.ready for status in statuses)
+    return all(status.ready or status.draining for status in statuses)
 
 
 def not_ready_lines(statuses: Sequence[ForwardStatus]) -> list[str]:
@@ -90,5 +93,5 @@ def not_ready_lines(statuses: Sequence[ForwardStatus]) -> list[str]:
     return [
         f"forward {status.name} not ready: {status.reason()}"
         for status in statuses
-        if not status.ready
+        if not status.ready and not status.draining
     ]

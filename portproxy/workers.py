@@ -207,7 +207,9 @@ class Supervisor:
     def forward_statuses(self) -> list[ForwardStatus]:
         statuses = []
         for forward, state in self.targets.items():
-            reports = [s for w in self.workers for s in w.statuses if s.name == forward.name]
+            # A worker's draining forwards (a reload replaced them) are its own business.
+            reports = [s for w in self.workers for s in w.statuses
+                       if s.name == forward.name and not s.draining]
             mine = status_of(forward, state, [], "")
             everyone = len(reports) == len(self.workers)
             statuses.append(replace(

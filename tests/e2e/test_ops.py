@@ -176,11 +176,20 @@ def test_sighup_reload_keeps_unchanged_drains_removed_rejects_broken(
         wait_for(drop_refused, what="the removed forward to stop accepting")
         on_dropped.sendall(b"still draining")  # the removed forward's connection lives on
         assert on_dropped.recv(14, socket.MSG_WAITALL) == b"still draining"
+        # Listed while it drains, with its connection; no reason to be unready.
+        forwards = admin_json(admin, "/forwards")
+        draining = [f for f in forwards if f["draining"]]  # type: ignore[index, union-attr]
+        assert [(f["name"], f["active_connections"]) for f in draining] == [
+            (f"tcp/127.0.0.1:{drop}", 1)], forwards
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as answer:
+            assert answer.status == 200
         on_dropped.close()
 
         write(config, "forwards = [ this is not toml")
         proc.signal(signal.SIGHUP)
         proc.wait_for_line("reload rejected")
+        wait_for(lambda: len(admin_json(admin, "/forwards")) == 2,  # type: ignore[arg-type]
+                 what="the drained forward to leave /forwards")
         names = {f["name"] for f in admin_json(admin, "/forwards")}  # type: ignore[union-attr]
         assert names == {f"tcp/127.0.0.1:{keep}", f"tcp/127.0.0.1:{new}"}
 

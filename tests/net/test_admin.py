@@ -218,11 +218,12 @@ def test_forwards_json(admin: Admin) -> None:
     assert json.loads(reply.body) == [
         {"name": "web", "protocols": ["tcp"], "listen": "*:80", "target": "web/frontend:http",
          "mode": "endpoints", "endpoints": ["10.0.0.1:8080"], "bound": True, "resolved": True,
-         "active_connections": 3, "udp_flows": 0, "detail": "", "ready": True},
+         "active_connections": 3, "udp_flows": 0, "detail": "", "draining": False,
+         "ready": True},
         {"name": "dns", "protocols": ["tcp", "udp"], "listen": "*:53", "target": "10.0.0.10:53",
          "mode": "static", "endpoints": [], "bound": True, "resolved": False,
          "active_connections": 0, "udp_flows": 7, "detail": "target not resolved yet",
-         "ready": False},
+         "draining": False, "ready": False},
     ]
 
 
