@@ -318,10 +318,14 @@ def legacy_spec(protocol: str, port: int, service: str, timeout: float | None,
     """The old proxy-to-service image's argv as a forward spec.
 
     SERVICE is ``name.namespace[.svc[.cluster.local]]``: with a cluster config available it
-    becomes the Service through the API (port matched by number), otherwise a DNS name.
+    becomes the Service through the API (port matched by number), otherwise a DNS name. A
+    trailing dot marks an absolute DNS name (``example.com.``), never a Service: the old
+    image's DNS lookup found a Service first and the outside name only failing that, which
+    one reading cannot do.
     """
     parts = service.rstrip(".").split(".")
-    is_service = cluster and len(parts) >= 2 and (len(parts) == 2 or parts[2] == "svc")
+    is_service = cluster and not service.endswith(".") and len(parts) >= 2 and (
+        len(parts) == 2 or parts[2] == "svc")
     target = f"{parts[1]}/{parts[0]}" if is_service else service
     spec = f"{protocol}://:{port}={target}:{port}"
     if timeout is not None:  # exact plain seconds: 1000000, not 1e+06

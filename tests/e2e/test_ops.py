@@ -57,6 +57,8 @@ def test_check_resolves_a_static_target(backend: EchoServer) -> None:
      "tcp://:80=prod/web:80,mode=clusterip"),
     (("udp", 53, "kube-dns.default", 1.0), False, "udp://:53=kube-dns.default:53,idle-timeout=1"),
     (("tcp", 8080, "backend", 2.5), True, "tcp://:8080=backend:8080,idle-timeout=2.5"),
+    # An absolute name is a host, not name.namespace.
+    (("tcp", 443, "example.com.", None), True, "tcp://:443=example.com.:443"),
 ])
 def test_legacy_argv_becomes_a_spec(args: tuple, cluster: bool, spec: str) -> None:
     assert legacy_spec(*args, cluster=cluster) == spec
