@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -95,6 +96,9 @@ async def worker_main(fd: int) -> int:
                 elif message[0] == "settings":
                     # A reload sent while this worker starts: its first forwards come first.
                     await ready.wait()
+                    if daemon.stopping:  # neither applied nor refused: it is leaving
+                        await link.send("draining")
+                        continue
                     before = set(fed)
                     refusal = daemon.apply(worker_settings(message[1]))
                     # Refused forwards never run; removed ones drain on the endpoints they
@@ -103,7 +107,7 @@ async def worker_main(fd: int) -> int:
                     for forward in set(fed) - keep:
                         del fed[forward]
                     await link.send("applied", refusal)
-        except (EOFError, OSError):
+        except (EOFError, OSError, pickle.UnpicklingError):
             # A supervisor killed with our reports unread in its socket shows up as
             # ECONNRESET rather than EOF.
             supervisor_gone()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import signal
 import socket
 import subprocess
@@ -59,7 +60,23 @@ class WorkerHandle:
         self.started: asyncio.Future[str] | None = None
         self.applied: asyncio.Future[str | None] | None = None
         """Its answer to the reload on offer: "" applied, else why it refused; None if it
-        exited first."""
+        exited first or is draining."""
+        self.terminated = False
+        """Sent SIGTERM by the supervisor: draining, and a second signal would reset all."""
+
+
+def verdict(answers: list[str | None]) -> str:
+    """Why a reload with these worker answers ("" applied, text refused, None no answer:
+    exited or draining) must not be adopted; "" when it is. One worker that applied it is
+    enough (the others are then restarted with it): binding is the same in every worker
+    but for races with address changes."""
+    if "" in answers:
+        return ""
+    refusal = next((a for a in answers if a), None)
+    if refusal is not None:
+        return f"reload refused by the workers: {refusal}"
+    # All exited or draining: nobody could tell whether it binds.
+    return "reload not applied: no worker was running to apply it (send SIGHUP again)"
 
 
 class MergedRegistry(Registry):
@@ -138,6 +155,7 @@ class Supervisor:
         finally:
             child.close()
         worker.link = Link(parent)
+        worker.terminated = False
         worker.started = asyncio.get_running_loop().create_future()
         await worker.link.send("settings", self.settings)
         for forward, state in self.targets.items():
@@ -158,10 +176,11 @@ class Supervisor:
                     worker.started.set_result(message[1])
                 elif message[0] == "stats":
                     worker.stats, worker.statuses = message[1], message[2]
-                elif message[0] == "applied" and worker.applied is not None \
+                elif message[0] in ("applied", "draining") and worker.applied is not None \
                         and not worker.applied.done():
-                    worker.applied.set_result(message[1] or "")
-        except (EOFError, OSError):
+                    worker.applied.set_result(None if message[0] == "draining" else
+                                              message[1] or "")
+        except (EOFError, OSError, pickle.UnpicklingError):
             pass
         if not worker.started.done():
             worker.started.set_result("worker exited during start-up")
@@ -233,6 +252,9 @@ class Supervisor:
         self._stop.set()
         for worker in self.workers:
             if worker.proc is not None and worker.proc.poll() is None:
+                if self._signals == 1 and worker.terminated:
+                    continue  # draining already (restarted after a refused reload)
+                worker.terminated = True
                 worker.proc.send_signal(signal.SIGTERM if self._signals == 1 else
                                         signal.SIGINT)
 
@@ -262,31 +284,44 @@ class Supervisor:
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 return
             new = replace(new, workers=len(self.workers))
-            answers = await self._offer(new)
-            refusals = [(w, a) for w, a in answers if a]
-            if refusals and not any(a == "" for _, a in answers):
-                log.error("reload refused by the workers, keeping the running "
-                          "configuration: %s", refusals[0][1])
+            offered, answers = await self._offer(new)
+            if self.stopping:  # SIGTERM came meanwhile
+                log.warning("stopping: configuration change ignored")
                 return
-            self._adopt(new, added)
+            refusals = [(w, a) for w, a in answers if a]
+            problem = verdict([a for _, a in answers])
+            if problem:
+                log.error("%s; keeping the running configuration", problem)
+                return
+            self._adopt(new, added, offered)
             for worker, refusal in refusals:  # they run the old one: start them afresh
+                if worker.terminated or worker.proc is None or worker.proc.poll() is not None:
+                    continue
                 log.error("worker %d refused the reload (%s) that the others applied; "
                           "restarting it", worker.index, refusal)
-                if worker.proc is not None and worker.proc.poll() is None:
-                    worker.proc.send_signal(signal.SIGTERM)
+                worker.terminated = True
+                worker.proc.send_signal(signal.SIGTERM)
 
-    async def _offer(self, new: Settings) -> list[tuple[WorkerHandle, str | None]]:
-        """Send ``new`` to every worker; their answers (see ``WorkerHandle.applied``)."""
+    async def _offer(self, new: Settings
+                     ) -> tuple[list[WorkerHandle], list[tuple[WorkerHandle, str | None]]]:
+        """Send ``new`` to every worker: those offered it, and their answers (see
+        ``WorkerHandle.applied``)."""
         loop = asyncio.get_running_loop()
         offered = [w for w in self.workers if w.link is not None]
         for worker in offered:
             worker.applied = loop.create_future()
         self._broadcast("settings", new)
-        return [(w, await w.applied) for w in offered if w.applied is not None]
+        return offered, [(w, await w.applied) for w in offered if w.applied is not None]
 
-    def _adopt(self, new: Settings, added: list[Forward]) -> None:
+    def _adopt(self, new: Settings, added: list[Forward], offered: list[WorkerHandle]
+               ) -> None:
         """Resolve the added targets, forget removed ones, and send the workers endpoints."""
         self.settings = new
+        for worker in self.workers:
+            # Restarted during the offer with the settings of then: it gets these too.
+            if worker.link is not None and worker not in offered:
+                assert self._group is not None
+                self._group.create_task(self._send(worker, "settings", new))
         names = {f.name for f in new.forwards}
         for forward in [f for f in self.targets if f not in new.forwards]:
             del self.targets[forward]

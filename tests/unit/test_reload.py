@@ -39,3 +39,15 @@ def test_changed_defaults_without_configmaps_need_no_word(
     with caplog.at_level(logging.WARNING, logger="portproxy"):
         assert run_reload(running, new) is not None
     assert not caplog.records, caplog.text
+
+
+def test_workers_verdict_on_a_reload() -> None:
+    from portproxy.workers import verdict
+
+    assert verdict(["", ""]) == ""
+    assert verdict(["", "port taken"]) == ""  # the refusing one is restarted with it
+    assert verdict([None, ""]) == ""
+    assert verdict(["port taken", None]) == "reload refused by the workers: port taken"
+    # Every worker exited or is draining ("stopping" is no refusal): nothing was tried.
+    assert verdict([None, None]).startswith("reload not applied: no worker was running")
+    assert verdict([]).startswith("reload not applied")
