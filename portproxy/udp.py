@@ -43,7 +43,14 @@ from portproxy.listen_claims import ListenClaims
 from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.proxyproto import encode_v2
-from portproxy.sockets import BindRequest, bind_socket, bound_address, log_address, unmapped
+from portproxy.sockets import (
+    BindRequest,
+    bind_socket,
+    bound_address,
+    is_dual_stack,
+    log_address,
+    unmapped,
+)
 from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
@@ -218,6 +225,9 @@ class UdpForwarder:
                 flow = self._flow_for(lsock, client, ancdata, wildcard, flow)
                 if flow is None:
                     continue
+                if flow.owner is not self:  # handed over: its forward's options and counts
+                    flow.owner.relay_up(flow, view[:size])
+                    continue
             try:
                 if flow.header is None:
                     flow.sock.send(view[:size])
@@ -230,6 +240,23 @@ class UdpForwarder:
             flow.awaiting += responses
             datagrams.value += 1
             payload.value += size
+
+    def relay_up(self, flow: Flow, data: memoryview) -> None:
+        """Send a datagram of ``flow`` (a predecessor received it) and count it, as
+        ``_on_datagram`` does inline for its own."""
+        count = self.count
+        try:
+            if flow.header is None:
+                flow.sock.send(data)
+            else:
+                flow.sock.sendmsg((flow.header, data))
+        except OSError as exc:
+            if not resend_after_refusal(flow, data, count, exc):
+                return
+        flow.bytes_up += len(data)
+        flow.awaiting += self.responses
+        count.datagrams_up.value += 1
+        count.bytes_up.value += len(data)
 
     # -- flows ------------------------------------------------------------------------------
     def _flow_for(self, lsock: socket.socket, client: Client, ancdata: list[Ancillary],
@@ -259,7 +286,7 @@ class UdpForwarder:
             return None
         sock, endpoint = connected
         local = self.locals.of(lsock, ancdata, wildcard)
-        flow = Flow(client, lsock, local, sock, endpoint, self.loop.time())
+        flow = Flow(self, client, lsock, local, sock, endpoint, self.loop.time())
         flow.generation = self.generation
         flow.header = self._header(flow)
         self._admit(flow)
@@ -284,8 +311,11 @@ class UdpForwarder:
             return self._hand_over(theirs, client, ancdata)
         mine = self._peers.get(theirs)
         if mine is None or mine not in self.ports:
-            address = theirs.getsockname()
-            mine = next((s for s in self.ports if s.getsockname() == address), None)
+            # The same address, and a dual-stack socket's IPv4 clients only to another
+            # dual-stack one: an IPv6-only successor on [::] could not answer them.
+            address = (theirs.getsockname(), is_dual_stack(theirs))
+            mine = next((s for s in self.ports
+                         if (s.getsockname(), is_dual_stack(s)) == address), None)
             if mine is None:
                 return False, None
             self._peers[theirs] = mine

@@ -53,10 +53,14 @@ class Flow:
     """One client address and its connected socket to one endpoint."""
 
     __slots__ = ("awaiting", "bytes_down", "bytes_up", "client", "drops", "endpoint",
-                 "generation", "header", "listener", "local", "sock", "started")
+                 "generation", "header", "listener", "local", "owner", "sock", "started")
 
-    def __init__(self, client: Client, listener: socket.socket, local: LocalAddress,
-                 sock: socket.socket, endpoint: Endpoint, started: float) -> None:
+    def __init__(self, owner: Any, client: Client, listener: socket.socket,
+                 local: LocalAddress, sock: socket.socket, endpoint: Endpoint,
+                 started: float) -> None:
+        self.owner = owner
+        """The engine whose table holds it (a draining predecessor may receive its
+        client's datagrams: the owner relays and counts them)."""
         self.client = client
         self.listener = listener
         """The listening socket the client sent to: replies leave through it."""
