@@ -378,7 +378,10 @@ class TcpForwarder:
         self.limit.cancel(self)
         self.global_limit.cancel(self)
         if self._backoff_timer is not None and not self._waiting:
-            self._backoff_timer.cancel()  # else it ends the back-off: they connect then
+            # (With clients waiting it ends the back-off: they connect then.) None, so that
+            # a connect running out of descriptors while draining starts a new back-off.
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
         for host in list(self.listeners):
             self.remove_listener(host)
 
@@ -397,6 +400,8 @@ class TcpForwarder:
         for attempt in list(self.pending):
             attempt.cancel()
             self.pending.discard(attempt)
+            self._log_unrelayed(attempt.client_addr, attempt.endpoint, attempt.accepted,
+                                "drain_timeout")
             self._release_slot()
         for relay in list(self.relays):
             relay.result = "drain_timeout"

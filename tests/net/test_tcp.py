@@ -553,3 +553,24 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
         client.close()
         proxy.close()
         backend.close()
+
+
+def test_a_connect_cut_by_the_drain_timeout_gets_its_access_line(echo_server: EchoServer
+                                                                  ) -> None:
+    blackhole = socket.socket()  # accept queue full: connecting to it stalls
+    blackhole.bind(("127.0.0.2", 0))
+    blackhole.listen(0)
+    stalled = blackhole.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.2", stalled), timeout=10)
+    proxy = ProxyThread(stalled, "copy", target_host="127.0.0.2", connect_timeout=60)
+    client = proxy.connect()
+    try:
+        wait_for(lambda: proxy.run(lambda: len(proxy.engine.pending)) == 1,
+                 what="the stalled connect")
+    finally:
+        proxy.close()  # drains with a timeout of 0
+        client.close()
+        filler.close()
+        blackhole.close()
+    assert [(r[2], r[3], r[4], r[6]) for r in proxy.access] == [
+        (f"127.0.0.2:{stalled}", 0, 0, "drain_timeout")]
