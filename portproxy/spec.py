@@ -395,7 +395,9 @@ def _check_not_itself(listen: ListenAddress, target: object) -> None:
             or listen.kind != "ip":
         return
     own = _unmapped_ip(listen.host)
-    if not own.is_unspecified and _unmapped_ip(target.host) == own:
+    # Zones count: fe80::1%eth0 and fe80::1%eth1 are addresses on two links.
+    same_zone = listen.host.partition("%")[2] == target.host.partition("%")[2]
+    if not own.is_unspecified and same_zone and _unmapped_ip(target.host) == own:
         raise InvalidPart(f"target {target} is this forward's own listen address: every "
                           "connection would loop back into it")
 

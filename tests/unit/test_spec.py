@@ -50,6 +50,8 @@ VALID = [
      HostTarget("127.0.0.1", 80)),
     ("udp://:53=127.0.0.53:53", UDP, ListenAddress("any", "", 53),
      HostTarget("127.0.0.53", 53)),
+    ("[fe80::1%eth0]:80=[fe80::1%eth1]:80", TCP, ListenAddress("ip", "fe80::1%eth0", 80),
+     HostTarget("fe80::1%eth1", 80)),
 ]
 
 
