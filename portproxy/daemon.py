@@ -269,6 +269,9 @@ class Daemon:
     def _replace(self, old: ForwardRuntime, successors: list[ForwardRuntime]) -> None:
         if old.udp is not None:  # new clients it receives while it drains go to them
             old.udp.successors = [s.udp for s in successors if s.udp is not None]
+            for successor in old.udp.successors:  # and the other way until they resolve
+                if not successor.target.resolved:
+                    successor.predecessors.append(old.udp)
         if all(s.target.resolved for s in successors):
             self._drain_in_background(old)
             return

@@ -137,6 +137,9 @@ class UdpForwarder:
         self.successors: list[UdpForwarder] = []
         """Set when a reload replaced this forward: the new ones bound to its addresses,
         which take the new clients this one still receives while it drains."""
+        self.predecessors: list[UdpForwarder] = []
+        """The reverse, until this one's target resolves: the forwards it replaces, which
+        still serve (the hand-over) the new clients this one receives meanwhile."""
         self._peers: dict[socket.socket, socket.socket] = {}
         """A predecessor's listening socket → this forward's one on the same address."""
 
@@ -278,6 +281,14 @@ class UdpForwarder:
             if not handled:
                 self.count.draining.inc()
             return flow
+        if self.predecessors and not self.target.resolved:
+            # Bound beside the forward it replaces, whose target still works: the kernel
+            # gives this socket part of the new clients, which that one serves meanwhile.
+            for predecessor in self.predecessors:
+                if predecessor.accepting:
+                    handled, flow = predecessor._take_over(lsock, client, ancdata)
+                    if handled:
+                        return flow
         if self.allow and not allowed(client[0], self.allow):
             self.count.denied.inc()
             return None
@@ -368,6 +379,7 @@ class UdpForwarder:
         flow.header = self._header(flow)
 
     def _endpoints_changed(self, endpoints: EndpointSet) -> None:
+        self.predecessors = []  # resolved: its own target serves its clients now
         self.generation += 1
         self.endpoint_keys = frozenset(e.key for e in endpoints.endpoints)
 
