@@ -39,6 +39,8 @@ class ConnectOwner(Protocol):
 
     def retry_after_backoff(self, attempt: BackendConnect) -> None: ...
 
+    def on_client_gone(self, attempt: BackendConnect) -> None: ...
+
 
 def reset_close(sock: socket.socket) -> None:
     """Close with RST: the client learns at once that nothing will be served."""
@@ -145,6 +147,10 @@ class BackendConnect:
         self.engine.on_attempt_failed(self, self.endpoint, err)
         self.next()
 
+    def client_failed(self) -> None:
+        """The client reset (or keepalive gave up) before its backend answered."""
+        self.engine.on_client_gone(self)
+
     def cancel(self) -> None:
         if self.deadline is not None:
             self.engine.deadlines.remove(self.deadline, self)
@@ -152,4 +158,5 @@ class BackendConnect:
         if self.sock is not None:
             self.engine.poller.discard(self.sock.fileno())
             self.sock.close()
+        self.engine.poller.discard(self.client.fileno())
         reset_close(self.client)

@@ -311,7 +311,8 @@ class AccessRecord:
     duration: float
     """Seconds from accept (or first datagram) to close (or expiry)."""
     result: str
-    """ok, refused, timeout, denied, no_endpoints, limit, reset, expired, evicted…"""
+    """ok, refused, timeout, denied, no_endpoints, aborted, drain_timeout, reset, expired,
+    evicted…"""
 
 
 class AccessLog:

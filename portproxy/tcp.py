@@ -93,6 +93,7 @@ class TcpForwarder:
         self.c_denied = metrics.connections.labels(name, "denied")
         self.c_no_endpoints = metrics.connections.labels(name, "no_endpoints")
         self.c_limit = metrics.connections.labels(name, "limit")
+        self.c_aborted = metrics.connections.labels(name, "aborted")
         self.g_active = metrics.active.labels(name)
         self.c_closed = metrics.closed
         self.bytes_up = metrics.bytes.labels(name, "upstream")
@@ -278,6 +279,9 @@ class TcpForwarder:
         self.pending.add(attempt)
         self.limit.acquire()
         self.global_limit.acquire()
+        # A client that resets while its backend is slow to answer ends the attempt (and
+        # frees its max-conns slot) at once, rather than after every connect timeout.
+        self.poller.watch_failure(client.fileno(), attempt.client_failed)
         attempt.next()
 
     # -- connecting -----------------------------------------------------------------------
@@ -305,6 +309,7 @@ class TcpForwarder:
         self.pending.discard(attempt)
         timed_out = attempt.last_error == errno.ETIMEDOUT
         (self.c_timeout if timed_out else self.c_refused).inc()
+        self.poller.discard(attempt.client.fileno())
         reset_close(attempt.client)
         self._log_unrelayed(attempt.client_addr, attempt.endpoint, attempt.accepted,
                             "timeout" if timed_out else "refused")
@@ -318,16 +323,28 @@ class TcpForwarder:
             self.access_log(self.name, log_address(client), str(endpoint or ""), 0, 0,
                             self.loop.time() - accepted if accepted else 0.0, result)
 
+    def on_client_gone(self, attempt: BackendConnect) -> None:
+        if attempt not in self.pending:
+            return
+        self.pending.discard(attempt)
+        self.c_aborted.inc()
+        attempt.cancel()
+        self._log_unrelayed(attempt.client_addr, attempt.endpoint, attempt.accepted,
+                            "aborted")
+        self._release_slot()
+
     def on_connected(self, attempt: BackendConnect) -> None:
         self.pending.discard(attempt)
         upstream, endpoint = attempt.sock, attempt.endpoint
         assert upstream is not None and endpoint is not None
+        self.poller.unwatch_failure(attempt.client.fileno())  # the relay watches it now
         self.h_connect.observe(time.monotonic() - attempt.started)
         self.target.health.succeeded(endpoint)
         client = attempt.client
         if self.proxy_header is not None and not self._send_header(client, upstream,
                                                                    attempt.client_addr):
             self.poller.discard(upstream.fileno())
+            self.poller.discard(client.fileno())
             reset_close(upstream)
             reset_close(client)
             self.c_refused.inc()

@@ -574,3 +574,32 @@ def test_a_connect_cut_by_the_drain_timeout_gets_its_access_line(echo_server: Ec
         blackhole.close()
     assert [(r[2], r[3], r[4], r[6]) for r in proxy.access] == [
         (f"127.0.0.2:{stalled}", 0, 0, "drain_timeout")]
+
+
+def test_a_client_that_resets_while_its_backend_connects_ends_the_attempt(
+        echo_server: EchoServer) -> None:
+    """Without the client, the attempt would hold its max-conns slot until every connect
+    timed out (here a minute)."""
+    blackhole = socket.socket()  # accept queue full: connecting to it stalls
+    blackhole.bind(("127.0.0.2", 0))
+    blackhole.listen(0)
+    stalled = blackhole.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.2", stalled), timeout=10)
+    proxy = ProxyThread(stalled, "copy", target_host="127.0.0.2", connect_timeout=60,
+                        max_conns=1)
+    try:
+        client = proxy.connect()
+        wait_for(lambda: proxy.run(lambda: len(proxy.engine.pending)) == 1,
+                 what="the stalled connect")
+        reset(client)
+        wait_for(lambda: proxy.run(lambda: len(proxy.engine.pending)) == 0,
+                 what="the attempt to end")
+        assert proxy.counter("aborted") == 1
+        assert [(r[2], r[6]) for r in proxy.access] == [(f"127.0.0.2:{stalled}", "aborted")]
+        # Its max-conns slot is free again: the next client is connected.
+        proxy.set_endpoints([Endpoint("127.0.0.1", echo_server.port)])
+        assert exchange(proxy, b"next") == b"next"
+    finally:
+        proxy.close()
+        filler.close()
+        blackhole.close()
