@@ -162,7 +162,14 @@ def sockaddr(host: str, port: int) -> tuple[str, int] | tuple[str, int, int, int
 
 
 def bound_address(sock: socket.socket) -> str:
-    """A bound socket's address for logs: ``host:port``, ``[v6]:port``, or ``*:port`` for
-    the dual-stack wildcard (``[::]:port`` is the IPv6-only one)."""
-    host, port = sock.getsockname()[:2]
+    """A bound socket's address for logs: ``host:port``, ``[v6]:port`` (``[fe80::1%eth0]``
+    with its zone), or ``*:port`` for the dual-stack wildcard (``[::]:port`` is the
+    IPv6-only one)."""
+    address = sock.getsockname()
+    host, port = address[:2]
+    if len(address) == 4 and address[3]:  # a link-local address's interface
+        try:
+            host = f"{host}%{socket.if_indextoname(address[3])}"
+        except OSError:  # the interface is gone already
+            host = f"{host}%{address[3]}"
     return f"*:{port}" if is_dual_stack(sock) else host_port(host, port)

@@ -60,6 +60,7 @@ def test_zoned_link_local_listen_target_and_admin(veth: Veth) -> None:
                          "--admin-address", f"[fe80::2%{veth.left}]:9753")
     wait_for(lambda: "admin endpoint on" in proxy.stderr_text()
              and "listening on tcp" in proxy.stderr_text(), what="portproxy to listen")
+    assert f"listening on udp [fe80::2%{veth.left}]:7000" in proxy.stderr_text()
     result = json.loads(ns.run_python(CLIENT.format(address="fe80::2", ifname=veth.left,
                                                     port=7000)).stdout)
     assert result == {"tcp": "zoned tcp", "udp": "udp:zoned"}
