@@ -226,7 +226,7 @@ class Supervisor:
     def forward_statuses(self) -> list[ForwardStatus]:
         statuses = []
         for forward, state in self.targets.items():
-            # A worker's draining forwards (a reload replaced them) are its own business.
+            # Draining forwards (a reload replaced them) are listed apart, below.
             reports = [s for w in self.workers for s in w.statuses
                        if s.name == forward.name and not s.draining]
             mine = status_of(forward, state, [], "")
@@ -243,7 +243,19 @@ class Supervisor:
                 # (it resolves the targets: why one does not resolve).
                 detail=next((s.detail for s in reports if s.detail), mine.detail),
             ))
-        return statuses
+        return statuses + self._draining_statuses()
+
+    def _draining_statuses(self) -> list[ForwardStatus]:
+        """The workers' draining forwards, one entry per name and spec with the sum of
+        their connections and flows (each worker drains its share)."""
+        merged: dict[tuple[str, str, str], ForwardStatus] = {}
+        for status in (s for w in self.workers for s in w.statuses if s.draining):
+            key = (status.name, status.listen, status.target)
+            seen = merged.get(key)
+            merged[key] = status if seen is None else replace(
+                seen, active_connections=seen.active_connections + status.active_connections,
+                udp_flows=seen.udp_flows + status.udp_flows)
+        return list(merged.values())
 
     # -- signals and reload ---------------------------------------------------------------
     def _on_signal(self, sig: signal.Signals) -> None:

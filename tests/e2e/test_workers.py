@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import wait_for
 from tests.e2e.cli import PortproxyProcess
@@ -101,6 +103,12 @@ def series_of(admin: int, name: str) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
         text = response.read().decode()
     return [line for line in text.splitlines() if f'forward="{name}"' in line]
+
+
+def forwards(admin: int) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/forwards", timeout=5) as response:
+        entries: list[dict[str, Any]] = json.load(response)
+    return entries
 
 
 def write_config(path: Path, admin: int, backend: EchoServer, *ports: int) -> None:
@@ -251,6 +259,9 @@ def test_a_worker_dying_mid_drain_does_not_bring_back_a_removed_forward(
         write_config(config, admin, backend, kept)
         proc.signal(signal.SIGHUP)
         proc.wait_for_line("configuration changed")
+        # Listed while a worker drains it, with the connection (reported each second).
+        wait_for(lambda: [(f["name"], f["active_connections"]) for f in forwards(admin)
+                          if f["draining"]] == [(name, 1)], what="the draining entry")
         for pid in pids.values():  # whichever holds it dies draining, reporting it
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: all(proc.worker_pids().get(i) not in (None, pids[i]) for i in pids),
