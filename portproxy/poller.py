@@ -43,18 +43,6 @@ class Poller:
         if self._readers.pop(fd, None) is not None:
             self._update(fd)
 
-    def watch_failure(self, fd: int, callback: Callback) -> None:
-        """Call ``callback`` if ``fd`` fails (a reset) while nothing reads it yet: an
-        accepted client while its backend connects. Registering it now makes the reader's
-        registration later one ``epoll_ctl(MOD)`` instead of an ADD: no extra call."""
-        self._failures[fd] = callback
-        self._update(fd)
-
-    def unwatch_failure(self, fd: int) -> None:
-        """Forget ``fd``'s failure callback, leaving its registration to the reader that
-        comes next."""
-        self._failures.pop(fd, None)
-
     def reader_to_failure_watch(self, fd: int, callback: Callback) -> None:
         """Stop reading ``fd`` (its end of stream was read) but call ``callback`` if it fails
         later (a reset, keepalive giving up): one ``epoll_ctl``, as ``remove_reader``."""

@@ -249,7 +249,7 @@ class TcpForwarder:
         waiting, self._waiting = self._waiting, []
         for attempt in waiting:  # accepted before the shortage: they go first
             if attempt in self.pending:
-                attempt.next()
+                attempt.next_unless_client_gone()
         if self._backoff_timer is None:  # none ran out again
             self._resume_if_possible()
 
@@ -279,9 +279,6 @@ class TcpForwarder:
         self.pending.add(attempt)
         self.limit.acquire()
         self.global_limit.acquire()
-        # A client that resets while its backend is slow to answer ends the attempt (and
-        # frees its max-conns slot) at once, rather than after every connect timeout.
-        self.poller.watch_failure(client.fileno(), attempt.client_failed)
         attempt.next()
 
     # -- connecting -----------------------------------------------------------------------
@@ -337,7 +334,6 @@ class TcpForwarder:
         self.pending.discard(attempt)
         upstream, endpoint = attempt.sock, attempt.endpoint
         assert upstream is not None and endpoint is not None
-        self.poller.unwatch_failure(attempt.client.fileno())  # the relay watches it now
         self.h_connect.observe(time.monotonic() - attempt.started)
         self.target.health.succeeded(endpoint)
         client = attempt.client
