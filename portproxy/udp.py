@@ -289,6 +289,10 @@ class UdpForwarder:
                     handled, flow = predecessor._take_over(lsock, client, ancdata)
                     if handled:
                         return flow
+                else:  # the hand-over gave up on this one; what it serves, it finishes
+                    served = predecessor.table.get(client)
+                    if served is not None:
+                        return served
         if self.allow and not allowed(client[0], self.allow):
             self.count.denied.inc()
             return None
@@ -518,4 +522,7 @@ class UdpForwarder:
         for host in list(self.listeners):
             self.remove_listener(host)
         self.poller.close()
+        for successor in self.successors:  # done: nothing left to serve for them
+            if self in successor.predecessors:
+                successor.predecessors.remove(self)
 
