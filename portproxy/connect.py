@@ -164,5 +164,4 @@ class BackendConnect:
         if self.sock is not None:
             self.engine.poller.discard(self.sock.fileno())
             self.sock.close()
-        self.engine.poller.discard(self.client.fileno())
-        reset_close(self.client)
+        reset_close(self.client)  # never in the poller: the relay registers it

@@ -306,7 +306,6 @@ class TcpForwarder:
         self.pending.discard(attempt)
         timed_out = attempt.last_error == errno.ETIMEDOUT
         (self.c_timeout if timed_out else self.c_refused).inc()
-        self.poller.discard(attempt.client.fileno())
         reset_close(attempt.client)
         self._log_unrelayed(attempt.client_addr, attempt.endpoint, attempt.accepted,
                             "timeout" if timed_out else "refused")
@@ -340,7 +339,6 @@ class TcpForwarder:
         if self.proxy_header is not None and not self._send_header(client, upstream,
                                                                    attempt.client_addr):
             self.poller.discard(upstream.fileno())
-            self.poller.discard(client.fileno())
             reset_close(upstream)
             reset_close(client)
             self.c_refused.inc()
