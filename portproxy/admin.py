@@ -323,7 +323,7 @@ class AdminServer:
         method = ""
         try:
             async with asyncio.timeout(self._settings.read_timeout):
-                head = await _read_head(reader)
+                head = await _read_head(reader, self._settings.max_request_bytes)
         except _RequestTooLarge:
             response = _text(431, "request too large")
         except TimeoutError:
@@ -336,7 +336,7 @@ class AdminServer:
             await _linger(reader)
 
     def _answer(self, head: bytes) -> tuple[str, _Response]:
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        request_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = request_line.split(" ")
         if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
             return "", _text(400, "bad request")
@@ -384,13 +384,25 @@ class AdminServer:
         return _Response(200, body, "application/json")
 
 
-async def _read_head(reader: asyncio.StreamReader) -> bytes:
-    """The request line and headers; a body is never read (GET/HEAD have none, and the
-    connection closes after one answer)."""
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise _RequestTooLarge from None
+async def _read_head(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """The request line and headers, up to the empty line that ends them; a body is never
+    read (GET/HEAD have none, and the connection closes after one answer). Lines may end in
+    a bare LF, as RFC 9112 lets a server accept (``printf 'GET /healthz HTTP/1.0\\n\\n'``),
+    and empty lines before the request line are skipped, as it recommends."""
+    head = bytearray()
+    received = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise _RequestTooLarge from None
+        received += len(line)
+        if received > limit:
+            raise _RequestTooLarge
+        if line.rstrip(b"\r\n"):
+            head += line
+        elif head:
+            return bytes(head)
 
 
 async def _linger(reader: asyncio.StreamReader, budget: int = 65536) -> None:

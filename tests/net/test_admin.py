@@ -286,6 +286,21 @@ def test_malformed_request_is_400(admin: Admin, request_line: bytes) -> None:
     assert raw(admin.port, request_line + b"\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /healthz HTTP/1.0\n\n",
+    b"GET /healthz HTTP/1.1\nHost: x\r\n\n",
+    b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_bare_lf_line_ends_and_a_leading_empty_line_are_accepted(
+    admin: Admin, head: bytes,
+) -> None:
+    # RFC 9112 2.2: a server may take a bare LF as a line end and should skip an empty
+    # line before the request line; hand-typed probes (printf, nc) send exactly these.
+    answer = raw(admin.port, head)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b"\r\n\r\nok\n")
+
+
 def test_oversize_request_is_431_and_the_connection_closes(
     make_admin: Callable[..., Admin],
 ) -> None:
