@@ -58,6 +58,13 @@ def worker_settings(settings: Settings) -> Settings:
                    udp_services_configmap=None, ready_file=None)
 
 
+def _reload_through_supervisor() -> Settings:
+    """A SIGHUP sent to a worker itself (``kill -HUP`` on the wrong PID): say where it
+    belongs, rather than the flags-only "needs --config" line, which would be wrong here."""
+    raise PortproxyError(f"worker {os.getpid()} takes reloads from its supervisor: send "
+                         f"SIGHUP to PID {os.getppid()}")
+
+
 async def worker_main(fd: int) -> int:
     link = Link(socket.socket(fileno=fd))
     kind, settings = await link.receive()
@@ -73,7 +80,8 @@ async def worker_main(fd: int) -> int:
         resolver = fed[forward] = FedResolver(forward)
         return resolver
 
-    daemon = Daemon(worker_settings(settings), resolver_factory=factory)
+    daemon = Daemon(worker_settings(settings), resolver_factory=factory,
+                    reloader=_reload_through_supervisor)
     ready = asyncio.Event()
     orphaned = asyncio.Event()
 

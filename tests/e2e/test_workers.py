@@ -191,6 +191,21 @@ def unread_bytes(pid: int) -> int:
                if f"pid={pid}," in line and line.split()[2].isdigit())
 
 
+def test_a_sighup_sent_to_a_worker_names_the_supervisor(backend: EchoServer) -> None:
+    port = free_port()
+    proc = two_workers(port, backend, drain_timeout="5s")
+    try:
+        pids = two_workers_up(proc, port)
+        os.kill(pids[0], signal.SIGHUP)
+        expected = (f"worker {pids[0]} takes reloads from its supervisor: send SIGHUP to PID "
+                    f"{proc.proc.pid}")
+        wait_for(lambda: any(expected in line for line in proc.lines), what="the hint")
+        assert not any("needs --config" in line for line in proc.lines)
+        assert exchange(port, b"still serving") == b"still serving"
+    finally:
+        proc.stop()
+
+
 def test_workers_leave_when_the_supervisor_is_killed(backend: EchoServer) -> None:
     port = free_port()
     proc = two_workers(port, backend, drain_timeout="5s")
