@@ -239,7 +239,8 @@ class ProxyMetrics:
             "TCP connections ended, by how: ok (both sides finished), reset (an error), "
             "idle_timeout, fin_timeout, drain_timeout.", ("forward", "reason"))
         self.active = r.gauge(
-            "portproxy_active_connections", "TCP connections open now.", ("forward",))
+            "portproxy_active_connections",
+            "TCP clients open now, those still connecting to a backend included.", ("forward",))
         self.bytes = r.counter(
             "portproxy_bytes_total",
             "Bytes relayed; upstream is client to backend.", ("forward", "direction"))

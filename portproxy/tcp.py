@@ -279,6 +279,9 @@ class TcpForwarder:
         self.pending.add(attempt)
         self.limit.acquire()
         self.global_limit.acquire()
+        # Open from accept to close, connecting included, as max-conns and /forwards count
+        # it (HAProxy's scur does the same); _release_slot takes it back on every ending.
+        self.g_active.value += 1
         attempt.next()
 
     # -- connecting -----------------------------------------------------------------------
@@ -350,7 +353,6 @@ class TcpForwarder:
                       self._relay_closed, attempt.accepted)
         self.relays.add(relay)
         self.target.opened(endpoint)
-        self.g_active.value += 1
         relay.start()
 
     def _send_header(self, client: socket.socket, upstream: socket.socket,
@@ -367,7 +369,6 @@ class TcpForwarder:
         self.relays.discard(relay)
         endpoint = relay.endpoint
         self.target.closed(endpoint)
-        self.g_active.value -= 1
         self.c_closed.labels(self.name, relay.result).inc()
         if self.access_log is not None:
             self.access_log(self.name, log_address(relay.client_addr), str(endpoint),
@@ -376,6 +377,7 @@ class TcpForwarder:
         self._release_slot()
 
     def _release_slot(self) -> None:
+        self.g_active.value -= 1
         self.limit.release()
         self.global_limit.release()
         if not self.accepting and not self.relays and not self.pending:

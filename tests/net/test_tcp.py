@@ -169,6 +169,20 @@ def test_connect_timeout(blackhole: int, pump: str) -> None:
         proxy.close()
 
 
+def test_a_client_still_connecting_counts_as_active(blackhole: int, pump: str) -> None:
+    # As max-conns and /forwards count it: the gauge and /forwards must agree.
+    proxy = ProxyThread(blackhole, pump, connect_timeout=2)
+    try:
+        gauge = proxy.metrics.active.labels("test")
+        with proxy.connect():
+            wait_for(lambda: proxy.run(lambda: gauge.value) == 1, what="the connecting client")
+            assert proxy.run(lambda: proxy.engine.active) == 1
+            wait_for(lambda: proxy.counter("timeout") == 1, what="the connect to time out")
+            assert proxy.run(lambda: gauge.value) == 0
+    finally:
+        proxy.close()
+
+
 def test_idle_timeout_closes_both_sides(echo_server: EchoServer, pump: str) -> None:
     proxy = ProxyThread(echo_server.port, pump, idle_timeout=0.3)
     try:
