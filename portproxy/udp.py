@@ -519,6 +519,7 @@ class UdpForwarder:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
+        self.count.log_evictions(self.table.limits.max_flows)
         for host in list(self.listeners):
             self.remove_listener(host)
         self.poller.close()

@@ -214,10 +214,17 @@ class UdpCounters:
         self.unlogged_evictions += 1
         if now < self.next_eviction_log:
             return
-        log.warning("forward %s: max-flows %d reached; evicted %d least recently active "
-                    "flow(s)", self.name, max_flows, self.unlogged_evictions,
-                    extra={"forward": self.name})
-        self.unlogged_evictions, self.next_eviction_log = 0, now + EVICTION_LOG_INTERVAL
+        self.log_evictions(max_flows)
+        self.next_eviction_log = now + EVICTION_LOG_INTERVAL
+
+    def log_evictions(self, max_flows: int) -> None:
+        """Warn of the evictions not yet in the log (also when the forward stops: those of
+        its last interval would otherwise never be said)."""
+        if self.unlogged_evictions:
+            log.warning("forward %s: max-flows %d reached; evicted %d least recently active "
+                        "flow(s)", self.name, max_flows, self.unlogged_evictions,
+                        extra={"forward": self.name})
+            self.unlogged_evictions = 0
 
 
 class FlowExpiry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -211,6 +212,29 @@ def test_max_flows_evicts_the_least_recently_active(backend: UdpBackend,
         assert clients[0].recvfrom(2048)[0] == b"again"
         assert proxy.closed_flows[-1][0] == clients[2].getsockname()
         assert proxy.flows == 3
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_evictions_not_yet_logged_are_logged_when_the_forward_stops(
+        backend: UdpBackend, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture) -> None:
+    # The first eviction is logged at once, the next ones at most every interval: those
+    # of the last interval must still reach the log when the forward stops.
+    proxy = make_proxy([backend.endpoint], max_flows=1)
+    clients = [client() for _ in range(4)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="portproxy"):
+            for i, sock in enumerate(clients):
+                sock.sendto(b"c%d" % i, ("127.0.0.1", proxy.port))
+                assert sock.recvfrom(2048)[0] == b"c%d" % i
+            assert proxy.dropped("evicted") == 3
+            proxy.close()
+        said = [r.getMessage() for r in caplog.records if "max-flows 1 reached" in r.getMessage()]
+        assert said == ["forward test: max-flows 1 reached; evicted 1 least recently active "
+                        "flow(s)",
+                        "forward test: max-flows 1 reached; evicted 2 least recently active "
+                        "flow(s)"]
     finally:
         for sock in clients:
             sock.close()
