@@ -233,7 +233,7 @@ class ProxyMetrics:
         self.connections = r.counter(
             "portproxy_connections_total",
             "TCP connections accepted, by outcome (ok, refused, timeout, denied, no_endpoints, "
-            "limit).", ("forward", "result"))
+            "limit, aborted).", ("forward", "result"))
         self.closed = r.counter(
             "portproxy_connections_closed_total",
             "TCP connections ended, by how: ok (both sides finished), reset (an error), "

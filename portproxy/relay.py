@@ -22,6 +22,10 @@ from portproxy.metrics import Counter
 from portproxy.poller import Poller
 from portproxy.pump import CopyDirection, Direction
 
+CLOSE_REASONS = ("ok", "reset", "idle_timeout", "fin_timeout", "drain_timeout")
+"""How a relayed connection ends (``Relay.result``; the reason label of
+``portproxy_connections_closed_total``)."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _NOTHING_QUEUED = (0, 0)
 #: SIOCOUTQ: bytes in a TCP socket's send queue, not yet acknowledged by the peer.

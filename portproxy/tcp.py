@@ -19,7 +19,7 @@ from portproxy.loop import wait_at_most
 from portproxy.metrics import ProxyMetrics
 from portproxy.poller import poller_for
 from portproxy.pump import Direction
-from portproxy.relay import Relay, RelaySetup, RelayTimeouts
+from portproxy.relay import CLOSE_REASONS, Relay, RelaySetup, RelayTimeouts
 from portproxy.sockets import (
     BACKLOG,
     RESOURCE_ERRNOS,
@@ -96,6 +96,8 @@ class TcpForwarder:
         self.c_aborted = metrics.connections.labels(name, "aborted")
         self.g_active = metrics.active.labels(name)
         self.c_closed = metrics.closed
+        for reason in CLOSE_REASONS:  # every series from the start, as the others: a
+            self.c_closed.labels(name, reason)  # first reset must show in increase()
         self.bytes_up = metrics.bytes.labels(name, "upstream")
         self.bytes_down = metrics.bytes.labels(name, "downstream")
         self.h_connect = metrics.connect_seconds.labels(name)

@@ -183,6 +183,21 @@ def test_a_client_still_connecting_counts_as_active(blackhole: int, pump: str) -
         proxy.close()
 
 
+def test_every_close_reason_has_a_series_from_the_start(echo_server: EchoServer) -> None:
+    # As for the other families: a series born at its first increment hides that increment
+    # from increase() and rate().
+    proxy = ProxyThread(echo_server.port, "copy")
+    try:
+        text = proxy.run(proxy.metrics.registry.render)
+    finally:
+        proxy.close()
+    closed = [line for line in text.splitlines()
+              if line.startswith("portproxy_connections_closed_total{")]
+    assert sorted(closed) == sorted(
+        f'portproxy_connections_closed_total{{forward="test",reason="{reason}"}} 0'
+        for reason in ("ok", "reset", "idle_timeout", "fin_timeout", "drain_timeout"))
+
+
 def test_idle_timeout_closes_both_sides(echo_server: EchoServer, pump: str) -> None:
     proxy = ProxyThread(echo_server.port, pump, idle_timeout=0.3)
     try:
