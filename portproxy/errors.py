@@ -19,6 +19,15 @@ class SetupError(PortproxyError):
     """The environment refused what a valid config asked for: bind, permission, API. Exit 3."""
 
 
+class BindError(SetupError):
+    """A listen address could not be bound; ``errno`` says why (an interface binding treats
+    EADDRNOTAVAIL as the address having just left, not as the user's mistake)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class BackendError(PortproxyError):
     """A backend refused, timed out or broke a connection."""
 

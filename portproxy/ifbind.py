@@ -7,11 +7,13 @@ listener leaves its open TCP connections to finish (the engine keeps its relays)
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from portproxy.errors import SetupError
+from portproxy.errors import BindError, SetupError
 from portproxy.netlink import (
     AddressSnapshot,
     CreatedInterface,
@@ -23,6 +25,11 @@ from portproxy.netlink import (
 from portproxy.spec import ListenAddress
 
 log = logging.getLogger("portproxy.interface")
+
+RETRY_FIRST = 0.5
+"""Seconds before an address the interface lists, but that could not be listened on, is
+tried again; the wait doubles up to ``RETRY_MAX`` while it keeps failing."""
+RETRY_MAX = 30.0
 
 
 class Engine(Protocol):
@@ -42,6 +49,11 @@ class InterfaceBinding:
         self.wait = wait
         self.on_detail = on_detail
         self.bound: set[str] = set()
+        self.unbound: dict[str, str] = {}
+        """Addresses of the interface not listened on, and why ('' when the address left
+        between the read and the bind): retried until bound or gone."""
+        self._gap = asyncio.Event()
+        """Set while ``unbound`` is not empty: the retry loop re-reads the interface."""
         self._detail = ""
 
     def bind_now(self) -> None:
@@ -58,8 +70,29 @@ class InterfaceBinding:
     async def follow(self) -> None:
         from portproxy.netlink import watch_addresses
 
-        async for snapshot in watch_addresses(self.listen.host, self.listen.family):
-            self.apply(snapshot)
+        retrying = asyncio.create_task(self._retry_unbound(), name=f"rebind {self.forward}")
+        try:
+            async for snapshot in watch_addresses(self.listen.host, self.listen.family):
+                self.apply(snapshot)
+        finally:
+            retrying.cancel()
+
+    async def _retry_unbound(self) -> None:
+        """Re-read the interface while an address it lists is not listened on. The watcher
+        only reports changes: an address that left between its read and our bind and came
+        back before the next read (a VIP re-applied), or a port another program held, would
+        otherwise stay unserved until something else on the interface changed."""
+        from portproxy.netlink import read_snapshot
+
+        delay = RETRY_FIRST
+        while True:
+            if not self._gap.is_set():
+                delay = RETRY_FIRST
+                await self._gap.wait()
+            await asyncio.sleep(delay)
+            if self._gap.is_set():
+                self.apply(await read_snapshot(self.listen.host, self.listen.family))
+                delay = min(delay * 2, RETRY_MAX)
 
     def apply(self, snapshot: AddressSnapshot) -> None:
         wanted = set(snapshot.addresses) if snapshot.exists else set()
@@ -80,22 +113,47 @@ class InterfaceBinding:
             except SetupError as exc:
                 for engine in self.engines:
                     engine.remove_listener(address)
-                if strict:
-                    raise
-                log.error("%s", exc, extra={"forward": self.forward})
+                self._not_bound(address, exc, strict)
                 continue
             self.bound.add(address)
+            self.unbound.pop(address, None)
+        for address in set(self.unbound) - wanted:
+            del self.unbound[address]
+        if self.unbound:
+            self._gap.set()
+        else:
+            self._gap.clear()
+        failed = sorted(why for why in self.unbound.values() if why)
         if not exists:
             self._set_detail(f"waiting for interface {name}")
+        elif failed:  # already in the log, as an error
+            self._set_detail("; ".join(failed) + " (retrying)", say=False)
         elif not self.bound:
             self._set_detail(f"waiting for an address on interface {name}")
         else:
             self._set_detail("")
 
-    def _set_detail(self, detail: str) -> None:
+    def _not_bound(self, address: str, exc: SetupError, strict: bool) -> None:
+        if isinstance(exc, BindError) and exc.errno == errno.EADDRNOTAVAIL:
+            # Listed by the read, gone at the bind: the interface changed under us (not
+            # the user's mistake, whatever the bind's message says). The retry finds it
+            # back, or the next read no longer lists it.
+            log.info("forward %s: %s left %s before it could be listened on", self.forward,
+                     address, self.listen.host, extra={"forward": self.forward})
+            self.unbound[address] = ""
+            return
+        if strict:
+            raise exc
+        why = str(exc).removeprefix(f"forward {self.forward}: ")
+        if self.unbound.get(address) != why:  # once per address and reason, not per try
+            log.error("%s (retrying while %s has that address)", exc, self.listen.host,
+                      extra={"forward": self.forward})
+        self.unbound[address] = why
+
+    def _set_detail(self, detail: str, say: bool = True) -> None:
         """What /readyz shows for the forward; said in the log too when it starts waiting
         (an interface without a usable address otherwise leaves no trace but /readyz)."""
-        if detail and detail != self._detail:
+        if say and detail and detail != self._detail:
             log.warning("forward %s: %s (not listening until then)", self.forward, detail,
                         extra={"forward": self.forward})
         self._detail = detail

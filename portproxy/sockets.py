@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from portproxy.errors import SetupError
+from portproxy.errors import BindError
 
 #: Listen backlog: the kernel caps it at net.core.somaxconn (4096 on current kernels); a deep
 #: queue absorbs connection bursts while max-conns pauses accepting.
@@ -68,7 +68,7 @@ def family_of(host: str) -> socket.AddressFamily:
 
 
 def bind_socket(request: BindRequest, forward: str) -> socket.socket:
-    """Bind (and for TCP, listen); errors become one clear ``SetupError`` line."""
+    """Bind (and for TCP, listen); errors become one clear ``BindError`` line (a ``SetupError``)."""
     host = request.host
     if host == "":
         host = "::" if _ipv6_available() else "0.0.0.0"
@@ -76,8 +76,8 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
     try:
         sock = socket.socket(family, request.kind)
     except OSError as exc:  # an IPv6 address on a kernel without IPv6; out of descriptors
-        raise SetupError(bind_error_message(forward, host, request.port, exc,
-                                            request.kind)) from None
+        raise BindError(bind_error_message(forward, host, request.port, exc, request.kind),
+                        exc.errno) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if request.reuseport and hasattr(socket, "SO_REUSEPORT"):
@@ -100,8 +100,8 @@ def bind_socket(request: BindRequest, forward: str) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise SetupError(bind_error_message(forward, host, request.port, exc,
-                                            request.kind)) from None
+        raise BindError(bind_error_message(forward, host, request.port, exc, request.kind),
+                        exc.errno) from None
     return sock
 
 

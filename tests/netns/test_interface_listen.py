@@ -141,3 +141,88 @@ def test_freebind_listens_on_an_address_before_it_exists(veth: Veth) -> None:
     ns.wait_tcp("10.97.0.1", 8080)
     assert ns.tcp_exchange("10.97.0.1", 8080, b"freebind") == b"freebind"
     assert proxy.stop() == 0
+
+
+HOLDER = """
+import signal, socket
+holder = socket.socket()
+holder.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND: the address is added later
+holder.bind(("10.99.2.3", 8080))
+holder.listen()
+print("holding", flush=True)
+signal.pause()  # until the test stops us
+"""
+
+
+def test_an_address_whose_port_is_held_is_retried_until_it_can_be_listened_on(
+        veth: Veth) -> None:
+    # The watcher reports only changes: without a retry, an address that failed to bind
+    # stayed unserved until something else on the interface changed, and /readyz said 200.
+    ns = veth.ns
+    start_backend(ns)
+    ns.ip("addr", "add", "10.99.0.1/24", "dev", veth.left)
+    proxy = ns.portproxy("run", "-f", f"tcp://{veth.left}/ipv4:8080=127.0.0.1:{BACKEND_PORT}",
+                         "--admin-address", "127.0.0.1:9753")
+    ns.wait_tcp("10.99.0.1", 8080)
+    holder = ns.popen_python(HOLDER)
+    holder.expect_line(lambda line: line == "holding")
+    ns.ip("addr", "add", "10.99.2.3/24", "dev", veth.left)
+    wait_for(lambda: "10.99.2.3:8080 is already in use" in proxy.stderr_text(),
+             what="the bind error")
+    status, body = admin_get(ns, 9753, "/readyz")
+    assert status == 503 and "tcp 10.99.2.3:8080 is already in use" in body
+    assert "(retrying)" in body
+    assert holder.stop() != 0  # the other program goes; nothing changes on the interface
+
+    def served() -> bool:
+        try:
+            return ns.tcp_exchange("10.99.2.3", 8080, b"retried", timeout=2) == b"retried"
+        except AssertionError:  # refused until the retry binds it
+            return False
+    wait_for(served, what="the retried listener to serve")
+    wait_for(lambda: admin_get(ns, 9753, "/readyz")[0] == 200, what="ready again")
+    assert proxy.stderr_text().count("10.99.2.3:8080 is already in use") == 1  # not per try
+    assert proxy.stop() == 0
+
+
+STALE_READ = """
+import asyncio, json, logging, socket, sys
+from portproxy.errors import SetupError
+from portproxy.ifbind import InterfaceBinding
+from portproxy.sockets import BindRequest, bind_socket
+from portproxy.spec import ListenAddress
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+
+class SocketEngine:  # real binds, nothing else
+    def __init__(self):
+        self.socks = {}
+    def add_listener(self, host, freebind=False):
+        self.socks[host] = bind_socket(BindRequest(host, 8080), "f")
+    def remove_listener(self, host):
+        sock = self.socks.pop(host, None)
+        if sock is not None:
+            sock.close()
+
+engine, details = SocketEngine(), []
+binding = InterfaceBinding("f", ListenAddress("interface", sys.argv[1], 8080), [engine],
+                           wait=False, on_detail=details.append)
+# The start-up read listed 10.99.0.1 and 10.99.0.9; 10.99.0.9 left before its bind.
+try:
+    binding._converge({"10.99.0.1", "10.99.0.9"}, True, strict=True)
+    outcome = "started"
+except SetupError as exc:
+    outcome = str(exc)
+print(json.dumps({"outcome": outcome, "bound": sorted(engine.socks),
+                  "detail": details[-1] if details else None}))
+"""
+
+
+def test_an_address_gone_between_the_read_and_the_bind_does_not_fail_the_start(
+        veth: Veth) -> None:
+    ns = veth.ns
+    ns.ip("addr", "add", "10.99.0.1/24", "dev", veth.left)
+    done = ns.run_python(STALE_READ.replace("sys.argv[1]", repr(veth.left)))
+    assert json.loads(done.stdout) == {"outcome": "started", "bound": ["10.99.0.1"],
+                                       "detail": ""}
+    assert f"10.99.0.9 left {veth.left} before it could be listened on" in done.stderr
