@@ -307,8 +307,11 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, client: _Client) -> None:
         try:
             await self._exchange(reader, client)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass  # a slow or vanished client: nothing to answer, nothing to log
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            # A slow or vanished client: nothing to answer, nothing to log. OSError, not
+            # only ConnectionError: a client gone mid-answer can make write_eof() raise
+            # ENOTCONN, a plain OSError.
+            pass
         finally:
             self._clients.pop(client, None)
             # Abort, not close: close() keeps the socket open until the client has read what
@@ -338,12 +341,12 @@ class AdminServer:
     def _answer(self, head: bytes) -> tuple[str, _Response]:
         request_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        path = origin_path(parts[1]) if len(parts) == 3 else None
+        if path is None or not parts[0].isalpha():
             return "", _text(400, "bad request")
-        method, target, version = parts
+        method, _, version = parts
         if not version.startswith("HTTP/1."):
             return "", _text(505, "only HTTP/1.x is served")
-        path = target.split("?", 1)[0]
         handler = self._routes().get(path)
         if handler is None:
             return method, _text(404, "not found: try /metrics, /healthz, /readyz, /forwards")
@@ -382,6 +385,18 @@ class AdminServer:
         data = [status.to_dict() for status in self._status.forward_statuses()]
         body = json.dumps(data, indent=2).encode() + b"\n"
         return _Response(200, body, "application/json")
+
+
+def origin_path(target: str) -> str | None:
+    """The path of a request target, without its query: origin form (``/metrics?x``), or
+    absolute form (``http://host:9753/metrics``), which RFC 9112 3.2.2 says a server must
+    accept; None for anything else."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        target = "/" + rest.partition("/")[2]
+    if not target.startswith("/"):
+        return None
+    return target.split("?", 1)[0]
 
 
 async def _read_head(reader: asyncio.StreamReader, limit: int) -> bytes:

@@ -281,7 +281,8 @@ def test_other_methods_are_405(admin: Admin, method: str) -> None:
     assert reply.headers["Allow"] == "GET, HEAD"
 
 
-@pytest.mark.parametrize("request_line", [b"GARBAGE", b"GET metrics HTTP/1.1", b"GET / x y"])
+@pytest.mark.parametrize("request_line", [b"GARBAGE", b"GET metrics HTTP/1.1", b"GET / x y",
+                                          b"GET ftp://x/healthz HTTP/1.1"])
 def test_malformed_request_is_400(admin: Admin, request_line: bytes) -> None:
     assert raw(admin.port, request_line + b"\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
@@ -299,6 +300,13 @@ def test_bare_lf_line_ends_and_a_leading_empty_line_are_accepted(
     answer = raw(admin.port, head)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"\r\n\r\nok\n")
+
+
+@pytest.mark.parametrize("target", [b"http://127.0.0.1:9753/healthz",
+                                    b"HTTP://x/healthz?probe=1"])
+def test_absolute_form_targets_are_served(admin: Admin, target: bytes) -> None:
+    answer = raw(admin.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n")
 
 
 def test_oversize_request_is_431_and_the_connection_closes(
