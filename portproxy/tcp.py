@@ -154,8 +154,10 @@ class TcpForwarder:
         if sock is not None:
             self.loop.remove_reader(sock.fileno())
             self._take_queued(sock)
+            where = bound_address(sock)  # as "listening on" said it
             sock.close()
-            log.info("forward %s: stopped listening on tcp %s", self.name, host or "*")
+            log.info("forward %s: stopped listening on tcp %s", self.name, where,
+                     extra={"forward": self.name})
 
     def _take_queued(self, lsock: socket.socket) -> None:
         """Serve what already waits in the accept queue before closing the listener.

@@ -184,8 +184,10 @@ class UdpForwarder:
         del self.ports[sock]
         del self.kernel_drops[sock]
         self.locals.remove(sock)
+        where = bound_address(sock)  # as "listening on" said it
         sock.close()
-        log.info("forward %s: stopped listening on udp %s", self.name, host or "*")
+        log.info("forward %s: stopped listening on udp %s", self.name, where,
+                 extra={"forward": self.name})
 
     @property
     def bound(self) -> bool:

@@ -784,3 +784,25 @@ def exchange_once(port: int, payload: bytes) -> bytes:
         client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
         return recv_all(client)
+
+
+def test_listening_lines_name_the_address_and_carry_the_forward_field(
+        backend: EchoServer) -> None:
+    tcp, udp = free_port(), free_port()
+    proc = PortproxyProcess(["run", "--log-format", "json", "--admin-address", "none",
+                             "-f", f"tcp://127.0.0.1:{tcp}=127.0.0.1:{backend.port}",
+                             "-f", f"udp://127.0.0.1:{udp}=127.0.0.1:{backend.port}"])
+    try:
+        proc.wait_for_line(f"listening on udp 127.0.0.1:{udp}")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.stop()
+    records = [json.loads(line) for line in proc.lines]
+    stopped = {r["msg"]: r.get("forward") for r in records if "stopped listening" in r["msg"]}
+    assert stopped == {
+        f"forward tcp/127.0.0.1:{tcp}: stopped listening on tcp 127.0.0.1:{tcp}":
+            f"tcp/127.0.0.1:{tcp}",
+        f"forward udp/127.0.0.1:{udp}: stopped listening on udp 127.0.0.1:{udp}":
+            f"udp/127.0.0.1:{udp}",
+    }
