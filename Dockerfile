@@ -1,8 +1,8 @@
 # portproxy container image.
 #
-#   podman build --pull=never --network host -t portproxy:dev .
+#   podman build --pull=never --network host -t portproxy:latest .
 #   # behind a TLS-intercepting proxy, hand pip the host's CA bundle for this build only:
-#   podman build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt -t portproxy:dev .
+#   podman build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt -t portproxy:latest .
 # (Docker: BuildKit, i.e. `docker buildx build`; the legacy builder cannot take --secret.)
 #
 # Two stages: the builder makes a virtualenv in /opt/venv and installs the package and its
