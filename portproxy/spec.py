@@ -208,10 +208,7 @@ def _parse_listen(text: str) -> tuple[tuple[Protocol, ...], ListenAddress]:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise InvalidPart(f"listen address {text!r}: expected [IPv6]:PORT")
-        try:
-            address = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise InvalidPart(f"listen address {host!r} is not an IPv6 address") from None
+        address = _ipv6(host, "listen address")
         return protocols, ListenAddress("ip", str(address), parse_port(rest[1:]))
     host, sep, port_text = text.rpartition(":")
     if not sep:
@@ -227,6 +224,18 @@ def _parse_listen(text: str) -> tuple[tuple[Protocol, ...], ListenAddress]:
         except ipaddress.AddressValueError:
             raise InvalidPart(f"listen address {host!r} is not an IPv4 address") from None
     return protocols, _parse_interface(host, parse_port(port_text))
+
+
+def _ipv6(host: str, what: str) -> ipaddress.IPv6Address:
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        raise InvalidPart(f"{what} {host!r} is not an IPv6 address") from None
+    if address.is_link_local and not address.scope_id:
+        # The same fe80:: address may exist on every link: the kernel refuses to bind or
+        # connect without knowing which (EINVAL at run time, naming nothing).
+        raise InvalidPart(f"{what} {host!r} is link-local: add its zone, [{host}%IFACE]")
+    return address
 
 
 def _parse_interface(text: str, port: int) -> ListenAddress:
@@ -250,10 +259,7 @@ def _parse_target(text: str) -> Target:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise InvalidPart(f"target {text!r}: expected [IPv6]:PORT")
-        try:
-            address = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise InvalidPart(f"target {host!r} is not an IPv6 address") from None
+        address = _ipv6(host, "target")
         return HostTarget(str(address), parse_port(rest[1:], "target port"))
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:

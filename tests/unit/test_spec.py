@@ -152,6 +152,9 @@ INVALID = [
     ("80=a:١", "target port '١' is not a number"),
     ("80=a:1,max-flows=²", "max-flows='²' is not a whole number"),
     ("80=a:1,idle-timeout=١s", "idle-timeout: invalid duration '١s'"),
+    ("[fe80::1]:80=a:1", "listen address 'fe80::1' is link-local: add its zone, "
+     "[fe80::1%IFACE]"),
+    ("80=[fe80::2]:80", "target 'fe80::2' is link-local: add its zone, [fe80::2%IFACE]"),
 ]
 
 
