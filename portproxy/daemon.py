@@ -249,6 +249,7 @@ class Daemon:
             return str(exc)
         for runtime in started:
             self.start(runtime)
+        old, self.settings = self.settings, new  # removed forwards drain by the new timeout
         for runtime in removed:
             del self.forwards[runtime.forward]
             sharing = set().union(*(self.claims.sharing(e) for e in runtime.engines))
@@ -258,10 +259,9 @@ class Daemon:
             for handover in list(self._handovers.values()):
                 handover.successor_replaced(runtime, successors)
             self._replace(runtime, successors)
-        if new.max_conns != self.settings.max_conns:
+        if new.max_conns != old.max_conns:
             self.global_limit.set_limit(new.max_conns)
             log.info("global --max-conns now %s", new.max_conns or "unlimited")
-        self.settings = new
         log.info("reloaded: %d unchanged, %d added, %d removed",
                  len(self.forwards) - len(started), len(started), len(removed))
         return None

@@ -806,3 +806,31 @@ def test_listening_lines_name_the_address_and_carry_the_forward_field(
         f"forward udp/127.0.0.1:{udp}: stopped listening on udp 127.0.0.1:{udp}":
             f"udp/127.0.0.1:{udp}",
     }
+
+
+def test_forwards_a_reload_removes_drain_by_the_timeout_it_sets(
+        backend: EchoServer, tmp_path: Path) -> None:
+    # The README lists drain-timeout among what a reload applies: the forwards the same
+    # reload removes are the first to drain by it.
+    keep, drop = free_port(), free_port()
+    spec_keep = f"tcp://127.0.0.1:{keep}=127.0.0.1:{backend.port}"
+    spec_drop = f"tcp://127.0.0.1:{drop}=127.0.0.1:{backend.port}"
+    config = write(tmp_path / "c.toml", 'admin-address = "none"\ndrain-timeout = "1h"\n'
+                   f'forwards = ["{spec_keep}", "{spec_drop}"]\n')
+    proc = PortproxyProcess(["run", "--config", str(config), "--access-log"])
+    try:
+        proc.wait_for_line(f"listening on tcp 127.0.0.1:{drop}")
+        with socket.create_connection(("127.0.0.1", drop), timeout=10) as on_dropped:
+            on_dropped.sendall(b"open")
+            assert on_dropped.recv(4, socket.MSG_WAITALL) == b"open"
+            write(config, 'admin-address = "none"\ndrain-timeout = "200ms"\n'
+                  f'forwards = ["{spec_keep}"]\n')
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("reloaded: 1 unchanged, 0 added, 1 removed")
+            line = proc.wait_for_line("result=drain_timeout")
+            assert f"forward=tcp/127.0.0.1:{drop}" in line
+            with pytest.raises(ConnectionResetError):
+                while on_dropped.recv(1):
+                    pass
+    finally:
+        proc.stop()
