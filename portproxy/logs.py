@@ -200,8 +200,9 @@ class RateLimitFilter(logging.Filter):
     """A handler filter: warnings and errors of one key pass ``burst`` times per interval,
     then a ``suppressed K similar messages`` line reports the rest when the window ends.
 
-    The key is ``extra={"ratelimit_key": ...}`` when given, else the logger name and the
-    unformatted message, so ``"connect to %s failed"`` is one key whatever the address.
+    The key is ``extra={"ratelimit_key": ...}`` when given, else the logger name, the
+    unformatted message and the ``forward`` extra, so ``"connect to %s failed"`` is one key
+    per forward whatever the address.
     """
 
     def __init__(self, handler: logging.Handler, limiter: RateLimiter) -> None:
@@ -217,7 +218,9 @@ class RateLimitFilter(logging.Filter):
         if record.levelno < self.limiter.limit.min_level or getattr(
                 record, "_portproxy_summary", False):
             return True
-        key = getattr(record, "ratelimit_key", None) or (record.name, str(record.msg))
+        # Per forward too: a flood on one forward must not silence another's failures.
+        key = getattr(record, "ratelimit_key", None) or (
+            record.name, str(record.msg), getattr(record, "forward", None))
         with self._lock:
             verdict = self.limiter.admit(key, record.getMessage())
         self._report(verdict.closed, record.name)  # unlocked: it logs, through this filter

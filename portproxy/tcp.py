@@ -137,7 +137,7 @@ class TcpForwarder:
                 sock.listen(BACKLOG)
             except OSError as exc:
                 log.error("forward %s: cannot listen on %s: %s", self.name,
-                          bound_address(sock), exc)
+                          bound_address(sock), exc, extra={"forward": self.name})
                 sock.close()
                 continue
             self.listeners[host] = sock

@@ -228,6 +228,23 @@ def test_filter_writes_burst_then_a_summary_line() -> None:
     assert json_lines(out)[4]["logger"] == "portproxy.tcp"
 
 
+def test_a_flood_on_one_forward_does_not_silence_another() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    limiter = setup_logging(
+        "info", "json", out, rate_limit=RateLimit(burst=2, interval=60.0), clock=clock)
+    log = logging.getLogger("portproxy.tcp")
+    for forward in ("a", "a", "a", "a", "b"):
+        log.warning("forward %s: backend failed", forward, extra={"forward": forward})
+    limiter.flush(everything=True)
+    assert [(r["msg"], r.get("forward")) for r in json_lines(out)] == [
+        ("forward a: backend failed", "a"),
+        ("forward a: backend failed", "a"),
+        ("forward b: backend failed", "b"),
+        ("suppressed 2 similar messages like: forward a: backend failed", None),
+    ]
+
+
 def test_filter_key_can_be_given_explicitly_and_flushed_at_shutdown() -> None:
     clock = FakeClock()
     out = io.StringIO()
