@@ -19,6 +19,7 @@ from portproxy.deadlines import Deadlines, Slot
 from portproxy.endpoints import Endpoint
 from portproxy.poller import Poller
 from portproxy.sockets import RESOURCE_ERRNOS, family_of, sockaddr, tune_stream
+from portproxy.target import TargetState
 
 Address = tuple[str, int]
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -29,6 +30,7 @@ class ConnectOwner(Protocol):
     poller: Poller
     deadlines: Deadlines
     connect_timeout: float
+    target: TargetState
 
     def on_connected(self, attempt: BackendConnect) -> None: ...
 
@@ -106,6 +108,10 @@ class BackendConnect:
                 self.next()
             return
         self.sock = sock
+        # Counted from here, not from the answer: least-conn must see connects in flight,
+        # or a burst all goes to the endpoint that looked emptiest (HAProxy counts a
+        # connection from the moment a server is picked). The relay keeps the count.
+        engine.target.opened(endpoint)
         tune_stream(sock)
         now = engine.loop.time()
         # Not the loop's clock: uvloop's is cached to the millisecond, which would put every
@@ -143,6 +149,7 @@ class BackendConnect:
         self.engine.poller.discard(self.sock.fileno())
         self.sock.close()
         self.sock = None
+        self.engine.target.closed(self.endpoint)
         self.last_error = err
         self.engine.on_attempt_failed(self, self.endpoint, err)
         self.next_unless_client_gone()
@@ -161,7 +168,9 @@ class BackendConnect:
         if self.deadline is not None:
             self.engine.deadlines.remove(self.deadline, self)
             self.deadline = None
-        if self.sock is not None:
+        if self.sock is not None:  # connecting: never counted by a relay
             self.engine.poller.discard(self.sock.fileno())
             self.sock.close()
+            if self.endpoint is not None:
+                self.engine.target.closed(self.endpoint)
         reset_close(self.client)  # never in the poller: the relay registers it

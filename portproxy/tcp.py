@@ -348,6 +348,7 @@ class TcpForwarder:
             self.poller.discard(upstream.fileno())
             reset_close(upstream)
             reset_close(client)
+            self.target.closed(endpoint)
             self.c_refused.inc()
             self._log_unrelayed(attempt.client_addr, endpoint, attempt.accepted, "refused")
             self._release_slot()
@@ -356,7 +357,6 @@ class TcpForwarder:
         relay = Relay(self.relay_setup, client, upstream, endpoint, attempt.client_addr,
                       self._relay_closed, attempt.accepted)
         self.relays.add(relay)
-        self.target.opened(endpoint)
         relay.start()
 
     def _send_header(self, client: socket.socket, upstream: socket.socket,

@@ -14,7 +14,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from portproxy.endpoints import Endpoint
+from portproxy.endpoints import BalancePolicy, Endpoint
 from tests.conftest import wait_for
 from tests.net.harness import (
     EchoServer,
@@ -181,6 +181,33 @@ def test_a_client_still_connecting_counts_as_active(blackhole: int, pump: str) -
             assert proxy.run(lambda: gauge.value) == 0
     finally:
         proxy.close()
+
+
+def test_least_conn_counts_connects_still_in_flight(blackhole: int, pump: str,
+                                                    echo_server: EchoServer) -> None:
+    # Counted only once answered, a burst while a connect hangs all went to the endpoint
+    # that looked emptiest (6/2/2 in the review's case).
+    stalled, echo = Endpoint("127.0.0.1", blackhole), Endpoint("127.0.0.1", echo_server.port)
+    proxy = ProxyThread(blackhole, pump, connect_timeout=30,
+                        balance=BalancePolicy.LEAST_CONN)
+    counts = proxy.engine.target.active
+    waiting = None
+    try:
+        waiting = proxy.connect()  # to the only endpoint yet, the stalled one
+        wait_for(lambda: proxy.run(lambda: dict(counts)) == {stalled.key: 1},
+                 what="the connect in flight to count")
+        proxy.set_endpoints([stalled, echo])
+        with proxy.connect() as served:  # the stalled endpoint has one: this goes to echo
+            served.sendall(b"served")
+            assert served.recv(6, socket.MSG_WAITALL) == b"served"
+            assert proxy.run(lambda: dict(counts)) == {stalled.key: 1, echo.key: 1}
+        wait_for(lambda: proxy.run(lambda: dict(counts)) == {stalled.key: 1},
+                 what="the served connection's count to go")
+    finally:
+        if waiting is not None:
+            waiting.close()
+        proxy.close()  # the drain cancels the stalled connect: its count goes too
+    assert counts == {}
 
 
 def test_every_close_reason_has_a_series_from_the_start(echo_server: EchoServer) -> None:
