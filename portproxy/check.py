@@ -33,15 +33,17 @@ class CheckRow:
         return self.status == "ok"
 
 
-def listen_hosts(forward: Forward) -> list[str]:
-    """The addresses ``run`` would bind for ``forward`` right now."""
+def listen_hosts(forward: Forward, created: str | None = None) -> list[str]:
+    """The addresses ``run`` would bind for ``forward`` right now. ``created`` names the
+    ``--create-interface`` link, which ``run`` makes first and ``check`` does not: a forward
+    on it binds what it already has (nothing while it does not exist)."""
     listen = forward.listen
     if listen.kind != "interface":
         return [listen.host]
     from portproxy.netlink import interface_addresses, interface_exists
 
     if not interface_exists(listen.host):
-        if forward.options.wait_interface:
+        if forward.options.wait_interface or listen.host == created:
             return []
         raise SetupError(f"forward {forward.name}: interface {listen.host} does not exist "
                          "(add wait-interface to wait for it)")
@@ -54,11 +56,13 @@ class BindTest:
     a running instance's SO_REUSEPORT group would take some of its datagrams), remembering
     the addresses so that two forwards on one address clash as they would at ``run``."""
 
+    created: str | None = None
+    """The ``--create-interface`` name, if any (see ``listen_hosts``)."""
     seen: dict[BoundKey, str] = field(default_factory=dict)
 
     def bind(self, forward: Forward) -> None:
         kinds = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
-        for host in listen_hosts(forward):
+        for host in listen_hosts(forward, self.created):
             for protocol in forward.protocols:
                 with bind_socket(BindRequest(host, forward.listen.port, kind=kinds[protocol],
                                              freebind=forward.options.freebind, listen=False),

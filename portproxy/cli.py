@@ -305,7 +305,7 @@ async def _check_all(settings: Settings, offline: bool) -> list[Any]:
 
         kube = KubeResolvers(KubeSettings(kubeconfig=settings.kubeconfig,
                                           context=settings.kube_context))
-    binds = BindTest()
+    binds = BindTest(created=settings.create_interface)
     try:
         return [await check_forward(f, offline, kube, binds) for f in settings.forwards]
     finally:

@@ -226,3 +226,19 @@ def test_an_address_gone_between_the_read_and_the_bind_does_not_fail_the_start(
     assert json.loads(done.stdout) == {"outcome": "started", "bound": ["10.99.0.1"],
                                        "detail": ""}
     assert f"10.99.0.9 left {veth.left} before it could be listened on" in done.stderr
+
+
+def test_check_accepts_a_forward_on_the_interface_run_would_create(
+        netns: nsutil.NetNamespace) -> None:
+    done = netns.run([*nsutil_python(), "-m", "portproxy", "check", "--offline",
+                      "--create-interface", "nodelocal0", "--address", "169.254.20.10/32",
+                      "-f", f"tcp://nodelocal0:5353=127.0.0.1:{BACKEND_PORT}"], check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[1].endswith("ok")
+    links = json.loads(netns.ip("-j", "link", "show"))
+    assert "nodelocal0" not in {link["ifname"] for link in links}  # check creates nothing
+    # Another interface that is missing is still reported, as run would fail on it.
+    done = netns.run([*nsutil_python(), "-m", "portproxy", "check", "--offline",
+                      "--create-interface", "nodelocal0", "--address", "169.254.20.10/32",
+                      "-f", f"tcp://other0:5353=127.0.0.1:{BACKEND_PORT}"], check=False)
+    assert done.returncode == 3 and "interface other0 does not exist" in done.stdout
