@@ -240,11 +240,21 @@ class UdpForwarder:
                     flow.sock.sendmsg((flow.header, view[:size]))
             except OSError as exc:
                 if not resend_after_refusal(flow, view[:size], count, exc):
+                    if not flow.bytes_up:  # nothing ever went out: no flow to keep
+                        self._end_unsent(flow)
                     continue
             flow.bytes_up += size
             flow.awaiting += responses
             datagrams.value += 1
             payload.value += size
+
+    def _end_unsent(self, flow: Flow) -> None:
+        """End a flow whose every datagram failed to go out (too big, refused): kept, it
+        would hold a socket and a max-flows place for its idle timeout, and with
+        responses=N wait for replies to nothing. The drop itself is already counted."""
+        if self.table.peek(flow.client) is flow:
+            self.table.remove(flow.client)
+            self._close(flow, "error")
 
     def relay_up(self, flow: Flow, data: memoryview) -> None:
         """Send a datagram of ``flow`` (a predecessor received it) and count it, as

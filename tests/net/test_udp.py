@@ -106,12 +106,15 @@ def test_ipv6_maximum_datagram_intact(make_backend: MakeBackend, make_proxy: Mak
 
 def test_a_datagram_too_big_for_the_header_is_counted(backend: UdpBackend,
                                                       make_proxy: MakeProxy) -> None:
-    proxy = make_proxy([backend.endpoint], proxy_protocol=ProxyProtocol.V2)
+    proxy = make_proxy([backend.endpoint], proxy_protocol=ProxyProtocol.V2, responses=1)
     with client() as sock:
         sock.sendto(os.urandom(65507), ("127.0.0.1", proxy.port))
         wait_for(lambda: proxy.dropped("too_big") == 1, what="too_big drop")
+        # Nothing went out: no flow is kept for its idle timeout, waiting for a reply.
+        assert proxy.flows == 0
+        assert proxy.closed_flows == [(sock.getsockname(), str(backend.endpoint), "error")]
         sock.sendto(b"small", ("127.0.0.1", proxy.port))
-        echoed = sock.recvfrom(70000)[0]  # the flow is fine after the drop
+        echoed = sock.recvfrom(70000)[0]  # the client is served after the drop
     assert echoed[parse_v2(echoed).header_len:] == b"small"
 
 
