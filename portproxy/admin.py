@@ -156,7 +156,11 @@ class AdminServer:
     def __init__(
         self, host: str, port: int, registry: Registry, status: StatusSource,
         settings: AdminSettings | None = None, clock: Callable[[], float] = time.monotonic,
+        liveness: Callable[[float], str | None] | None = None,
     ) -> None:
+        """``liveness``, given the stall threshold, says why /healthz must fail beyond this
+        event loop's own heartbeat (a stuck ``--workers`` worker), or None."""
+        self._liveness = liveness
         self._host = host
         self._port = port
         self._registry = registry
@@ -373,6 +377,9 @@ class AdminServer:
         age = self._clock() - self._last_beat
         if age > self._settings.stall_threshold:
             return _text(503, f"event loop unresponsive: last heartbeat {age:.1f}s ago")
+        problem = self._liveness(self._settings.stall_threshold) if self._liveness else None
+        if problem:
+            return _text(503, problem)
         return _text(200, "ok")
 
     def _readyz(self) -> _Response:

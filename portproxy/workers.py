@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -63,6 +64,10 @@ class WorkerHandle:
         exited first or is draining."""
         self.terminated = False
         """Sent SIGTERM by the supervisor: draining, and a second signal would reset all."""
+        self.pid = 0
+        self.last_report: float | None = None
+        """When its last report came (monotonic), None until it runs: a worker whose event
+        loop is stuck stops reporting, while the kernel keeps handing it clients."""
 
 
 def verdict(answers: list[str | None]) -> str:
@@ -164,12 +169,26 @@ class Supervisor:
         assert self._group is not None
         self._group.create_task(self._listen(worker), name=f"worker {worker.index}")
 
+    def unresponsive(self, threshold: float) -> str | None:
+        """Why /healthz must fail for the workers: one that has not reported for more than
+        ``threshold`` seconds (a stuck event loop: its clients hang, and only a restart of
+        the pod helps), else None."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.last_report is not None and now - worker.last_report > threshold:
+                return (f"worker {worker.index} (pid {worker.pid}) unresponsive: last report "
+                        f"{now - worker.last_report:.1f}s ago")
+        return None
+
     async def _listen(self, worker: WorkerHandle) -> None:
         assert worker.link is not None and worker.started is not None
         try:
             while True:
                 message = await worker.link.receive()
+                if message[0] in ("ready", "stats"):
+                    worker.last_report = time.monotonic()
                 if message[0] == "ready" and not worker.started.done():
+                    worker.pid = message[1]
                     worker.started.set_result("")
                     log.info("worker %d running (pid %d)", worker.index, message[1])
                 elif message[0] == "failed" and not worker.started.done():
@@ -199,6 +218,7 @@ class Supervisor:
         # that forward's series were forgotten at the reload and must not come back.
         self._forget_retired_removed()
         worker.stats, worker.statuses = [], []
+        worker.last_report = None
         if self.stopping:
             return
         log.error("worker %d exited with %d; restarting in %.0fs", worker.index, code,
@@ -427,7 +447,8 @@ class Supervisor:
         address = self.settings.admin_address
         if address is None:
             return None
-        admin = AdminServer(address[0], address[1], MergedRegistry(self), self)
+        admin = AdminServer(address[0], address[1], MergedRegistry(self), self,
+                            liveness=self.unresponsive)
         await admin.start()
         log.info("admin endpoint on %s", admin.address)
         return admin

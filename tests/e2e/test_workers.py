@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -285,4 +286,34 @@ def test_a_worker_dying_mid_drain_does_not_bring_back_a_removed_forward(
     finally:
         if held is not None:
             held.close()
+        proc.stop()
+
+
+def healthz(admin: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_a_stuck_worker_fails_healthz_until_it_reports_again(backend: EchoServer) -> None:
+    # The kernel keeps handing a stuck worker its share of clients, which hang: liveness
+    # must fail so that the pod is restarted, not only when the supervisor itself is stuck.
+    port, admin = free_port(), free_port()
+    proc = PortproxyProcess(["run", "--workers", "2", "-f",
+                             f"tcp://127.0.0.1:{port}=127.0.0.1:{backend.port}",
+                             "--admin-address", f"127.0.0.1:{admin}"])
+    try:
+        pids = two_workers_up(proc, port)
+        wait_for(lambda: healthz(admin) == (200, "ok\n"), what="healthy")
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            _, body = wait_for(lambda: (answer := healthz(admin))[0] == 503 and answer,
+                                    timeout=30, what="/healthz to fail")
+            assert body.startswith(f"worker 1 (pid {pids[1]}) unresponsive: last report ")
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        wait_for(lambda: healthz(admin) == (200, "ok\n"), what="healthy again")
+    finally:
         proc.stop()
