@@ -117,11 +117,17 @@ class ForwardSources:
 
     def set_dynamic(self, ref: ConfigMapRef, forwards: list[Forward]) -> list[str]:
         taken = {_port_key(f, p) for f in self.static for p in f.protocols}
+        names = {f.name for f in self.static}
         for other, entries in self.dynamic.items():
             if other != ref:
                 taken |= {_port_key(f, p) for f in entries for p in f.protocols}
         accepted, problems = [], []
         for forward in forwards:
+            if forward.name in names:  # a --forward name=: their series would merge
+                problems.append(f"{ref} key '{forward.listen.port}': the forward name "
+                                f"{forward.name!r} is already used by another forward; "
+                                "entry skipped")
+                continue
             keys = {_port_key(forward, p) for p in forward.protocols}
             clash = [k for k in keys if k in taken or (k[0], "", k[2]) in taken
                      or (forward.listen.host == "" and any(t[0] == k[0] and t[2] == k[2]

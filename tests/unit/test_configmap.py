@@ -84,6 +84,15 @@ def test_ports_of_static_forwards_are_not_taken_twice() -> None:
     assert len(sources.desired()) == 3
 
 
+def test_an_entry_named_like_a_static_forward_is_skipped() -> None:
+    sources = ForwardSources((parse_forward("tcp://:9000=x:1,name=tcp-services/9001"),))
+    forwards, _ = configmap_forwards(TCP, {"9001": "a/b:1", "9002": "a/c:1"}, ForwardOptions())
+    problems = sources.set_dynamic(TCP, forwards)
+    assert [f.listen.port for f in sources.dynamic[TCP]] == [9002]
+    assert problems == ["tcp-services ingress/tcp-services key '9001': the forward name "
+                        "'tcp-services/9001' is already used by another forward; entry skipped"]
+
+
 def test_refs() -> None:
     assert parse_ref("ingress/tcp", Protocol.TCP, "--x") == ConfigMapRef("ingress", "tcp",
                                                                          Protocol.TCP)
