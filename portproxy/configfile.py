@@ -127,15 +127,20 @@ def _table_spec(key: str, index: int, table: dict[str, object], locator: _Locato
     if not isinstance(spec, str):
         raise locator.error((key, index), "spec", f"{where}: needs spec = \"[PROTO://]"
                             "[ADDRESS:]PORT=TARGET\" (a string)", fallback=line)
+    where_spec = f"{where} (spec {spec!r})"
+    _validated(spec, locator.line((key, index), "spec") or line, where_spec, locator)
     parts = [spec.strip()]
     for name in OPTION_KEYS:  # canonical order, whatever the order in the file
         if name in table:
             text = _option_text(name, table[name])
+            option_line = locator.line((key, index), name) or line
             if text is None:
-                raise locator.error((key, index), name, f"{where} (spec {spec!r}): {name} = "
-                                    f"{table[name]!r} is not a usable value", fallback=line)
+                raise ConfigError(f"{locator.position(option_line)}: {where_spec}: {name} = "
+                                  f"{table[name]!r} is not a usable value")
+            # Alone with the spec first, so that a bad value is reported at its own line.
+            _validated(f"{spec.strip()},{name}={text}", option_line, where_spec, locator)
             parts.append(f"{name}={text}")
-    return _validated(",".join(parts), line, f"{where} (spec {spec!r})", locator)
+    return _validated(",".join(parts), line, where_spec, locator)
 
 
 def _option_text(name: str, value: object) -> str | None:

@@ -148,9 +148,18 @@ balance = "fastest"
     with pytest.raises(ConfigError) as info:
         parse_config_text(text, ALLOWED, source="p.toml")
     message = str(info.value)
+    # The bad value's own line, not the table header's.
     assert message.startswith(
-        "config file p.toml, line 3: [[forward]] number 1 (spec 'tcp://:80=web/frontend:http'): ")
+        "config file p.toml, line 5: [[forward]] number 1 (spec 'tcp://:80=web/frontend:http'): ")
     assert "balance='fastest' is not one of" in message
+
+
+def test_a_bad_table_spec_names_the_spec_line() -> None:
+    text = '[[forward]]\nname = "web"\nspec = "tcp://:99999=10.0.0.1:80"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(text, ALLOWED, source="p.toml")
+    assert str(info.value).startswith("config file p.toml, line 3: [[forward]] number 1 ")
+    assert "port 99999 is out of range" in str(info.value)
 
 
 def test_bad_spec_string_in_forwards_names_its_index_and_line() -> None:
@@ -190,7 +199,7 @@ def test_negative_duration_is_rejected_by_the_spec_parser() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config_text(text, ALLOWED, source="p.toml")
     assert str(info.value) == (
-        "config file p.toml, line 1: [[forward]] number 1 (spec 'tcp://:80=10.0.0.1:80'): "
+        "config file p.toml, line 3: [[forward]] number 1 (spec 'tcp://:80=10.0.0.1:80'): "
         "invalid --forward 'tcp://:80=10.0.0.1:80,idle-timeout=-0.5': idle-timeout: invalid "
         "duration '-0.5': use a number with an optional unit ms, s, m or h (e.g. 500ms, 30s, "
         "5m, 1h)")
