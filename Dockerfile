@@ -29,14 +29,17 @@ RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore; \
     /opt/venv/bin/pip install "/src${EXTRAS:+[$EXTRAS]}"; \
-    /opt/venv/bin/pip uninstall -y pip setuptools; \
     # kubernetes>=35 ships a second, asyncio copy of the whole API client (~70 MB with its
     # bytecode) that nothing else imports; portproxy uses the sync client, so drop it unless
-    # the package starts importing it.
+    # the package starts importing it, and with it aiohttp and the packages only aiohttp
+    # needs (~13 MB; the sync client never imports them).
     site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
-    if ! grep -rqE 'kubernetes[.]aio|from kubernetes import .*aio' /src/portproxy; then \
+    if ! grep -rqE 'kubernetes[.]aio|from kubernetes import .*aio|aiohttp' /src/portproxy; then \
         rm -rf "$site/kubernetes/aio"; \
+        /opt/venv/bin/pip uninstall -y aiohttp aiohttp-retry aiohappyeyeballs aiosignal \
+            attrs frozenlist multidict propcache yarl; \
     fi; \
+    /opt/venv/bin/pip uninstall -y pip setuptools; \
     # byte-compile everything now: the root filesystem is read-only at run time
     /opt/venv/bin/python -m compileall -q /opt/venv/lib >/dev/null; \
     /opt/venv/bin/portproxy --version

@@ -128,13 +128,15 @@ def test_image_metadata_and_contents(image: str) -> None:
     # No compilers, no pip, no caches, no baked-in CA bundle from the build secret; the
     # interpreter carries cap_net_bind_service so non-root binds work without ambient caps.
     probe = (
-        "import os, shutil, sys\n"
+        "import importlib.util, os, shutil, sys\n"
         "print(json.dumps({\n"
         "  'tools': [t for t in ('gcc', 'cc', 'c++', 'make', 'pip', 'pip3') if shutil.which(t)],\n"
         "  'secret': os.path.exists('/run/secrets/ca_bundle'),\n"
         "  'caches': [p for p in ('/root/.cache', '/src') if os.path.exists(p)],\n"
         "  'fcaps': os.getxattr(os.path.realpath(sys.executable), 'security.capability').hex(),\n"
         "  'uid': os.getuid(),\n"
+        "  'unused': [m for m in ('aiohttp', 'yarl', 'multidict', 'kubernetes.aio')\n"
+        "             if importlib.util.find_spec(m) is not None],\n"
         "}))\n"
     )
     result = podman("run", "--rm", "--network", "none", "--cap-drop", "ALL", "--cap-add",
@@ -145,6 +147,7 @@ def test_image_metadata_and_contents(image: str) -> None:
     assert facts["secret"] is False
     assert facts["caches"] == []
     assert facts["uid"] == IMAGE_UID
+    assert facts["unused"] == []  # the asyncio API client and its dependencies, never imported
     # vfs_cap_data v2: magic|effective flag, then permitted bits 0-31 (little endian)
     permitted = int.from_bytes(bytes.fromhex(facts["fcaps"])[4:8], "little")
     assert permitted == CAP_NET_BIND_SERVICE
