@@ -13,7 +13,6 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from portproxy.admin import AdminServer
 from portproxy.config import Settings, keep_restart_only
@@ -309,26 +308,10 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Callable[[], None] | None = None) -> None:
-        created = self._create_interface()
-        try:
+        from portproxy.ifbind import vip_interface
+
+        with vip_interface(self.settings.create_interface, self.settings.interface_addresses):
             await self._run(ready)
-        finally:
-            if created is not None:
-                from portproxy.netlink import remove_created
-
-                remove_created(created)
-                log.info("removed what was created for interface %s", created.name)
-
-    def _create_interface(self) -> Any:
-        name = self.settings.create_interface
-        if name is None:
-            return None
-        from portproxy.ifbind import create_vip_interface
-
-        created = create_vip_interface(name, self.settings.interface_addresses)
-        log.info("interface %s %s with %s", name,
-                 "created" if created.created_link else "adopted", ", ".join(created.cidrs))
-        return created
 
     async def _run(self, ready: Callable[[], None] | None) -> None:
         runtimes: list[ForwardRuntime] = []

@@ -8,9 +8,11 @@ listener leaves its open TCP connections to finish (the engine keeps its relays)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from portproxy.errors import BindError, SetupError
@@ -18,6 +20,7 @@ from portproxy.netlink import (
     AddressSnapshot,
     CreatedInterface,
     NoLinkDriver,
+    WrongLinkKind,
     create_dummy_interface,
     interface_addresses,
     interface_exists,
@@ -161,15 +164,55 @@ class InterfaceBinding:
 
 
 
+@contextlib.contextmanager
+def vip_interface(name: str | None, cidrs: Sequence[str]) -> Iterator[CreatedInterface | None]:
+    """``--create-interface``: the link with its VIPs for the life of the block (None when
+    not asked for), then removed unless another process still listens on one of its
+    addresses. During a rolling update with maxSurge the new instance adopts the link the
+    old one created; the old one, exiting last, must leave it to the new one."""
+    if name is None:
+        yield None
+        return
+    created = create_vip_interface(name, cidrs)
+    log.info("interface %s %s with %s", name,
+             "created" if created.created_link else "adopted", ", ".join(created.cidrs))
+    try:
+        yield created
+    finally:
+        release_vip_interface(created)
+
+
+def release_vip_interface(created: CreatedInterface) -> None:
+    from portproxy.netlink import remove_created
+    from portproxy.proc_net import read_listening_hosts
+
+    vips = {str(ipaddress.ip_interface(cidr).ip) for cidr in created.cidrs}
+    in_use = sorted(vips & read_listening_hosts())
+    if in_use:
+        log.info("interface %s left in place: another process listens on %s (an instance "
+                 "that adopted it)", created.name, ", ".join(in_use))
+        return
+    remove_created(created)
+    log.info("removed what was created for interface %s", created.name)
+
+
 def create_vip_interface(name: str, cidrs: Sequence[str]) -> CreatedInterface:
     """A dummy link holding node-local VIPs (the NodeLocal DNSCache pattern).
 
     Kernels built without the dummy driver get a port-less bridge instead, which holds
-    local addresses the same way. Only a missing driver falls back: an existing link of
-    another kind (someone else's bridge) is never adopted.
+    local addresses the same way. Such a bridge, left by an earlier run or held by a running
+    instance, is adopted like a dummy; any other existing link (a bridge with ports, a
+    physical link) is someone else's and never adopted.
     """
     try:
         return create_dummy_interface(name, cidrs)
+    except WrongLinkKind as exc:
+        if exc.existing != "bridge":
+            raise
+        # What the fallback below made, on a kernel without the dummy driver: an earlier
+        # run's (a restart) or a running instance's (a rolling update). Adopted if it has
+        # no ports; a bridge with ports is someone else's.
+        return create_dummy_interface(name, cidrs, kind="bridge")
     except NoLinkDriver as first:
         try:
             created = create_dummy_interface(name, cidrs, kind="bridge")

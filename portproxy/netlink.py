@@ -52,6 +52,14 @@ _DUMP_ATTEMPTS = 5
 """Re-dumps when the kernel flags a dump as interrupted by a concurrent change."""
 
 
+class WrongLinkKind(SetupError):
+    """An interface of the requested name exists and is of another kind (``existing``)."""
+
+    def __init__(self, message: str, existing: str) -> None:
+        super().__init__(message)
+        self.existing = existing
+
+
 class NoLinkDriver(SetupError):
     """The kernel cannot create links of the requested kind (e.g. built without ``dummy``):
     the one failure where trying another kind makes sense."""
@@ -296,10 +304,15 @@ async def _create(
             else:
                 existing = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
                 if existing != kind:
-                    raise SetupError(
+                    raise WrongLinkKind(
                         f"interface {name!r} exists and is a {existing or 'physical'} link,"
-                        f" not a {kind}: refusing to adopt it"
+                        f" not a {kind}: refusing to adopt it", existing or "physical"
                     )
+                if kind == "bridge" and await _has_ports(ipr, int(link["index"])):
+                    # A port-less bridge only stands in for a dummy; one with ports is a
+                    # real bridge, someone else's.
+                    raise SetupError(f"interface {name!r} is a bridge with ports: refusing "
+                                     "to adopt it")
             index = int(link["index"])
             added: list[str] = []
             try:
@@ -315,6 +328,14 @@ async def _create(
         raise _setup_error(name, "create", exc, kind) from exc
     cidrs = tuple(iface.with_prefixlen for iface in wanted)
     return CreatedInterface(name, index, kind, created_link, cidrs, tuple(added))
+
+
+async def _has_ports(ipr: Any, index: int) -> bool:
+    """Whether any link is enslaved to link ``index`` (a bridge's ports)."""
+    found = False
+    async for link in await ipr.link("dump"):
+        found = found or link.get("master") == index
+    return found
 
 
 async def _undo(ipr: Any, created: CreatedInterface) -> list[NetlinkError]:

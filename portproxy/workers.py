@@ -380,8 +380,14 @@ class Supervisor:
             self.targets[forward] = self._target(forward)
         if configmap_refs(self.settings):
             self.resolvers.kube()  # a bad kubeconfig fails the start here
+        from portproxy.ifbind import vip_interface
+
         try:
-            await self._run(loop, ready_file)
+            # Before the workers start: their forwards listen on it. Removed after the last
+            # worker has exited.
+            with vip_interface(self.settings.create_interface,
+                               self.settings.interface_addresses):
+                await self._run(loop, ready_file)
         finally:
             if ready_file is not None:
                 ready_file.withdraw()  # also when something failed: never ready once stopped

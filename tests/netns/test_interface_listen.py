@@ -122,6 +122,61 @@ def test_create_interface_with_a_vip_and_remove_it_on_exit(netns: nsutil.NetName
     assert "nodelocal0" not in {link["ifname"] for link in links}
 
 
+def link_names(ns: nsutil.NetNamespace) -> set[str]:
+    return {link["ifname"] for link in json.loads(ns.ip("-j", "link", "show"))}
+
+
+def test_create_interface_works_with_workers(netns: nsutil.NetNamespace) -> None:
+    # The supervisor creates the link before the workers listen on it, and removes it
+    # after they have exited.
+    start_backend(netns)
+    proxy = netns.portproxy("run", "--workers", "2", "--create-interface", "nodelocal0",
+                            "--address", "169.254.20.10/32",
+                            "-f", f"tcp://nodelocal0:5353=127.0.0.1:{BACKEND_PORT}",
+                            "--admin-address", "none")
+    netns.wait_tcp("169.254.20.10", 5353)
+    for i in range(4):
+        assert netns.tcp_exchange("169.254.20.10", 5353, b"vip %d" % i) == b"vip %d" % i
+    assert proxy.stop() == 0, proxy.stderr_text()
+    assert "nodelocal0" not in link_names(netns)
+
+
+def test_a_surge_rollout_hands_the_created_interface_to_the_new_instance(
+        netns: nsutil.NetNamespace) -> None:
+    # maxSurge: the new instance starts beside the old one and adopts its link (on this
+    # kernel maybe the port-less bridge that stands in for a dummy); the old one, stopped
+    # last, must leave the link to it, then the new one serves alone.
+    start_backend(netns)
+    args = ("run", "--create-interface", "nodelocal0", "--address", "169.254.20.10/32",
+            "-f", f"tcp://nodelocal0:5353=127.0.0.1:{BACKEND_PORT}", "--admin-address", "none")
+    old = netns.portproxy(*args)
+    netns.wait_tcp("169.254.20.10", 5353)
+    new = netns.portproxy(*args)
+    wait_for(lambda: "interface nodelocal0 adopted" in new.stderr_text()
+             or new.proc.poll() is not None, what="the new instance to adopt the link")
+    assert new.proc.poll() is None, new.stderr_text()
+    wait_for(lambda: "listening on tcp 169.254.20.10:5353" in new.stderr_text(),
+             what="the new instance to listen")
+    assert old.stop() == 0
+    assert "interface nodelocal0 left in place" in old.stderr_text()
+    assert "nodelocal0" in link_names(netns)
+    assert netns.tcp_exchange("169.254.20.10", 5353, b"after") == b"after"
+    assert new.stop() == 0
+
+
+def test_a_bridge_with_ports_is_not_adopted(netns: nsutil.NetNamespace) -> None:
+    netns.ip("link", "add", "nodelocal0", "type", "bridge")
+    netns.ip("link", "add", "ppxport", "type", "veth", "peer", "name", "ppxpeer")
+    netns.ip("link", "set", "ppxport", "master", "nodelocal0")
+    done = netns.run([*nsutil_python(), "-m", "portproxy", "run", "--create-interface",
+                      "nodelocal0", "--address", "169.254.20.10/32", "-f",
+                      f"tcp://nodelocal0:5353=127.0.0.1:{BACKEND_PORT}",
+                      "--admin-address", "none"], check=False)
+    assert done.returncode == 3
+    assert "refusing to adopt it" in done.stderr
+    assert "nodelocal0" in link_names(netns)  # someone else's: left alone
+
+
 def nsutil_python() -> list[str]:
     import sys
 
