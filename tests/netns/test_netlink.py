@@ -286,7 +286,7 @@ def test_remove_tolerates_what_is_already_gone(netns: nsutil.NetNamespace, vip_k
 def test_refuses_to_adopt_a_link_of_another_kind(veth: Veth) -> None:
     ns = veth.ns
     result = call(ns, "nl.create_dummy_interface('ppx0', ['10.42.0.1'])")
-    assert result["error"] == "SetupError"
+    assert result["error"] == "WrongLinkKind"  # a SetupError: exit 3
     assert "'ppx0'" in result["message"] and "adopt" in result["message"]
     assert "10.42.0.1" not in kernel_addresses(ns, "ppx0")
     assert link_exists(ns, "ppx0")
