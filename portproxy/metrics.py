@@ -262,7 +262,10 @@ class ProxyMetrics:
             "portproxy_accept_errors_total",
             "accept() failures such as EMFILE, after which accepting backs off.", ("forward",))
         self.kube_watch_restarts = r.counter(
-            "portproxy_kube_watch_restarts_total", "Kubernetes watch restarts.", ("service",))
+            "portproxy_kube_watch_restarts_total",
+            "Kubernetes watch restarts, by watched object (a Service's own watch and its "
+            "EndpointSlice watch each count; a followed ConfigMap under its name).",
+            ("service",))
 
     def set_build(self, pump: str) -> None:
         self.build_info.labels(__version__, pump).set(1)
