@@ -30,7 +30,7 @@ from portproxy.proxyproto import encode_header
 from portproxy.ready_file import ReadyFile
 from portproxy.relay import direction_type
 from portproxy.resolver_factory import ResolverFactory, Resolvers
-from portproxy.spec import Forward, Protocol
+from portproxy.spec import Forward, HostTarget, Protocol
 from portproxy.spec_values import format_seconds
 from portproxy.splice import splice_available
 from portproxy.status import ForwardStatus
@@ -146,9 +146,12 @@ class Daemon:
             # Imported here: pyroute2 takes ~0.5 s to import; only interface forwards need it.
             from portproxy.ifbind import InterfaceBinding
 
+            target = forward.target
+            itself = (target.host, target.port) if isinstance(target, HostTarget) and \
+                target.is_ip else None
             runtime.binding = InterfaceBinding(forward.name, listen, runtime.engines,
                                                forward.options.wait_interface,
-                                               runtime.set_detail)
+                                               runtime.set_detail, itself=itself)
             runtime.binding.bind_now()
             return
         for engine in runtime.engines:

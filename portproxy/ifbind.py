@@ -45,7 +45,12 @@ class InterfaceBinding:
     """Keeps one listener per current address of ``listen.host`` on every engine."""
 
     def __init__(self, forward: str, listen: ListenAddress, engines: Sequence[Engine],
-                 wait: bool, on_detail: Callable[[str], None]) -> None:
+                 wait: bool, on_detail: Callable[[str], None],
+                 itself: tuple[str, int] | None = None) -> None:
+        """``itself``: the forward's static target, which none of the listeners may be
+        (the parser refuses it for a literal listen address; an interface's addresses are
+        only known here)."""
+        self.itself = itself
         self.forward = forward
         self.listen = listen
         self.engines = engines
@@ -111,6 +116,11 @@ class InterfaceBinding:
                      name, extra={"forward": self.forward})
         for address in sorted(wanted - self.bound):
             try:
+                if self.itself is not None and _same_ip(address, self.itself[0]) and \
+                        self.listen.port == self.itself[1]:
+                    raise SetupError(f"forward {self.forward}: {address} of {name} is the "
+                                     "forward's own target: every client would loop back "
+                                     "into it; use another port or target")
                 for engine in self.engines:
                     engine.add_listener(address)
             except SetupError as exc:
@@ -162,6 +172,10 @@ class InterfaceBinding:
         self._detail = detail
         self.on_detail(detail)
 
+
+
+def _same_ip(a: str, b: str) -> bool:
+    return ipaddress.ip_address(a) == ipaddress.ip_address(b)
 
 
 @contextlib.contextmanager

@@ -297,3 +297,25 @@ def test_check_accepts_a_forward_on_the_interface_run_would_create(
                       "--create-interface", "nodelocal0", "--address", "169.254.20.10/32",
                       "-f", f"tcp://other0:5353=127.0.0.1:{BACKEND_PORT}"], check=False)
     assert done.returncode == 3 and "interface other0 does not exist" in done.stdout
+
+
+def test_an_interface_address_that_is_the_static_target_is_refused(veth: Veth) -> None:
+    # Listening there would send every client back into the forward, until no descriptor
+    # is left; a literal listen address equal to the target is already exit 2.
+    ns = veth.ns
+    ns.ip("addr", "add", "10.99.0.1/24", "dev", veth.left)
+    done = ns.run([*nsutil_python(), "-m", "portproxy", "run", "-f",
+                   f"tcp://{veth.left}:5300=10.99.0.1:5300", "--admin-address", "none"],
+                  check=False)
+    assert done.returncode == 3
+    assert "10.99.0.1 of " + veth.left + " is the forward's own target" in done.stderr
+    # Added later, the address is not listened on; the others are.
+    start_backend(ns)
+    proxy = ns.portproxy("run", "-f", f"tcp://{veth.left}:{BACKEND_PORT + 1}=10.99.1.1:"
+                         f"{BACKEND_PORT + 1},wait-interface", "--admin-address", "127.0.0.1:9753")
+    ns.wait_tcp("10.99.0.1", BACKEND_PORT + 1)
+    ns.ip("addr", "add", "10.99.1.1/24", "dev", veth.left)
+    wait_for(lambda: "is the forward's own target" in proxy.stderr_text(), what="the refusal")
+    status, body = admin_get(ns, 9753, "/readyz")
+    assert status == 503 and "own target" in body
+    assert proxy.stop() == 0
