@@ -65,13 +65,28 @@ def _reload_through_supervisor() -> Settings:
                          f"SIGHUP to PID {os.getppid()}")
 
 
-async def worker_main(fd: int) -> int:
+class _WorkerField(logging.Filter):
+    """Adds ``worker=N`` to every line of worker N: with --workers each forward's lines
+    (listening, interface changes, access log) come once per worker."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+async def worker_main(fd: int, index: int = 0) -> int:
     link = Link(socket.socket(fileno=fd))
     kind, settings = await link.receive()
     assert kind == "settings"
     from portproxy.logs import setup_logging
 
     limiter = setup_logging(settings.log_level, settings.log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(index))
     # By forward, not by name: while a reload replaces a forward, the old one and its
     # successor (one name, maybe two targets) each follow their own target.
     fed: dict[Forward, FedResolver] = {}
@@ -154,7 +169,7 @@ def main() -> None:
     from portproxy.loop import install_fast_loop
 
     install_fast_loop()
-    sys.exit(asyncio.run(worker_main(int(sys.argv[1]))))
+    sys.exit(asyncio.run(worker_main(int(sys.argv[1]), int(sys.argv[2]))))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ class Supervisor:
         parent, child = socket.socketpair()
         try:
             worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "portproxy.worker_process", str(child.fileno())],
+                [sys.executable, "-m", "portproxy.worker_process", str(child.fileno()),
+                 str(worker.index)],
                 pass_fds=[child.fileno()], start_new_session=True)
         except OSError as exc:  # fork or exec refused: out of memory or processes, ...
             parent.close()

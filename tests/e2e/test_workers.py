@@ -317,3 +317,14 @@ def test_a_stuck_worker_fails_healthz_until_it_reports_again(backend: EchoServer
         wait_for(lambda: healthz(admin) == (200, "ok\n"), what="healthy again")
     finally:
         proc.stop()
+
+
+def test_each_worker_line_names_its_worker(backend: EchoServer) -> None:
+    port = free_port()
+    proc = two_workers(port, backend, drain_timeout="5s")
+    try:
+        two_workers_up(proc, port)
+        listening = [line for line in proc.lines if f"listening on tcp 127.0.0.1:{port}" in line]
+        assert sorted(line.rsplit(" ", 1)[1] for line in listening) == ["worker=0", "worker=1"]
+    finally:
+        proc.stop()
