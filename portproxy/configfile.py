@@ -108,7 +108,8 @@ def _collect_forwards(
     items = value if isinstance(value, list) else [value]
     for index, item in enumerate(items):
         if isinstance(item, str):
-            strings.append(_validated(item, locator.line(None, key), f"{key}[{index}]", locator))
+            strings.append(_validated(item, locator.item_line(key, items, index),
+                                      f"{key}[{index}]", locator))
         elif isinstance(item, dict):
             tables.append(_table_spec(key, index, item, locator))
         else:
@@ -208,9 +209,26 @@ class _Locator:
 
     def __init__(self, text: str, source: str) -> None:
         self.source = source
+        self._lines = text.splitlines()
         self._keys: dict[tuple[Table, str], int] = {}
         self._headers: dict[tuple[str, int], int] = {}
         self._scan(text)
+
+    def item_line(self, key: str, items: list[object], index: int) -> int | None:
+        """The line of string ``items[index]`` in a top-level ``key = [...]`` list that
+        may span lines: where its text appears, after the items before it; else the key's."""
+        number = self.line(None, key)
+        if number is None:
+            return None
+        for item in items[:index + 1]:
+            if not isinstance(item, str) or not item:
+                continue
+            found = next((n for n in range(number, len(self._lines) + 1)
+                          if item in self._lines[n - 1]), None)
+            if found is None:
+                return self.line(None, key)
+            number = found
+        return number
 
     def _scan(self, text: str) -> None:
         table: Table = None

@@ -154,6 +154,14 @@ balance = "fastest"
     assert "balance='fastest' is not one of" in message
 
 
+def test_a_bad_spec_in_a_multi_line_forwards_list_names_its_own_line() -> None:
+    text = ('forwards = [\n  "tcp://:53=10.0.0.1:53",\n  "tcp://:53=10.0.0.1:53",\n'
+            '  "tcp://:99999=10.0.0.1:1",\n]\n')
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(text, ALLOWED, source="p.toml")
+    assert str(info.value).startswith("config file p.toml, line 4: forwards[2]: ")
+
+
 def test_a_bad_table_spec_names_the_spec_line() -> None:
     text = '[[forward]]\nname = "web"\nspec = "tcp://:99999=10.0.0.1:80"\n'
     with pytest.raises(ConfigError) as info:
