@@ -175,6 +175,9 @@ class Informer:
         # Consecutive failed attempts (drives the backoff). Also here, because a stream that
         # delivered events proves the API healthy even when it then breaks.
         self._failures = 0
+        # Consecutive relists forced by an expired resourceVersion with no event between:
+        # only a run of them backs off (an API answering 410 at once to every fresh list).
+        self._expiries = 0
         self._problem: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -211,15 +214,20 @@ class Informer:
             except (ApiStatusError, Expired, TransientError) as exc:
                 if self._stop.is_set():
                     return
-                if isinstance(exc, Expired) or (
-                        isinstance(exc, ApiStatusError) and exc.code == 410):
-                    log.info("resourceVersion of %s expired (410 Gone); relisting", self.query)
+                if _needs_relist(exc):
+                    why = "410 Gone" if not isinstance(exc, ApiStatusError) or \
+                        exc.code == 410 else "the API's resourceVersions went backwards"
+                    log.info("resourceVersion of %s is no longer served (%s); relisting",
+                             self.query, why)
                     self._resource_version = None
-                    self._failures += 1
+                    # The API answered: an outage before it is over, and its failures must
+                    # not delay the relist (a 410 is how most outages end).
+                    self._failures = 0
+                    self._expiries += 1
                     self._restarted()
-                    if self._failures == 1:
-                        continue  # a single 410 is routine: relist at once
-                    self._sleep(self._backoff.delay(self._failures - 1))
+                    if self._expiries == 1:
+                        continue  # a single one is routine: relist at once
+                    self._sleep(self._backoff.delay(self._expiries - 1))
                     continue
                 denied = isinstance(exc, ApiStatusError) and exc.code in (401, 403)
                 # One line per kind of problem, not per retry: the key leaves out details
@@ -265,7 +273,7 @@ class Informer:
                 events += 1
                 # The API is serving us: a break after this starts a fresh backoff streak
                 # instead of climbing to the cap behind streams that all carried events.
-                self._failures = 0
+                self._failures = self._expiries = 0
         finally:
             self._aborter.attach(None)
         return events > 0 or time.monotonic() - started >= MIN_HEALTHY_STREAM
@@ -317,6 +325,19 @@ class Informer:
 
 class _Stopped(Exception):
     pass
+
+
+def _needs_relist(exc: Exception) -> bool:
+    """Whether ``exc`` says the watch's resourceVersion cannot be served, which only a fresh
+    list cures: 410 Gone (history compacted), or an API server whose resourceVersions went
+    backwards (restored etcd, replaced control plane) answering 504 "Too large resource
+    version" from its watch cache, as client-go's reflector also relists on."""
+    if isinstance(exc, Expired):
+        return True
+    if not isinstance(exc, ApiStatusError):
+        return False
+    return exc.code == 410 or (
+        exc.code == 504 and "too large resource version" in exc.message.lower())
 
 
 def _name(obj: Obj) -> str:

@@ -316,3 +316,53 @@ def test_streams_that_deliver_events_then_break_do_not_grow_the_backoff(tmp_path
 
         run_following(fake, settings, scenario)
     assert len(backoff.asked) >= 10 and set(backoff.asked) == {0}, backoff.asked
+
+
+def test_an_api_whose_resource_versions_went_backwards_is_relisted(fake, settings) -> None:
+    # A restored etcd or replaced control plane: the watch cache answers a resumed watch
+    # with 504 "Too large resource version"; rewatching from it never ends, a relist does.
+    async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+        fake.send_error_event(504, "Too large resource version: 302, current: 102")
+        await poll(lambda: fake.count("list", "endpointslices") == 2, what="a relist")
+        set_ready(fake, "10.1.0.1", "10.1.0.2")
+        await c.wait_for(lambda s: hosts(s) == TWO)
+
+    run_following(fake, settings, scenario)
+
+
+@dataclass(frozen=True, slots=True)
+class OutageBackoff(Backoff):
+    """The real policy, noting for each delay asked whether the API was up at the time."""
+
+    fake: FakeKube | None = None
+    asked_while_up: list[int] = field(default_factory=list)
+
+    def delay(self, failures: int, rng: Callable[[], float] = random.random) -> float:
+        assert self.fake is not None
+        with self.fake.cond:
+            if self.fake.state.running:
+                self.asked_while_up.append(failures)
+        return Backoff.delay(self, failures, rng)
+
+
+def test_the_410_that_ends_an_outage_relists_at_once(tmp_path: Path) -> None:
+    # The outage's failures used to carry over: the 410 answering the first watch after it
+    # counted as one failure more, and waited a backoff near the cap before the relist.
+    fake = FakeKube()
+    backoff = OutageBackoff(0.02, 0.2, fake)
+    with fake.serving():
+        settings = fast_settings(write_kubeconfig(tmp_path / "kc", fake.url), tmp_path,
+                                 backoff=backoff)
+
+        async def scenario(c: Collector, metrics: ProxyMetrics) -> None:
+            fake.stop()
+            before = restarts(metrics)
+            await poll(lambda: restarts(metrics) >= before + 3, what="failed attempts")
+            set_ready(fake, "10.1.0.1", "10.1.0.2")
+            fake.compact()
+            fake.start()
+            await c.wait_for(lambda s: hosts(s) == TWO)
+            # Only the outage's attempts waited; nothing waited once the API answered.
+            assert backoff.asked_while_up == []
+
+        run_following(fake, settings, scenario)
