@@ -202,6 +202,11 @@ class Supervisor:
                                               message[1] or "")
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
+        # The link is closed at once, not after the process is reaped: a reload offered in
+        # between would wait for an answer that no reader is left to take, forever, and
+        # every later reload would queue behind it.
+        worker.link.sock.close()
+        worker.link = None
         if not worker.started.done():
             worker.started.set_result("worker exited during start-up")
         if worker.applied is not None and not worker.applied.done():
@@ -211,9 +216,6 @@ class Supervisor:
     async def _reap(self, worker: WorkerHandle) -> None:
         assert worker.proc is not None
         code = await asyncio.to_thread(worker.proc.wait)
-        assert worker.link is not None
-        worker.link.sock.close()
-        worker.link = None
         self.retired.add_snapshot(worker.stats, gauges=False)
         # A worker that died while draining a forward a reload removed reported it still:
         # that forward's series were forgotten at the reload and must not come back.

@@ -328,3 +328,44 @@ def test_each_worker_line_names_its_worker(backend: EchoServer) -> None:
         assert sorted(line.rsplit(" ", 1)[1] for line in listening) == ["worker=0", "worker=1"]
     finally:
         proc.stop()
+
+
+def test_a_reload_racing_a_worker_death_is_applied(backend: EchoServer, tmp_path) -> None:
+    # Stopped, the supervisor sees the worker's end and the SIGHUP together on resuming:
+    # the reload used to be offered to the dead worker, whose link was still set until the
+    # process was reaped, and waited for its answer forever (with every later reload).
+    first, second, third = free_port(), free_port(), free_port()
+    config = tmp_path / "c.toml"
+
+    def forwards(*ports: int) -> None:
+        specs = ", ".join(f'"tcp://127.0.0.1:{p}=127.0.0.1:{backend.port}"' for p in ports)
+        config.write_text(f'admin-address = "none"\nforwards = [{specs}]\n')
+
+    forwards(first)
+    proc = PortproxyProcess(["run", "--workers", "2", "--config", str(config)])
+    try:
+        pids = two_workers_up(proc, first)
+        forwards(first, second)
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(pids[0], signal.SIGKILL)
+            wait_for(lambda: gone_or_zombie(pids[0]), what="the worker to die")
+            proc.signal(signal.SIGHUP)
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        proc.wait_for_line("configuration changed")
+        forwards(first, second, third)
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: both_listening(proc, third), timeout=30,
+                 what="the next reload, in both workers (one restarted)")
+        assert exchange(third, b"applied") == b"applied"
+    finally:
+        proc.stop()
+
+
+def gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
