@@ -92,6 +92,9 @@ RECV_BUFFER = 65536
 LISTENER_BUFFER = 4 * 1024 * 1024
 #: Endpoints tried when a flow's socket cannot be created or connected.
 CONNECT_ATTEMPTS = 3
+#: Batches read from a replaced forward's listening socket as it closes: a full listener
+#: buffer of small datagrams is a few thousand.
+QUEUED_BATCHES = 128
 
 
 class UdpForwarder:
@@ -267,6 +270,8 @@ class UdpForwarder:
                 flow.sock.sendmsg((flow.header, data))
         except OSError as exc:
             if not resend_after_refusal(flow, data, count, exc):
+                if not flow.bytes_up:
+                    self._end_unsent(flow)
                 return
         flow.bytes_up += len(data)
         flow.awaiting += self.responses
@@ -433,6 +438,19 @@ class UdpForwarder:
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
         return flow
 
+    def _take_queued(self, lsock: socket.socket) -> None:
+        """Handle what waits on a listening socket about to close (bounded; off the data
+        path: once per socket of a replaced forward)."""
+        wildcard = needs_pktinfo(lsock)
+        for _ in range(QUEUED_BATCHES):
+            try:
+                lsock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass  # a pending error (ICMP) is taken by the read below
+            self._on_datagram(lsock, wildcard)
+
     def _relay_queued(self, flow: Flow) -> None:
         """Relay what is queued on ``flow``'s socket, through ``_on_reply`` (same counters and
         ``responses`` accounting), at most a poller batch of it: off the per-datagram path,
@@ -532,6 +550,11 @@ class UdpForwarder:
 
     def _close_sockets(self) -> None:
         self.count.log_evictions(self.table.limits.max_flows)
+        if self.successors:
+            # Until a socket closes, SO_REUSEPORT keeps giving it part of the new clients:
+            # what is queued on it goes to the successors rather than into the bin.
+            for sock in self.listeners.values():
+                self._take_queued(sock)
         for host in list(self.listeners):
             self.remove_listener(host)
         self.poller.close()
