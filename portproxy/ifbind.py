@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from portproxy.errors import BindError, SetupError
+from portproxy.errors import BindError, PortproxyError, SetupError
 from portproxy.netlink import (
     AddressSnapshot,
     CreatedInterface,
@@ -62,6 +62,8 @@ class InterfaceBinding:
         between the read and the bind): retried until bound or gone."""
         self._gap = asyncio.Event()
         """Set while ``unbound`` is not empty: the retry loop re-reads the interface."""
+        self._applied = 0
+        """Snapshots applied so far: a re-read overtaken by the watcher is dropped."""
         self._detail = ""
 
     def bind_now(self) -> None:
@@ -98,11 +100,21 @@ class InterfaceBinding:
                 delay = RETRY_FIRST
                 await self._gap.wait()
             await asyncio.sleep(delay)
-            if self._gap.is_set():
-                self.apply(await read_snapshot(self.listen.host, self.listen.family))
-                delay = min(delay * 2, RETRY_MAX)
+            delay = min(delay * 2, RETRY_MAX)
+            if not self._gap.is_set():
+                continue
+            applied = self._applied
+            try:
+                snapshot = await read_snapshot(self.listen.host, self.listen.family)
+            except (PortproxyError, OSError) as exc:  # netlink busy, out of descriptors
+                log.debug("forward %s: re-reading %s failed: %s", self.forward,
+                          self.listen.host, exc, extra={"forward": self.forward})
+                continue
+            if self._applied == applied:  # else the watcher applied a newer snapshot
+                self.apply(snapshot)
 
     def apply(self, snapshot: AddressSnapshot) -> None:
+        self._applied += 1
         wanted = set(snapshot.addresses) if snapshot.exists else set()
         self._converge(wanted, snapshot.exists, strict=False)
 
@@ -151,8 +163,10 @@ class InterfaceBinding:
             # Listed by the read, gone at the bind: the interface changed under us (not
             # the user's mistake, whatever the bind's message says). The retry finds it
             # back, or the next read no longer lists it.
-            log.info("forward %s: %s left %s before it could be listened on", self.forward,
-                     address, self.listen.host, extra={"forward": self.forward})
+            if self.unbound.get(address) != "":  # once, not at every retry
+                log.info("forward %s: %s left %s before it could be listened on",
+                         self.forward, address, self.listen.host,
+                         extra={"forward": self.forward})
             self.unbound[address] = ""
             return
         if strict:
