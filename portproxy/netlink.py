@@ -52,6 +52,10 @@ _DUMP_ATTEMPTS = 5
 """Re-dumps when the kernel flags a dump as interrupted by a concurrent change."""
 
 
+OWNER_ALIAS = "portproxy --create-interface"
+"""The alias (``ip link`` shows it) of links portproxy created, which it may remove."""
+
+
 class WrongLinkKind(SetupError):
     """An interface of the requested name exists and is of another kind (``existing``)."""
 
@@ -97,6 +101,13 @@ class CreatedInterface:
     """Every requested address as canonical ``ip/prefix``, whether added here or not."""
     added_cidrs: tuple[str, ...]
     """The addresses this call added; on an adopted link only these are removed again."""
+    owned: bool = False
+    """The link carries the alias portproxy gives the links it creates: adopted from an
+    earlier instance (a rolling update's predecessor), it is removed like a created one."""
+
+    @property
+    def deletes_link(self) -> bool:
+        return self.created_link or self.owned
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -177,9 +188,9 @@ def create_dummy_interface(
 
 
 def remove_created(created: CreatedInterface) -> None:
-    """Undo ``create_dummy_interface``: delete the link if it was created, else the
-    addresses it added.  Things already gone are fine; other failures raise SetupError
-    after everything else was tried."""
+    """Undo ``create_dummy_interface``: delete the link if it was created (or adopted
+    with portproxy's alias), else the addresses it added.  Things already gone are fine;
+    other failures raise SetupError after everything else was tried."""
     run_blocking(lambda: _remove(created))
 
 
@@ -314,8 +325,11 @@ async def _create(
                     raise SetupError(f"interface {name!r} is a bridge with ports: refusing "
                                      "to adopt it")
             index = int(link["index"])
+            owned = created_link or link.get("ifalias") == OWNER_ALIAS
             added: list[str] = []
             try:
+                if created_link:  # marked, so that an instance adopting it may remove it
+                    await ipr.link("set", index=index, ifalias=OWNER_ALIAS)
                 await ipr.link("set", index=index, state="up")
                 for iface in wanted:
                     if await _add_address(ipr, index, iface):
@@ -327,7 +341,7 @@ async def _create(
     except (NetlinkError, OSError) as exc:
         raise _setup_error(name, "create", exc, kind) from exc
     cidrs = tuple(iface.with_prefixlen for iface in wanted)
-    return CreatedInterface(name, index, kind, created_link, cidrs, tuple(added))
+    return CreatedInterface(name, index, kind, created_link, cidrs, tuple(added), owned)
 
 
 async def _has_ports(ipr: Any, index: int) -> bool:
@@ -342,7 +356,7 @@ async def _undo(ipr: Any, created: CreatedInterface) -> list[NetlinkError]:
     """Delete what ``created`` says was created; return the failures other than 'gone'."""
     failures: list[NetlinkError] = []
     gone = (errno.ENODEV, errno.EADDRNOTAVAIL)
-    if created.created_link:
+    if created.deletes_link:
         try:
             await ipr.link("del", index=created.index)
         except NetlinkError as exc:

@@ -277,6 +277,19 @@ def test_adopt_existing_link_removes_only_what_it_added(
     assert "169.254.20.11" not in remaining
 
 
+def test_a_link_portproxy_created_is_removed_by_whoever_adopts_it_last(
+    netns: nsutil.NetNamespace, vip_kind: str
+) -> None:
+    first = call(netns, f"nl.create_dummy_interface('ppxvip0', ['10.41.0.1'], kind={vip_kind!r})")
+    link = json.loads(netns.ip("-j", "-d", "link", "show", "ppxvip0"))[0]
+    assert link.get("ifalias") == "portproxy --create-interface"
+    second = call(netns, f"nl.create_dummy_interface('ppxvip0', ['10.41.0.1'], kind={vip_kind!r})")
+    assert (second["created_link"], second["owned"]) == (False, True)
+    call(netns, "nl.remove_created(created)", created_setup(second))
+    assert not link_exists(netns, "ppxvip0")
+    assert first["created_link"] is True
+
+
 def test_remove_tolerates_what_is_already_gone(netns: nsutil.NetNamespace, vip_kind: str) -> None:
     created = call(netns, f"nl.create_dummy_interface('ppxvip0', ['10.41.0.1'], kind={vip_kind!r})")
     netns.ip("link", "del", "ppxvip0")
