@@ -111,11 +111,24 @@ class ForwardSources:
     def __init__(self, static: tuple[Forward, ...]) -> None:
         self.static = static
         self.dynamic: dict[ConfigMapRef, tuple[Forward, ...]] = {}
+        self._offered: dict[ConfigMapRef, list[Forward]] = {}
+        """Each ConfigMap's entries before the checks, to check again when ``static``
+        changes."""
 
     def desired(self) -> tuple[Forward, ...]:
         return self.static + tuple(f for forwards in self.dynamic.values() for f in forwards)
 
+    def set_static(self, static: tuple[Forward, ...]) -> list[str]:
+        """New static forwards (a reload): the ConfigMap entries are checked against them
+        again, as at start; the problems, one line each."""
+        self.static = static
+        problems: list[str] = []
+        for ref, forwards in list(self._offered.items()):
+            problems += self.set_dynamic(ref, forwards)
+        return problems
+
     def set_dynamic(self, ref: ConfigMapRef, forwards: list[Forward]) -> list[str]:
+        self._offered[ref] = list(forwards)
         taken = {_port_key(f, p) for f in self.static for p in f.protocols}
         names = {f.name for f in self.static}
         for other, entries in self.dynamic.items():

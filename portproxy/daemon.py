@@ -76,7 +76,8 @@ def reloaded(reloader: Reloader | None, sources: ForwardSources,
     if new.forward_defaults != running.forward_defaults and configmap_refs(running):
         log.warning("reload: the option defaults changed: the file's forwards take them, the "
                     "ConfigMap entries keep those of the start until a restart")
-    sources.static = new.forwards
+    for problem in sources.set_static(new.forwards):
+        log.error("reload: %s", problem)
     return replace(new, forwards=sources.desired())
 
 

@@ -93,6 +93,21 @@ def test_an_entry_named_like_a_static_forward_is_skipped() -> None:
                         "'tcp-services/9001' is already used by another forward; entry skipped"]
 
 
+def test_a_reload_checks_the_entries_against_the_new_static_forwards() -> None:
+    sources = ForwardSources((parse_forward("tcp://:9000=x:1"),))
+    forwards, _ = configmap_forwards(TCP, {"9001": "a/b:1", "9002": "a/c:1"}, ForwardOptions())
+    assert sources.set_dynamic(TCP, forwards) == []
+    problems = sources.set_static((parse_forward("tcp://:9000=x:1,name=tcp-services/9001"),
+                                   parse_forward("tcp://:9002=x:2")))
+    assert [f.listen.port for f in sources.dynamic[TCP]] == []
+    assert len(problems) == 2
+    assert "the forward name 'tcp-services/9001' is already used" in problems[0]
+    assert "port 9002 is already used" in problems[1]
+    # And back: the entries return once the static forwards leave them room.
+    assert sources.set_static((parse_forward("tcp://:9000=x:1"),)) == []
+    assert [f.listen.port for f in sources.dynamic[TCP]] == [9001, 9002]
+
+
 def test_refs() -> None:
     assert parse_ref("ingress/tcp", Protocol.TCP, "--x") == ConfigMapRef("ingress", "tcp",
                                                                          Protocol.TCP)
