@@ -314,7 +314,8 @@ class Daemon:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         from portproxy.ifbind import vip_interface
 
-        with vip_interface(self.settings.create_interface, self.settings.interface_addresses):
+        with vip_interface(self.settings.create_interface, self.settings.interface_addresses,
+                           lambda: {f.listen.port for f in self.settings.forwards}):
             await self._run(ready)
 
     async def _run(self, ready: Callable[[], None] | None) -> None:

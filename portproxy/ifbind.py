@@ -193,11 +193,13 @@ def _same_ip(a: str, b: str) -> bool:
 
 
 @contextlib.contextmanager
-def vip_interface(name: str | None, cidrs: Sequence[str]) -> Iterator[CreatedInterface | None]:
+def vip_interface(name: str | None, cidrs: Sequence[str], ports: Callable[[], set[int]]
+                  ) -> Iterator[CreatedInterface | None]:
     """``--create-interface``: the link with its VIPs for the life of the block (None when
-    not asked for), then removed unless another process still listens on one of its
-    addresses. During a rolling update with maxSurge the new instance adopts the link the
-    old one created; the old one, exiting last, must leave it to the new one."""
+    not asked for), then removed unless another process still uses it (``ports``: those
+    this instance's forwards listen on, at exit). During a rolling update with maxSurge the
+    new instance adopts the link the old one created; the old one, exiting last, must
+    leave it to the new one."""
     if name is None:
         yield None
         return
@@ -207,21 +209,35 @@ def vip_interface(name: str | None, cidrs: Sequence[str]) -> Iterator[CreatedInt
     try:
         yield created
     finally:
-        release_vip_interface(created)
+        release_vip_interface(created, ports())
 
 
-def release_vip_interface(created: CreatedInterface) -> None:
-    from portproxy.netlink import remove_created
-    from portproxy.proc_net import read_listening_hosts
+def release_vip_interface(created: CreatedInterface, ports: set[int]) -> None:
+    from portproxy.netlink import interface_addresses, remove_created
+    from portproxy.proc_net import read_listening
 
-    vips = {str(ipaddress.ip_interface(cidr).ip) for cidr in created.cidrs}
-    in_use = sorted(vips & read_listening_hosts())
-    if in_use:
+    try:
+        addresses = set(interface_addresses(created.name)) | set(created.addresses)
+    except SetupError:  # gone already: nothing of it is in use
+        addresses = set()
+    users = in_use(addresses, ports, read_listening())
+    if users:
         log.info("interface %s left in place: another process listens on %s (an instance "
-                 "that adopted it)", created.name, ", ".join(in_use))
+                 "that adopted it)", created.name, ", ".join(users))
         return
     remove_created(created)
     log.info("removed what was created for interface %s", created.name)
+
+
+def in_use(addresses: set[str], ports: set[int], listening: set[tuple[str, int]]
+           ) -> list[str]:
+    """The listeners (``host:port``, sorted) that use a link with ``addresses``: bound to
+    one of them, or to a wildcard on one of ``ports`` (another instance of this
+    configuration, listening on every address, the link's included). Called once this
+    instance's own sockets are closed."""
+    wildcards = {"0.0.0.0", "::"}
+    return sorted(f"{host}:{port}" for host, port in listening
+                  if host in addresses or (host in wildcards and port in ports))
 
 
 def create_vip_interface(name: str, cidrs: Sequence[str]) -> CreatedInterface:

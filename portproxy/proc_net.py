@@ -25,35 +25,35 @@ def _host(hex_address: str) -> str:
     return str(ipaddress.ip_address(words))
 
 
-def listening_hosts(lines: Iterable[str], state: str) -> set[str]:
-    """The local IPs of the sockets in ``state`` among the lines of one ``/proc/net`` table
-    (its header line included)."""
-    hosts: set[str] = set()
+def listening(lines: Iterable[str], state: str) -> set[tuple[str, int]]:
+    """The local (IP, port) of the sockets in ``state`` among the lines of one
+    ``/proc/net`` table (its header line included)."""
+    found: set[tuple[str, int]] = set()
     for line in lines:
         fields = line.split()
         if len(fields) < 4 or fields[3] != state or ":" not in fields[1]:
             continue  # the header, or another state
-        address = fields[1].rsplit(":", 1)[0]
+        address, _, port = fields[1].rpartition(":")
         try:
-            hosts.add(_host(address))
+            found.add((_host(address), int(port, 16)))
         except ValueError:
             continue
-    return hosts
+    return found
 
 
-def read_listening_hosts() -> set[str]:
-    """Local IPs that TCP listeners or unconnected UDP sockets of this namespace are bound
-    to (IPv4-mapped IPv6 ones as IPv4); unreadable tables count as empty."""
-    hosts: set[str] = set()
+def read_listening() -> set[tuple[str, int]]:
+    """(IP, port) of the TCP listeners and unconnected UDP sockets of this namespace
+    (IPv4-mapped IPv6 addresses as IPv4); unreadable tables count as empty."""
+    found: set[tuple[str, int]] = set()
     for name, state in _FILES:
         try:
             with open(f"/proc/net/{name}", encoding="ascii") as table:
-                hosts |= listening_hosts(table, state)
+                found |= listening(table, state)
         except OSError:
             continue
     unmapped = set()
-    for host in hosts:
+    for host, port in found:
         ip = ipaddress.ip_address(host)
         mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        unmapped.add(str(mapped) if mapped is not None else host)
+        unmapped.add((str(mapped) if mapped is not None else host, port))
     return unmapped

@@ -389,7 +389,8 @@ class Supervisor:
             # Before the workers start: their forwards listen on it. Removed after the last
             # worker has exited.
             with vip_interface(self.settings.create_interface,
-                               self.settings.interface_addresses):
+                               self.settings.interface_addresses,
+                               lambda: {f.listen.port for f in self.settings.forwards}):
                 await self._run(loop, ready_file)
         finally:
             if ready_file is not None:

@@ -7,6 +7,7 @@ all run inside it, so the addresses used here exist nowhere else.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from tests.conftest import wait_for
 from tests.netns import nsutil
@@ -164,6 +165,32 @@ def test_a_surge_rollout_hands_the_created_interface_to_the_new_instance(
     # The link carries portproxy's alias: the adopter, stopped last, removes it.
     assert new.stop() == 0
     assert "nodelocal0" not in link_names(netns)
+
+
+def listening_or_gone(proc: nsutil.NsProcess, where: str) -> bool:
+    return f"listening on {where}" in proc.stderr_text() or proc.proc.poll() is not None
+
+
+def test_instances_listening_everywhere_keep_the_link_while_either_runs(
+        netns: nsutil.NetNamespace) -> None:
+    # Forwards on '*' use the VIP too, though no socket is bound to it: whichever of the
+    # two instances stops first (the old one, or a surge pod rolled back) leaves the link.
+    start_backend(netns)
+    args = ("run", "--create-interface", "nodelocal0", "--address", "169.254.20.10/32",
+            "-f", f"tcp://:5353=127.0.0.1:{BACKEND_PORT}", "--admin-address", "none")
+    for first_to_stop in ("creator", "adopter"):
+        creator = netns.portproxy(*args)
+        netns.wait_tcp("169.254.20.10", 5353)
+        adopter = netns.portproxy(*args)
+        wait_for(partial(listening_or_gone, adopter, "tcp *:5353"),
+                 what="the second instance to listen")
+        stopping, staying = (creator, adopter) if first_to_stop == "creator" else \
+            (adopter, creator)
+        assert stopping.stop() == 0
+        assert "interface nodelocal0 left in place" in stopping.stderr_text(), first_to_stop
+        assert netns.tcp_exchange("169.254.20.10", 5353, b"kept") == b"kept"
+        assert staying.stop() == 0
+        assert "nodelocal0" not in link_names(netns), first_to_stop
 
 
 def test_a_bridge_with_ports_is_not_adopted(netns: nsutil.NetNamespace) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from portproxy.proc_net import listening_hosts, read_listening_hosts
+from portproxy.ifbind import in_use
+from portproxy.proc_net import listening, read_listening
 
 TCP_TABLE = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -23,16 +24,28 @@ UDP6_TABLE = """\
 def test_listening_rows_only_in_canonical_form() -> None:
     # 169.254.20.10 is stored as 0A14FEA9 (the word in little-endian order); the row in
     # state 01 (established) is no listener.
-    assert listening_hosts(TCP_TABLE.splitlines(), "0A") == {"127.0.0.1", "169.254.20.10"}
-    assert listening_hosts(UDP6_TABLE.splitlines(), "07") == {
-        "::1", str(ipaddress.ip_address("::ffff:169.254.20.10"))}
+    assert listening(TCP_TABLE.splitlines(), "0A") == {("127.0.0.1", 8080),
+                                                       ("169.254.20.10", 53)}
+    assert listening(UDP6_TABLE.splitlines(), "07") == {
+        ("::1", 53), (str(ipaddress.ip_address("::ffff:169.254.20.10")), 53)}
 
 
 def test_the_kernel_tables_show_our_own_listeners() -> None:
     with socket.socket() as tcp, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
         tcp.bind(("127.0.0.2", 0))
-        assert "127.0.0.2" not in read_listening_hosts()  # bound, not yet listening
+        tcp_port = tcp.getsockname()[1]
+        assert ("127.0.0.2", tcp_port) not in read_listening()  # bound, not yet listening
         tcp.listen()
         udp.bind(("::1", 0))
-        hosts = read_listening_hosts()
-    assert {"127.0.0.2", "::1"} <= hosts
+        found = read_listening()
+        assert {("127.0.0.2", tcp_port), ("::1", udp.getsockname()[1])} <= found
+
+
+def test_a_link_is_in_use_by_a_listener_on_its_addresses_or_a_wildcard_on_our_ports() -> None:
+    listeners = {("0.0.0.0", 22), ("169.254.20.11", 53), ("0.0.0.0", 5353), ("10.0.0.1", 80)}
+    # Its own VIP, or any address the link has now (a rollout that changed the VIP).
+    assert in_use({"169.254.20.10", "169.254.20.11"}, set(), listeners) == ["169.254.20.11:53"]
+    # A wildcard on a port of this instance's forwards: the next pod, listening everywhere.
+    assert in_use({"169.254.20.10"}, {5353}, listeners) == ["0.0.0.0:5353"]
+    # sshd on 0.0.0.0:22 and a listener elsewhere are not users of the link.
+    assert in_use({"169.254.20.10"}, {53}, listeners) == []
