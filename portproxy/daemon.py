@@ -213,9 +213,11 @@ class Daemon:
 
     # -- reload ---------------------------------------------------------------------------
     def request_reload(self) -> None:
+        running = self.sources.static
         new = reloaded(self.reloader, self.sources, self.settings)
-        if new is not None:
-            self.apply(new)
+        if new is not None and self.apply(new) is not None:
+            # Refused: the running file forwards stay, also for the next ConfigMap change.
+            self.sources.set_static(running)
 
     def _apply_sources(self) -> None:
         self.apply(replace(self.settings, forwards=self.sources.desired()))

@@ -294,22 +294,30 @@ class Supervisor:
                                         signal.SIGINT)
 
     def _on_hup(self) -> None:
+        running = self.sources.static
         new = reloaded(self.reloader, self.sources, self.settings)
         if new is not None:
-            self._apply(new)
+            self._apply(new, running)
 
-    def _apply(self, new: Settings) -> None:
+    def _apply(self, new: Settings, running: tuple[Forward, ...] | None = None) -> None:
+        """Reload to ``new``; ``running``: the file forwards to go back to if it is
+        refused (a SIGHUP's), so that the next ConfigMap change does not bring it back."""
         assert self._group is not None
-        self._group.create_task(self._reload(new), name="reload")
+        self._group.create_task(self._reload(new, running), name="reload")
 
-    async def _reload(self, new: Settings) -> None:
+    async def _reload(self, new: Settings, running: tuple[Forward, ...] | None = None
+                      ) -> None:
+        if not await self._offered_and_adopted(new) and running is not None:
+            self.sources.set_static(running)
+
+    async def _offered_and_adopted(self, new: Settings) -> bool:
         """Offer ``new`` to the workers and adopt it once they applied it: they bind, so
         only they know whether it can run (a port taken, an interface address another
         forward holds). A refused one leaves everything as it was, as without workers."""
         async with self._reloading:  # one reload at a time, in the order asked
             if self.stopping:  # the workers are draining and would ignore it too
                 log.warning("stopping: configuration change ignored")
-                return
+                return False
             added = [f for f in new.forwards if f not in self.targets]
             try:  # the first Service target, with a broken kubeconfig
                 for forward in added:
@@ -317,17 +325,17 @@ class Supervisor:
                         self.resolvers.for_forward(forward)
             except PortproxyError as exc:
                 log.error("reload failed, keeping the running configuration: %s", exc)
-                return
+                return False
             new = replace(new, workers=len(self.workers))
             offered, answers = await self._offer(new)
             if self.stopping:  # SIGTERM came meanwhile
                 log.warning("stopping: configuration change ignored")
-                return
+                return False
             refusals = [(w, a) for w, a in answers if a]
             problem = verdict([a for _, a in answers])
             if problem:
                 log.error("%s; keeping the running configuration", problem)
-                return
+                return False
             self._adopt(new, added, offered)
             for worker, refusal in refusals:  # they run the old one: start them afresh
                 if worker.terminated or worker.proc is None or worker.proc.poll() is not None:
@@ -336,6 +344,7 @@ class Supervisor:
                           "restarting it", worker.index, refusal)
                 worker.terminated = True
                 worker.proc.send_signal(signal.SIGTERM)
+            return True
 
     async def _offer(self, new: Settings
                      ) -> tuple[list[WorkerHandle], list[tuple[WorkerHandle, str | None]]]:

@@ -232,3 +232,42 @@ def test_not_ready_until_the_configmap_is_read(
         assert proc.wait(20) == 0
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["daemon", "workers"])
+def test_a_refused_reload_is_not_brought_back_by_the_next_configmap_change(
+        fake: FakeKube, tmp_path: Path, backends: tuple[EchoServer, EchoServer],
+        extra: list[str]) -> None:
+    first, second = backends
+    service(fake, "one", first)
+    service(fake, "two", second)
+    entry, held, later = free_port(), free_port(), free_port()
+    fake.configmap("ingress", "tcp-services", {str(entry): "web/one:80"})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url)
+    config = tmp_path / "portproxy.toml"
+    config.write_text(f'admin-address = "none"\nkubeconfig = "{kubeconfig}"\nforwards = []\n'
+                      'tcp-services-configmap = "ingress/tcp-services"\n')
+    proc = PortproxyProcess(["run", *extra, "--config", str(config)])
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", held))  # another program's port: the reload will be refused
+    holder.listen()
+    try:
+        wait_for(lambda: served(entry, b"entry"), what="the entry to serve")
+        # The file now wants the entry's port for itself, and a port that is taken.
+        config.write_text(f'admin-address = "none"\nkubeconfig = "{kubeconfig}"\n'
+                          'tcp-services-configmap = "ingress/tcp-services"\nforwards = ['
+                          f'"tcp://127.0.0.1:{entry}=web/two:80", '
+                          f'"tcp://127.0.0.1:{held}=web/two:80"]\n')
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("keeping the running configuration")
+        holder.close()  # the port is free now, but the reload stays refused
+        fake.configmap("ingress", "tcp-services", {str(entry): "web/one:80",
+                                                   str(later): "web/one:80"})
+        wait_for(lambda: served(later, b"later"), what="the new entry to serve")
+        before = (first.accepted, second.accepted)
+        assert exchange(entry, b"still one") == b"still one"
+        assert (first.accepted, second.accepted) == (before[0] + 1, before[1])  # web/one
+        assert refused(held)
+    finally:
+        holder.close()
+        proc.stop()
