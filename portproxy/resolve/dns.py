@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from portproxy.endpoints import Endpoint, EndpointSet
 from portproxy.spec import HostTarget
+from portproxy.threaded import call_in_thread
 
 log = logging.getLogger("portproxy.dns")
 
@@ -29,9 +30,10 @@ FIRST_RETRY = 1.0
 async def system_lookup(host: str) -> list[str]:
     """Every address ``getaddrinfo`` gives for ``host``, IPv4 and IPv6, without duplicates."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
+        # A thread of its own, not the loop's executor: a lookup stuck on a silent
+        # nameserver must not hold the process up after SIGTERM (asyncio.run joins it).
+        infos = await call_in_thread(lambda: socket.getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP), name="dns-lookup")
     except UnicodeError as exc:
         # The IDNA encoding refuses the name (a label over 63 characters, an empty one): a
         # lookup failure like any other, not an error that ends the watch. An ExternalName

@@ -33,7 +33,7 @@ from portproxy.errors import ResolveError, SetupError
 from portproxy.metrics import ProxyMetrics
 from portproxy.resolve import Resolver
 from portproxy.resolve.dns import system_lookup
-from portproxy.resolve.kube_client import call_in_thread, check_error
+from portproxy.resolve.kube_client import check_error
 from portproxy.resolve.kube_informer import (
     Aborter,
     ApiStatusError,
@@ -46,6 +46,7 @@ from portproxy.resolve.kube_informer import (
 from portproxy.resolve.kube_resolver import KubeServiceResolver
 from portproxy.resolve.kube_state import Problem, ServiceView, SharedService, resolve_view
 from portproxy.spec import Protocol, ServiceTarget, TargetMode
+from portproxy.threaded import call_in_thread
 
 log = logging.getLogger("portproxy.kube")
 
@@ -384,7 +385,8 @@ class KubeResolvers:
                          protocols: tuple[Protocol, ...] = (Protocol.TCP,)) -> EndpointSet:
         """Resolve once for ``portproxy check``: ResolveError/SetupError when it would fail."""
         transport = self._client()
-        view = await call_in_thread(lambda: self._read_view(transport, target, mode))
+        view = await call_in_thread(lambda: self._read_view(transport, target, mode),
+                                    name="kube-call")
         outcome = resolve_view(view, target, mode, protocols)
         if view.service is None:
             raise ResolveError(f"Service {target.namespace}/{target.name} not found")

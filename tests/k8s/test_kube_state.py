@@ -9,7 +9,7 @@ import pytest
 
 from portproxy.endpoints import EndpointSet
 from portproxy.errors import ResolveError, SetupError
-from portproxy.resolve.kube_client import call_in_thread, check_error
+from portproxy.resolve.kube_client import check_error
 from portproxy.resolve.kube_informer import (
     ApiStatusError,
     Backoff,
@@ -19,6 +19,7 @@ from portproxy.resolve.kube_informer import (
 )
 from portproxy.resolve.kube_state import ServiceView, SharedService, resolve_view
 from portproxy.spec import HostTarget, Protocol, ServiceTarget, TargetMode
+from portproxy.threaded import call_in_thread
 from tests.k8s.conftest import ep, hosts
 
 E, C = TargetMode.ENDPOINTS, TargetMode.CLUSTERIP
