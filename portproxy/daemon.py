@@ -52,6 +52,21 @@ def choose_pump(use_splice: bool) -> str:
     return "splice" if ok else "copy"
 
 
+def install_startup_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """SIGTERM/SIGINT call ``stop`` and SIGHUP is ignored, until the running handlers
+    replace them; returns what removes them."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP during start-up ignored: send it again once running"))
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return remove
+
+
 def reloaded(reloader: Reloader | None, sources: ForwardSources,
              running: Settings) -> Settings | None:
     """The configuration read again (SIGHUP) plus the ConfigMap forwards, or None when the
@@ -316,9 +331,16 @@ class Daemon:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         from portproxy.ifbind import vip_interface
 
-        with vip_interface(self.settings.create_interface, self.settings.interface_addresses,
-                           lambda: {f.listen.port for f in self.settings.forwards}):
-            await self._run(ready)
+        # Handled from the very start: the default action would end the process at once,
+        # leaving a created interface behind (install_signals takes over once running).
+        remove_signals = install_startup_signals(self.request_stop)
+        try:
+            with vip_interface(self.settings.create_interface,
+                               self.settings.interface_addresses,
+                               lambda: {f.listen.port for f in self.settings.forwards}):
+                await self._run(ready)
+        finally:
+            remove_signals()
 
     async def _run(self, ready: Callable[[], None] | None) -> None:
         runtimes: list[ForwardRuntime] = []

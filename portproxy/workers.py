@@ -33,7 +33,7 @@ from portproxy.admin import AdminServer
 from portproxy.config import Settings
 from portproxy.configmap import ForwardSources, configmap_refs, configmaps_unread
 from portproxy.configmap_watch import follow_configmap
-from portproxy.daemon import Reloader, reloaded
+from portproxy.daemon import Reloader, install_startup_signals, reloaded
 from portproxy.endpoints import Balancer
 from portproxy.errors import PortproxyError, SetupError
 from portproxy.forward_runtime import status_of
@@ -394,6 +394,9 @@ class Supervisor:
             self.resolvers.kube()  # a bad kubeconfig fails the start here
         from portproxy.ifbind import vip_interface
 
+        # From the start: the workers take about a second to start, and the default action
+        # would end the supervisor alone, leaving a created interface behind.
+        remove_signals = install_startup_signals(lambda: self._on_signal(signal.SIGTERM))
         try:
             # Before the workers start: their forwards listen on it. Removed after the last
             # worker has exited.
@@ -402,6 +405,7 @@ class Supervisor:
                                lambda: {f.listen.port for f in self.settings.forwards}):
                 await self._run(loop, ready_file)
         finally:
+            remove_signals()
             if ready_file is not None:
                 ready_file.withdraw()  # also when something failed: never ready once stopped
 
@@ -411,20 +415,24 @@ class Supervisor:
             self._group = group
             problem = ""
             for worker in self.workers:
+                if self.stopping:  # a signal during start-up: start no more
+                    break
                 try:
                     await self._spawn(worker)
                 except SetupError as exc:  # those started stop below, as on a failed start
                     problem = str(exc)
                     break
             failures = [await w.started for w in self.workers if w.started is not None]
-            problem = problem or next((f for f in failures if f), "")
+            # Stopped by a signal, a worker ended during its start is no failure.
+            signalled = self.stopping
+            problem = "" if signalled else problem or next((f for f in failures if f), "")
             admin = None
             if problem:
                 self._on_signal(signal.SIGTERM)
-            else:
+            elif not signalled:
                 admin = await self._begin(loop)
-            ready_task = None if ready_file is None or problem else group.create_task(
-                ready_file.run(), name="ready file")
+            ready_task = None if ready_file is None or problem or signalled else \
+                group.create_task(ready_file.run(), name="ready file")
             await self._stop.wait()
             if ready_file is not None:
                 ready_file.withdraw()  # the probe says "not ready" as the workers drain

@@ -7,6 +7,7 @@ all run inside it, so the addresses used here exist nowhere else.
 from __future__ import annotations
 
 import json
+import signal
 from functools import partial
 
 from tests.conftest import wait_for
@@ -348,3 +349,17 @@ def test_an_interface_address_that_is_the_static_target_is_refused(veth: Veth) -
     status, body = admin_get(ns, 9753, "/readyz")
     assert status == 503 and "own target" in body
     assert proxy.stop() == 0
+
+
+def test_sigterm_while_the_workers_start_stops_cleanly(netns: nsutil.NetNamespace) -> None:
+    # The workers take about a second to start; a signal meanwhile used to meet the
+    # default action (exit 143), leaving the created link behind.
+    proxy = netns.portproxy("run", "--workers", "2", "--create-interface", "nodelocal0",
+                            "--address", "169.254.20.10/32", "-f",
+                            f"tcp://nodelocal0:5353=127.0.0.1:{BACKEND_PORT}",
+                            "--admin-address", "none")
+    wait_for(lambda: "nodelocal0" in link_names(netns), interval=0.001, what="the link")
+    assert "running (pid" not in proxy.stderr_text()  # still starting
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(timeout=20) == 0, proxy.stderr_text()
+    assert "nodelocal0" not in link_names(netns)
