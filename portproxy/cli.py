@@ -9,6 +9,7 @@ built-in defaults.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -176,8 +177,21 @@ daemon_options = _options(
 
 
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"portproxy: error: {message}", err=True)
+    try:
+        click.echo(f"portproxy: error: {message}", err=True)
+    except OSError:  # stderr is a closed pipe: the exit code is all that can be said
+        silence_output()
     sys.exit(code)
+
+
+def silence_output() -> None:
+    """Point stdout and stderr at /dev/null after a write to them failed (a closed pipe),
+    so that the interpreter's last flush cannot fail too and turn the exit code into 120."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def run_guarded(body: Callable[[], None]) -> NoReturn:
@@ -288,7 +302,10 @@ def check(**params: Any) -> None:
         rows = asyncio.run(_check_all(settings, params["offline"]))
         from portproxy.check import render
 
-        click.echo(render(rows))
+        try:
+            click.echo(render(rows))
+        except OSError:  # stdout is a closed pipe: the exit code still tells
+            silence_output()
         if not all(row.ok for row in rows):
             raise SetupError("some forwards would fail at run (see STATUS above)")
 

@@ -368,3 +368,26 @@ def test_a_bad_value_from_the_environment_names_the_variable() -> None:
     from_flag = run_cli(["check", "--offline", "-f", spec, "--drain-timeout", "abc"])
     assert from_flag.returncode == 2
     assert "'--drain-timeout': invalid duration 'abc'" in from_flag.stderr, from_flag.stderr
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["run", "-f", "tcp://:99999=x:1"], 2),
+    (["check", "--offline", "-f", "tcp://127.0.0.1:{held}=127.0.0.1:2"], 3),
+    (["check", "--offline", "-f", "tcp://127.0.0.1:{free}=127.0.0.1:2"], 0),
+], ids=["invalid", "check-fails", "check-passes"])
+def test_exit_codes_hold_when_the_output_is_a_closed_pipe(args: list[str], code: int) -> None:
+    # A caller that stopped reading (closed pipes) must still learn what happened: the
+    # failed write used to become "unexpected BrokenPipeError", exit 1.
+    read, write = os.pipe()
+    os.close(read)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports = {"held": holder.getsockname()[1], "free": free_port()}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "portproxy", *(a.format(**ports) for a in args)],
+                stdout=write, stderr=write, timeout=30, check=False)
+        finally:
+            os.close(write)
+    assert done.returncode == code
