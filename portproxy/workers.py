@@ -160,15 +160,18 @@ class Supervisor:
                              "check the memory and process limits") from None
         finally:
             child.close()
-        worker.link = Link(parent)
+        link = worker.link = Link(parent)
         worker.terminated = False
         worker.started = asyncio.get_running_loop().create_future()
-        await worker.link.send("settings", self.settings)
-        for forward, state in self.targets.items():
-            if state.resolved:
-                await worker.link.send("endpoints", forward, state.endpoints)
         assert self._group is not None
+        # The reader first: a worker that dies before reading its settings is then seen
+        # to end (and is restarted) like any other, rather than failing these sends.
         self._group.create_task(self._listen(worker), name=f"worker {worker.index}")
+        with contextlib.suppress(OSError):
+            await link.send("settings", self.settings)
+            for forward, state in self.targets.items():
+                if state.resolved:
+                    await link.send("endpoints", forward, state.endpoints)
 
     def unresponsive(self, threshold: float) -> str | None:
         """Why /healthz must fail for the workers: one that has not reported for more than
