@@ -335,9 +335,7 @@ class Daemon:
         # leaving a created interface behind (install_signals takes over once running).
         remove_signals = install_startup_signals(self.request_stop)
         try:
-            with vip_interface(self.settings.create_interface,
-                               self.settings.interface_addresses,
-                               lambda: {f.listen.port for f in self.settings.forwards}):
+            with vip_interface(lambda: self.settings):
                 await self._run(ready)
         finally:
             remove_signals()

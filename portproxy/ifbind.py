@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
+from portproxy.config import Settings
 from portproxy.errors import BindError, PortproxyError, SetupError
 from portproxy.netlink import (
     AddressSnapshot,
@@ -187,29 +188,28 @@ class InterfaceBinding:
         self.on_detail(detail)
 
 
-
 def _same_ip(a: str, b: str) -> bool:
     return ipaddress.ip_address(a) == ipaddress.ip_address(b)
 
 
 @contextlib.contextmanager
-def vip_interface(name: str | None, cidrs: Sequence[str], ports: Callable[[], set[int]]
-                  ) -> Iterator[CreatedInterface | None]:
+def vip_interface(settings: Callable[[], Settings]) -> Iterator[CreatedInterface | None]:
     """``--create-interface``: the link with its VIPs for the life of the block (None when
-    not asked for), then removed unless another process still uses it (``ports``: those
-    this instance's forwards listen on, at exit). During a rolling update with maxSurge the
-    new instance adopts the link the old one created; the old one, exiting last, must
-    leave it to the new one."""
+    not asked for), then removed unless another process still uses it (judged with the
+    ports of the forwards ``settings()`` has at exit: a reload may change them). During a
+    rolling update with maxSurge the new instance adopts the link the old one created; the
+    old one, exiting last, must leave it to the new one."""
+    name = settings().create_interface
     if name is None:
         yield None
         return
-    created = create_vip_interface(name, cidrs)
+    created = create_vip_interface(name, settings().interface_addresses)
     log.info("interface %s %s with %s", name,
              "created" if created.created_link else "adopted", ", ".join(created.cidrs))
     try:
         yield created
     finally:
-        release_vip_interface(created, ports())
+        release_vip_interface(created, {f.listen.port for f in settings().forwards})
 
 
 def release_vip_interface(created: CreatedInterface, ports: set[int]) -> None:

@@ -1,8 +1,9 @@
-"""Which local addresses sockets of this network namespace listen on, from ``/proc/net``.
+"""Which local addresses and ports sockets of this network namespace listen on, from
+``/proc/net``.
 
 Used once, at exit, to tell whether a created VIP interface is still served by another
 process (a newer instance that adopted it during a rolling update) before removing it.
-The parsing is pure (``listening_hosts``); ``read_listening_hosts`` reads the files.
+The parsing is pure (``listening``); ``read_listening`` reads the files.
 """
 
 from __future__ import annotations

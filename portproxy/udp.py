@@ -242,22 +242,24 @@ class UdpForwarder:
                 else:
                     flow.sock.sendmsg((flow.header, view[:size]))
             except OSError as exc:
-                if not resend_after_refusal(flow, view[:size], count, exc):
-                    if not flow.bytes_up:  # nothing ever went out: no flow to keep
-                        self._end_unsent(flow)
+                if not self._resent(flow, view[:size], exc):
                     continue
             flow.bytes_up += size
             flow.awaiting += responses
             datagrams.value += 1
             payload.value += size
 
-    def _end_unsent(self, flow: Flow) -> None:
-        """End a flow whose every datagram failed to go out (too big, refused): kept, it
-        would hold a socket and a max-flows place for its idle timeout, and with
-        responses=N wait for replies to nothing. The drop itself is already counted."""
-        if self.table.peek(flow.client) is flow:
+    def _resent(self, flow: Flow, data: memoryview, exc: OSError) -> bool:
+        """After sending ``data`` on ``flow`` failed with ``exc``: whether a second try went
+        out (``resend_after_refusal``; the drop is counted when not). A flow none of whose
+        datagrams went out ends: kept, it would hold a socket and a max-flows place for its
+        idle timeout, and with responses=N wait for replies to nothing."""
+        if resend_after_refusal(flow, data, self.count, exc):
+            return True
+        if not flow.bytes_up and self.table.peek(flow.client) is flow:
             self.table.remove(flow.client)
             self._close(flow, "error")
+        return False
 
     def relay_up(self, flow: Flow, data: memoryview) -> None:
         """Send a datagram of ``flow`` (a predecessor received it) and count it, as
@@ -269,9 +271,7 @@ class UdpForwarder:
             else:
                 flow.sock.sendmsg((flow.header, data))
         except OSError as exc:
-            if not resend_after_refusal(flow, data, count, exc):
-                if not flow.bytes_up:
-                    self._end_unsent(flow)
+            if not self._resent(flow, data, exc):
                 return
         flow.bytes_up += len(data)
         flow.awaiting += self.responses

@@ -403,9 +403,7 @@ class Supervisor:
         try:
             # Before the workers start: their forwards listen on it. Removed after the last
             # worker has exited.
-            with vip_interface(self.settings.create_interface,
-                               self.settings.interface_addresses,
-                               lambda: {f.listen.port for f in self.settings.forwards}):
+            with vip_interface(lambda: self.settings):
                 await self._run(loop, ready_file)
         finally:
             remove_signals()

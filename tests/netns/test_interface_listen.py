@@ -51,13 +51,21 @@ except urllib.error.HTTPError as e:
     return int(status), body
 
 
-def test_listens_on_interface_addresses_and_follows_changes(veth: Veth) -> None:
+def serving_on_veth(veth: Veth) -> nsutil.NsProcess:
+    """A backend, and portproxy on the IPv4 addresses of ``veth.left`` (10.99.0.1 to begin
+    with), port 8080, admin on 127.0.0.1:9753; returns once it serves."""
     ns = veth.ns
     start_backend(ns)
     ns.ip("addr", "add", "10.99.0.1/24", "dev", veth.left)
     proxy = ns.portproxy("run", "-f", f"tcp://{veth.left}/ipv4:8080=127.0.0.1:{BACKEND_PORT}",
                          "--admin-address", "127.0.0.1:9753")
     ns.wait_tcp("10.99.0.1", 8080)
+    return proxy
+
+
+def test_listens_on_interface_addresses_and_follows_changes(veth: Veth) -> None:
+    ns = veth.ns
+    proxy = serving_on_veth(veth)
     assert ns.tcp_exchange("10.99.0.1", 8080, b"first address") == b"first address"
 
     ns.ip("addr", "add", "10.99.1.2/24", "dev", veth.left)
@@ -244,11 +252,7 @@ def test_an_address_whose_port_is_held_is_retried_until_it_can_be_listened_on(
     # The watcher reports only changes: without a retry, an address that failed to bind
     # stayed unserved until something else on the interface changed, and /readyz said 200.
     ns = veth.ns
-    start_backend(ns)
-    ns.ip("addr", "add", "10.99.0.1/24", "dev", veth.left)
-    proxy = ns.portproxy("run", "-f", f"tcp://{veth.left}/ipv4:8080=127.0.0.1:{BACKEND_PORT}",
-                         "--admin-address", "127.0.0.1:9753")
-    ns.wait_tcp("10.99.0.1", 8080)
+    proxy = serving_on_veth(veth)
     holder = ns.popen_python(HOLDER)
     holder.expect_line(lambda line: line == "holding")
     ns.ip("addr", "add", "10.99.2.3/24", "dev", veth.left)
