@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,16 +333,24 @@ def test_an_api_whose_resource_versions_went_backwards_is_relisted(fake, setting
 
 @dataclass(frozen=True, slots=True)
 class OutageBackoff(Backoff):
-    """The real policy, noting for each delay asked whether the API was up at the time."""
+    """The real policy, noting each delay that a watch asks for after the API answered it.
+
+    Attributed per watch (each runs in its own thread, named after its query): a watch whose
+    request failed in the outage asks for its delay after the failure, which may be after the
+    API is back; only a delay asked once the API has seen that watch's own request since it
+    came back is one that the answer caused."""
 
     fake: FakeKube | None = None
-    asked_while_up: list[int] = field(default_factory=list)
+    back_from: list[int] = field(default_factory=list)  # index in fake.requests at restart
+    asked_after_an_answer: list[tuple[str, int]] = field(default_factory=list)
 
     def delay(self, failures: int, rng: Callable[[], float] = random.random) -> float:
         assert self.fake is not None
+        resource = threading.current_thread().name.split()[1].split(".")[0]
         with self.fake.cond:
-            if self.fake.state.running:
-                self.asked_while_up.append(failures)
+            if self.back_from and any(r.resource == resource
+                                      for r in self.fake.requests[self.back_from[0]:]):
+                self.asked_after_an_answer.append((resource, failures))
         return Backoff.delay(self, failures, rng)
 
 
@@ -360,9 +369,11 @@ def test_the_410_that_ends_an_outage_relists_at_once(tmp_path: Path) -> None:
             await poll(lambda: restarts(metrics) >= before + 3, what="failed attempts")
             set_ready(fake, "10.1.0.1", "10.1.0.2")
             fake.compact()
+            with fake.cond:
+                backoff.back_from.append(len(fake.requests))
             fake.start()
             await c.wait_for(lambda s: hosts(s) == TWO)
             # Only the outage's attempts waited; nothing waited once the API answered.
-            assert backoff.asked_while_up == []
+            assert backoff.asked_after_an_answer == []
 
         run_following(fake, settings, scenario)
