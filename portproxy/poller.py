@@ -36,7 +36,9 @@ class Poller:
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def add_reader(self, fd: int, callback: Callback) -> None:
+        """Read ``fd`` (a reader also hears its failures: any failure watch on it ends)."""
         self._readers[fd] = callback
+        self._failures.pop(fd, None)
         self._update(fd)
 
     def remove_reader(self, fd: int) -> None:
@@ -49,6 +51,10 @@ class Poller:
         self._readers.pop(fd, None)
         self._failures[fd] = callback
         self._update(fd)
+
+    def end_failure_watch(self, fd: int) -> None:
+        if self._failures.pop(fd, None) is not None:
+            self._update(fd)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
         self._writers[fd] = callback

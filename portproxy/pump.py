@@ -15,6 +15,7 @@ written out in one function, for speed, around the same transitions) and, in
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -98,10 +99,25 @@ class Direction:
         self._finish()
 
     def _wait_writable(self) -> None:
-        """``dst`` took only part of a chunk: stop reading until it has taken the rest."""
-        self.poller.remove_reader(self.src_fd)
+        """``dst`` took only part of a chunk: stop reading until it has taken the rest.
+
+        ``src`` stays watched for failures: when the other direction is idle too (its
+        source silent, so it does not write to ``src``), nothing else would hear a reset of
+        ``src``, and the dead connection would keep its backend and its ``max-conns`` slot
+        until the idle timeout. Same number of ``epoll_ctl`` calls as unregistering."""
+        self.poller.reader_to_failure_watch(self.src_fd, self._src_failed_while_writing)
         self.poller.add_writer(self.dst_fd, self.on_writable)
         self.writing = True
+
+    def _src_failed_while_writing(self) -> None:
+        err = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.relay.abort(OSError(err, os.strerror(err)))
+        else:
+            # EPOLLHUP with no error: ``src`` sent its FIN and the other direction already
+            # passed one to it, a clean end whose unread data and EOF are read once ``dst``
+            # has taken the chunk. Nothing is left to fail; stop hearing it (level-triggered).
+            self.poller.end_failure_watch(self.src_fd)
 
     def on_writable(self) -> None:
         # The peer took bytes since the last attempt, or it would not be writable: traffic,

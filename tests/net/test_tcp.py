@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 import struct
 import threading
@@ -604,6 +605,110 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
             reset(backend_conns[0])
             wait_for(lambda: was_reset(client), what="the client to be reset")
         wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+    finally:
+        release.set()
+        client.close()
+        proxy.close()
+        backend.close()
+
+
+def fill(sock: socket.socket) -> None:
+    """Send until ``sock``'s send buffer is full: the proxy has stopped reading from it,
+    which it does only while the other side does not take what it already read."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    while True:
+        try:
+            sock.send(chunk)
+        except BlockingIOError:
+            return
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
+        pump: str, side: str) -> None:
+    """The proxy waits to write to a side that reads nothing while the other side, the one
+    it read from, resets: with no traffic the other way, the reset must still be heard at
+    once (not at the idle timeout) and passed on."""
+    release = threading.Event()
+    backend_conns: list[socket.socket] = []
+    filled = threading.Event()
+
+    def backend_side(conn: socket.socket) -> None:
+        backend_conns.append(conn)
+        if side == "backend":
+            fill(conn)
+            filled.set()
+        release.wait(30)
+
+    backend = EchoServer(handler=backend_side)
+    proxy = ProxyThread(backend.port, pump)
+    client = proxy.connect()
+    try:
+        wait_for(lambda: backend_conns, what="the backend's socket")
+
+        def proxy_stopped_reading() -> bool:  # the state under test: waiting to write
+            return proxy.run(lambda: any((r.up if side == "client" else r.down).writing
+                                         for r in proxy.engine.relays))
+        if side == "client":
+            fill(client)
+            wait_for(proxy_stopped_reading, what="the proxy to wait on the backend")
+            reset(client)
+            wait_for(lambda: was_reset(backend_conns[0]), what="the backend to be reset")
+        else:
+            assert filled.wait(30), "the backend never filled its buffers"
+            wait_for(proxy_stopped_reading, what="the proxy to wait on the client")
+            reset(backend_conns[0])
+            wait_for(lambda: was_reset(client), what="the client to be reset")
+        wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+    finally:
+        release.set()
+        client.close()
+        proxy.close()
+        backend.close()
+
+
+def test_a_clean_end_of_both_ways_while_waiting_to_write_loses_nothing(pump: str) -> None:
+    """The backend has half-closed (its FIN passed on), and the client's data and FIN wait
+    in the proxy while the backend reads nothing: the client's socket then reports HUP with
+    no error, which must not end the connection; every byte is delivered once the backend
+    reads."""
+    release = threading.Event()
+    received: list[bytes] = []
+    payload = os.urandom(100_000)
+
+    def backend_side(conn: socket.socket) -> None:
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        release.wait(30)
+        received.append(recv_all(conn))
+
+    backend = EchoServer(handler=backend_side)
+    backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    proxy = ProxyThread(backend.port, pump)
+    client = proxy.connect()
+    try:
+        assert recv_all(client) == b"bye"  # the backend's FIN came through
+        # Small buffers towards the backend, so the payload (with the FIN behind it) fits
+        # in the proxy's receive queue but not on the way to the backend.
+        proxy.run(lambda: next(iter(proxy.engine.relays)).peer.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+
+        def waiting_with_the_client_hung_up() -> bool:
+            def check() -> bool:
+                relay = next(iter(proxy.engine.relays))
+                poll = select.poll()
+                poll.register(relay.client.fileno(), 0)
+                return bool(relay.up.writing and poll.poll(0)[0][1] & select.POLLHUP)
+            return proxy.run(check)
+        wait_for(waiting_with_the_client_hung_up,
+                 what="the proxy to wait on the backend with the client's FIN in")
+        release.set()
+        wait_for(lambda: received, what="the backend to read to the end")
+        assert sha(received[0]) == sha(payload)
+        wait_for(lambda: proxy.closed("ok") == 1, what="the connection to end cleanly")
     finally:
         release.set()
         client.close()
