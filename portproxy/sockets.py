@@ -138,9 +138,12 @@ def bind_error_message(forward: str, host: str, port: int, exc: OSError,
 
 
 def tune_stream(sock: socket.socket) -> None:
-    """TCP_NODELAY (we forward, we don't batch) and keepalive to notice dead peers."""
+    """TCP_NODELAY (we forward, we don't batch), keepalive to notice dead peers, and urgent
+    data read in line: without SO_OOBINLINE a read steps over the urgent byte and it would
+    be lost. Set on a listener, these are inherited by every socket it accepts."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPIDLE_SECONDS)
 

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from portproxy.metrics import Counter
@@ -31,6 +32,7 @@ PIPE_SIZE = 256 * 1024
 #: A read this large means a bulk transfer: from then on ``AutoDirection`` splices.
 SPLICE_AFTER = 64 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SIOCATMARK = 0x8905  # linux/sockios.h
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -74,6 +76,22 @@ class PipePool:
 POOL = PipePool()
 
 
+def at_urgent_mark(fd: int) -> bool:
+    """Whether the next byte of TCP socket ``fd`` is urgent data (``SIOCATMARK``).
+
+    Splice stops short of the urgent mark: it returns EAGAIN there while epoll keeps
+    reporting the socket readable (a busy loop), and 0 once a FIN follows, which reads as
+    the end of the stream and would cut off everything behind the mark. A ``recv`` reads
+    on, in line (``tune_stream`` sets SO_OOBINLINE). Asked only when splice moved nothing:
+    one ``ioctl`` on a path that is already rare."""
+    try:
+        answer = fcntl.ioctl(fd, SIOCATMARK, b"\0\0\0\0")
+    except OSError:
+        return False
+    mark: int = struct.unpack("i", answer)[0]
+    return mark != 0
+
+
 class SpliceDirection(Direction):
     __slots__ = ("pending", "pipe")
 
@@ -101,9 +119,14 @@ class SpliceDirection(Direction):
             n = os.splice(self.src_fd, pipe.w, pipe.size, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
             self._give_back()
+            if at_urgent_mark(self.src_fd):
+                self._copy_instead()
             return -1
         if n == 0:
             self._give_back()
+            if at_urgent_mark(self.src_fd):  # not the end: the FIN is behind the mark
+                self._copy_instead()
+                return -1
         self.pending = n
         return n
 
@@ -122,11 +145,12 @@ class SpliceDirection(Direction):
     _flush = _splice_flush
 
     def _copy_instead(self) -> None:
-        """No pipe to be had (out of descriptors or memory): copy through user space, which
-        needs none, rather than reset a working connection. Nothing is in flight (a pipe is
-        only taken when none is held), and the copy reader, registered in place of this
-        one, is told again about the bytes waiting (level-triggered). A later bulk read
-        tries splicing again."""
+        """Copy through user space, rather than reset a working connection, when no pipe is
+        to be had (out of descriptors or memory: a copy needs none), or when ``src`` is at
+        TCP's urgent mark, which splice never reads past (see ``at_urgent_mark``). Nothing
+        is in flight (a pipe is only taken when none is held), and the copy reader,
+        registered in place of this one, is told again about the bytes waiting
+        (level-triggered). A later bulk read tries splicing again."""
         self.__class__ = AutoDirection
         self.capacity = COPY_CHUNK
         self.poller.add_reader(self.src_fd, self.on_readable)

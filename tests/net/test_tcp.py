@@ -716,6 +716,46 @@ def test_a_clean_end_of_both_ways_while_waiting_to_write_loses_nothing(pump: str
         backend.close()
 
 
+def send_with_urgent_byte(sock: socket.socket, before: bytes, after: bytes) -> None:
+    sock.sendall(before)
+    assert sock.send(b"!", socket.MSG_OOB) == 1
+    sock.sendall(after)
+    sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("sender", ["client", "backend"])
+def test_urgent_data_is_forwarded_in_line(pump: str, sender: str) -> None:
+    """A TCP urgent byte (MSG_OOB) after a bulk transfer: splice stops at the urgent mark
+    (it used to spin there, then take the FIN behind it for the end and drop the rest),
+    and a plain read steps over the urgent byte. Every byte must arrive, in order."""
+    before, after = os.urandom(4 << 20), os.urandom(1 << 20)
+    expected = before + b"!" + after
+    received: list[bytes] = []
+
+    def backend_side(conn: socket.socket) -> None:
+        if sender == "backend":
+            send_with_urgent_byte(conn, before, after)
+        received.append(recv_all(conn))
+
+    backend = EchoServer(handler=backend_side)
+    proxy = ProxyThread(backend.port, pump)
+    client = proxy.connect()
+    try:
+        if sender == "client":
+            send_with_urgent_byte(client, before, after)
+            assert recv_all(client) == b""
+            wait_for(lambda: received, what="the backend to read to the end")
+            got = received[0]
+        else:
+            client.shutdown(socket.SHUT_WR)
+            got = recv_all(client)
+        assert (len(got), sha(got)) == (len(expected), sha(expected))
+    finally:
+        client.close()
+        proxy.close()
+        backend.close()
+
+
 def test_a_connect_cut_by_the_drain_timeout_gets_its_access_line(echo_server: EchoServer
                                                                   ) -> None:
     blackhole = socket.socket()  # accept queue full: connecting to it stalls
