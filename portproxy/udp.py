@@ -251,9 +251,13 @@ class UdpForwarder:
 
     def _resent(self, flow: Flow, data: memoryview, exc: OSError) -> bool:
         """After sending ``data`` on ``flow`` failed with ``exc``: whether a second try went
-        out (``resend_after_refusal``; the drop is counted when not). A flow none of whose
-        datagrams went out ends: kept, it would hold a socket and a max-flows place for its
-        idle timeout, and with responses=N wait for replies to nothing."""
+        out (``resend_after_refusal``; the drop is counted when not). A refusal reported on
+        the send is an earlier datagram's ICMP, so the flow may first move to an endpoint
+        that answers (``_refused``). A flow none of whose datagrams went out ends: kept, it
+        would hold a socket and a max-flows place for its idle timeout, and with
+        responses=N wait for replies to nothing."""
+        if isinstance(exc, ConnectionRefusedError):
+            self._refused(flow, ended_ok=False)
         if resend_after_refusal(flow, data, self.count, exc):
             return True
         if not flow.bytes_up and self.table.peek(flow.client) is flow:
@@ -354,9 +358,12 @@ class UdpForwarder:
         return True, self._flow_for(mine, client, ancdata, mine not in self.locals.bound,
                                     self.table.get(client))
 
-    def _connect(self, client: Client) -> tuple[socket.socket, Endpoint] | None:
-        """A socket connected to a candidate endpoint for ``client`` (counted when none)."""
-        candidates = self.target.candidates(unmapped(client[0]))
+    def _connect(self, client: Client, candidates: list[Endpoint] | None = None
+                 ) -> tuple[socket.socket, Endpoint] | None:
+        """A socket connected to a candidate endpoint for ``client`` (counted when none);
+        ``candidates``: the target's order for it, when the caller has it already."""
+        if candidates is None:
+            candidates = self.target.candidates(unmapped(client[0]))
         if not candidates:
             self.count.no_endpoints.inc()
             return None
@@ -426,17 +433,48 @@ class UdpForwarder:
             self._close(flow, "no_endpoints")
             return None
         old = flow.endpoint
-        self.poller.remove(flow)
-        flow.sock.close()
-        self.target.closed(old)
-        flow.sock, flow.endpoint = connected
-        flow.generation, flow.drops = self.generation, 0
-        self.target.opened(flow.endpoint)
-        self.poller.add(flow)
+        self._move(flow, connected)
         # Debug: when an endpoint goes, every one of its flows moves (thousands, for DNS).
         log.debug("forward %s: flow of %s moved from %s to %s (endpoint gone)", self.name,
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
         return flow
+
+    def _refused(self, flow: Flow, ended_ok: bool) -> bool:
+        """ICMP port unreachable came back on ``flow``'s socket: count it, skip the endpoint
+        a while for new flows (as a refused TCP connect does), and keep the flow off it
+        when another endpoint answers; with one endpoint, or all refusing, the flow stays
+        (a backend restarting on the same port gets its next datagram from the same port).
+        With responses=N the refused datagram will have no reply: a flow left awaiting
+        none ends (``ended_ok``: the reply path; a send carries on with a new datagram).
+        Returns whether the flow left its socket (ended or moved)."""
+        self.count.refused_by(flow.endpoint)
+        self.target.health.failed(flow.endpoint)
+        if self.responses:
+            flow.awaiting = max(0, flow.awaiting - self.responses)
+            if ended_ok and not flow.awaiting:
+                if self.table.peek(flow.client) is flow:
+                    self.table.remove(flow.client)
+                    self._close(flow, "refused")
+                return True
+        candidates = self.target.candidates(unmapped(flow.client[0]))
+        if not candidates or self.target.health.is_benched(candidates[0]):
+            return False  # none known to answer (this one is benched now): stay
+        connected = self._connect(flow.client, candidates)
+        if connected is None:
+            return False
+        self._move(flow, connected)
+        return True
+
+    def _move(self, flow: Flow, connected: tuple[socket.socket, Endpoint]) -> None:
+        """Point ``flow`` at another endpoint through a new socket. Replies still due from
+        the old one can no longer arrive, so none is awaited any more."""
+        self.poller.remove(flow)
+        flow.sock.close()
+        self.target.closed(flow.endpoint)
+        flow.sock, flow.endpoint = connected
+        flow.generation, flow.drops, flow.awaiting = self.generation, 0, 0
+        self.target.opened(flow.endpoint)
+        self.poller.add(flow)
 
     def _take_queued(self, lsock: socket.socket) -> None:
         """Handle what waits on a listening socket about to close (bounded; off the data
@@ -489,8 +527,9 @@ class UdpForwarder:
                 size, ancdata, _flags, _ = sock.recvmsg_into(buffers, DROPS_ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
-            except ConnectionRefusedError:
-                self.count.refused_by(flow.endpoint)  # ICMP port unreachable; the flow stays
+            except ConnectionRefusedError:  # ICMP port unreachable
+                if self._refused(flow, ended_ok=True):
+                    return  # ended, or moved to another endpoint: this socket is gone
                 continue
             except OSError:
                 count.error.value += 1
@@ -513,6 +552,7 @@ class UdpForwarder:
                 break
         if sent:
             count.datagrams_down.value += sent
+            self.target.health.succeeded(flow.endpoint)  # it answers: no longer skipped
         if responses and flow.awaiting <= 0:
             # Every reply the client's datagrams asked for has come: the flow is done
             # (replies after this reach a closed socket and are dropped by the kernel).

@@ -340,11 +340,11 @@ def resend_after_refusal(flow: Flow, data: memoryview, count: UdpCounters,
                          exc: OSError) -> bool:
     """After sending ``data`` to the backend failed with ``exc``: whether a second try went
     out. Only ECONNREFUSED earns one: an earlier datagram drew ICMP port unreachable, and the
-    kernel reports it on this send (and clears it) instead of sending."""
+    kernel reports it on this send (and clears it) instead of sending; the caller has
+    counted that refusal."""
     if not isinstance(exc, ConnectionRefusedError):
         count.send_failed(exc)
         return False
-    count.refused_by(flow.endpoint)
     try:
         if flow.header is None:
             flow.sock.send(data)

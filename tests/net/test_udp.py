@@ -282,6 +282,57 @@ def test_icmp_refused_keeps_the_flow_and_the_listener(make_backend: MakeBackend,
     assert proxy.flows == 1
 
 
+def closed_port() -> Endpoint:
+    """A loopback UDP port nobody listens on: datagrams to it draw ICMP port unreachable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return Endpoint("127.0.0.1", probe.getsockname()[1])
+
+
+def test_a_refused_flow_moves_to_an_endpoint_that_answers(make_backend: MakeBackend,
+                                                          make_proxy: MakeProxy) -> None:
+    # A flow used to stay on an endpoint refusing its datagrams until its idle timeout,
+    # and round robin kept giving new clients to it: a client retrying from its port, as
+    # resolvers do, was trapped there.
+    live = make_backend()
+    dead = closed_port()
+    proxy = make_proxy([dead, live.endpoint])
+    clients = [client() for _ in range(4)]
+    try:
+        for n, sock in enumerate(clients):  # round robin: the first client goes to `dead`
+            refused, first = proxy.dropped("refused"), b"first %d" % n
+
+            def answered_or_refused(refused: float = refused, first: bytes = first) -> bool:
+                return proxy.dropped("refused") > refused or any(
+                    d == first for d, _ in list(live.received))
+            sock.sendto(first, ("127.0.0.1", proxy.port))
+            wait_for(answered_or_refused, what="an answer or a refusal")
+            if proxy.dropped("refused") > refused:
+                sock.sendto(b"retry %d" % n, ("127.0.0.1", proxy.port))
+                assert sock.recvfrom(2048)[0] == b"retry %d" % n
+            else:
+                assert sock.recvfrom(2048)[0] == first
+        # Every client was answered by its first datagram or, once refused, by its retry
+        # (later clients skip `dead` while it is benched: 1 s, so not counted on here).
+        assert proxy.dropped("refused") >= 1
+        assert proxy.flows == 4
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_a_refusal_ends_a_flow_awaiting_no_other_reply(make_proxy: MakeProxy) -> None:
+    # responses=N: a refused datagram will have no reply. Its flow used to wait for one
+    # until the idle timeout: a DNS proxy whose backend is down held a socket and a
+    # max-flows place for every query.
+    proxy = make_proxy([closed_port()], responses=1)
+    with client() as sock:
+        sock.sendto(b"query", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.flows == 0, what="the refused flow to end")
+    assert proxy.dropped("refused") == 1
+    assert [result for _, _, result in proxy.closed_flows] == ["refused"]
+
+
 @pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])
 def test_replies_leave_from_the_address_the_client_sent_to(
         backend: UdpBackend, make_proxy: MakeProxy, listen_host: str) -> None:
