@@ -403,7 +403,7 @@ class Daemon:
             handover.finish()  # into self._draining, gathered below
         runtimes = list(self.forwards.values())
         for runtime in runtimes:
-            runtime.stop_accepting()
+            runtime.stop_accepting(stopping=True)
         everyone = [*runtimes, *self._draining.values()]  # with those a reload removed
         active = sum(r.tcp.active for r in everyone if r.tcp is not None)
         flows = sum(r.udp.flows for r in everyone if r.udp is not None)

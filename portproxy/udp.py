@@ -20,11 +20,13 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
 - When the endpoint of a flow disappears from the target, the flow moves to a new endpoint on
   its next datagram from the client (a generation number makes the check O(1)); replies
   already queued on its old socket are relayed before that socket closes.
-- Drain: new clients are dropped (``draining``) while existing flows are served until each
-  has been quiet for ``DRAIN_QUIET`` s, bounded by the drain timeout; then the listening
-  sockets close. They stay open until then because replies must leave from them; the cost
-  is that, beside a new instance sharing the port through SO_REUSEPORT, the new clients the
-  kernel still hashes to this socket are dropped for that short while (clients retry).
+- Drain: flows are served until each has been quiet for ``DRAIN_QUIET`` s, bounded by the
+  drain timeout; then the listening sockets close. They stay open until then because
+  replies must leave from them, so beside a new instance sharing the port through
+  SO_REUSEPORT the kernel keeps hashing part of the new clients (and their retries, from
+  the same port) to them. When the process is stopping those are served like any other
+  (dropped, they would have no way out until the socket closes); a forward removed by a
+  reload drops them (``draining``), as its closed TCP listener would refuse them.
 - Payload bytes also count in ``portproxy_bytes_total`` (PROXY headers excluded).
 
 Drops are counted in ``portproxy_udp_dropped_total{reason}``; the reasons are listed on
@@ -129,6 +131,9 @@ class UdpForwarder:
         """Swapped in for ``buffer`` while replies are read in the middle of relaying a
         client's datagram (``_relay_queued``)."""
         self.accepting = True
+        self.serve_new_clients = False
+        """Draining because the process stops: new clients reaching the still open listening
+        sockets get flows (see the module's notes on the drain)."""
         self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
         self.poller = FlowPoller(self.loop, self._on_reply)
         self._idle = asyncio.Event()
@@ -299,9 +304,11 @@ class UdpForwarder:
                   wildcard: bool) -> Flow | None:
         if not self.accepting:
             handled, flow = self._hand_over(lsock, client, ancdata)
-            if not handled:
+            if handled:
+                return flow
+            if not self.serve_new_clients or self._idle.is_set():
                 self.count.draining.inc()
-            return flow
+                return None
         if self.predecessors and not self.target.resolved:
             # Bound beside the forward it replaces, whose target still works: the kernel
             # gives this socket part of the new clients, which that one serves meanwhile.
@@ -562,11 +569,14 @@ class UdpForwarder:
             self.table.touch(flow.client)
 
     # -- stopping -------------------------------------------------------------------------
-    def stop_accepting(self) -> None:
-        """No new flows from now on. While flows exist the listening sockets stay open,
-        because their replies leave through them (``drain`` or ``abort_all`` closes them
-        later); with no flow they close at once, which also releases them when the daemon
-        gives up on a forward it has just built."""
+    def stop_accepting(self, stopping: bool = False) -> None:
+        """Start draining. While flows exist the listening sockets stay open, because their
+        replies leave through them (``drain`` or ``abort_all`` closes them later); with no
+        flow they close at once, which also releases them when the daemon gives up on a
+        forward it has just built. Until they close, new clients still reaching them are
+        served when the process is ``stopping`` (the first call decides), else dropped."""
+        if self.accepting:
+            self.serve_new_clients = stopping
         self.accepting = False
         if not self.table:
             self._close_sockets()
