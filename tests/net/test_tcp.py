@@ -573,6 +573,18 @@ def was_reset(sock: socket.socket) -> bool:
                                                                     errno.EPIPE)
 
 
+def reset_is_passed_on(side: str, client: socket.socket, backend_conn: socket.socket,
+                       proxy: ProxyThread) -> None:
+    """Reset ``side``: the proxy must reset the other side and end the connection as such."""
+    if side == "client":
+        reset(client)
+        wait_for(lambda: was_reset(backend_conn), what="the backend to be reset")
+    else:
+        reset(backend_conn)
+        wait_for(lambda: was_reset(client), what="the client to be reset")
+    wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+
+
 @pytest.mark.parametrize("side", ["client", "backend"])
 def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str) -> None:
     """A side sends its FIN, then a reset, while the other side stays silent: the proxy
@@ -597,14 +609,10 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
             client.sendall(b"hello")
             client.shutdown(socket.SHUT_WR)
             wait_for(lambda: backend_conns, what="the FIN to be passed on")
-            reset(client)
-            wait_for(lambda: was_reset(backend_conns[0]), what="the backend to be reset")
         else:
             assert recv_all(client) == b"bye"  # the backend's FIN came through
             wait_for(lambda: backend_conns, what="the backend's socket")
-            reset(backend_conns[0])
-            wait_for(lambda: was_reset(client), what="the client to be reset")
-        wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+        reset_is_passed_on(side, client, backend_conns[0], proxy)
     finally:
         release.set()
         client.close()
@@ -653,14 +661,10 @@ def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
         if side == "client":
             fill(client)
             wait_for(proxy_stopped_reading, what="the proxy to wait on the backend")
-            reset(client)
-            wait_for(lambda: was_reset(backend_conns[0]), what="the backend to be reset")
         else:
             assert filled.wait(30), "the backend never filled its buffers"
             wait_for(proxy_stopped_reading, what="the proxy to wait on the client")
-            reset(backend_conns[0])
-            wait_for(lambda: was_reset(client), what="the client to be reset")
-        wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
+        reset_is_passed_on(side, client, backend_conns[0], proxy)
     finally:
         release.set()
         client.close()
