@@ -32,11 +32,12 @@ class PortproxyProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_for_line(self, text: str, timeout: float = 15.0) -> str:
+    def wait_for_line(self, text: str, timeout: float = 15.0, nth: int = 1) -> str:
+        """The ``nth`` line containing ``text`` since the start, once logged."""
         def find() -> str | None:
-            for line in self.lines:
-                if text in line:
-                    return line
+            matches = [line for line in self.lines if text in line]
+            if len(matches) >= nth:
+                return matches[nth - 1]
             if self.proc.poll() is not None:
                 raise AssertionError(f"portproxy exited {self.proc.returncode}:\n{self.output}")
             return None

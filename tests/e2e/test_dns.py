@@ -99,6 +99,9 @@ def test_dig_accepts_replies_from_a_wildcard_listener_and_metrics_count_them(
     portproxy_processes.append(proxy)
     proxy.wait_for_line("listening on udp")
     proxy.wait_for_line("admin endpoint on")
+    # A UDP port is served from its bind, but until the target resolves its datagrams are
+    # dropped (no_endpoints), and dig +tries=1 would not ask again.
+    proxy.wait_for_line(": endpoints [")
 
     for server in ("127.0.0.2", "127.0.0.1"):
         result = dig(server, port)

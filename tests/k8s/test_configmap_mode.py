@@ -67,7 +67,7 @@ def test_configmap_entries_open_change_and_close_forwards(
         assert held.recv(4, socket.MSG_WAITALL) == b"held"
 
         fake.configmap("ingress", "tcp-services", {str(port): "web/two:tcp"})  # changed
-        proc.wait_for_line("tcp-services ingress/tcp-services: 1 entry")
+        proc.wait_for_line("tcp-services ingress/tcp-services: 1 entry", nth=2)
 
         def reaches_second() -> bool:
             return served(port, b"to two?") and second.accepted > 0

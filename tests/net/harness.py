@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import socket
 import subprocess
@@ -179,11 +180,28 @@ def recv_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
+#: Ports ``free_port`` handed out lately. The kernel picks a random port for each bind to
+#: port 0, and about 1 in 12,000 picks repeats the one before: a test asking for two ports
+#: in a row would then get the same one twice (a clash the product rightly refuses).
+_recently_given: collections.deque[int] = collections.deque(maxlen=512)
+
+
+def _not_recently_given(port: int) -> bool:
+    if port in _recently_given:
+        return False
+    _recently_given.append(port)
+    return True
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A port free right now (it may be taken before the caller binds it: where that matters,
+    hold a socket instead), distinct from those given lately in this process."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+        if _not_recently_given(port):
+            return port
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
@@ -207,6 +225,7 @@ def free_tcp_udp_port() -> int:
                     tcp.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            if _not_recently_given(port):
                 return port
     raise AssertionError("no port free for both TCP and UDP")
 

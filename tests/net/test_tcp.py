@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import ip_network
 
 import pytest
@@ -114,8 +114,17 @@ def test_backend_half_close_then_client_sends(pump: str) -> None:
         server.close()
 
 
-def test_backend_refuses(pump: str) -> None:
-    proxy = ProxyThread(free_port(), pump)
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port bound but not listening: connects to it are refused, and no other socket (the
+    proxy's own listener, bound to port 0 next) can take it meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+def test_backend_refuses(pump: str, refusing_port: int) -> None:
+    proxy = ProxyThread(refusing_port, pump)
     try:
         assert_closed_by_proxy(proxy.host, proxy.port)
         assert proxy.counter("refused") == 1
@@ -124,8 +133,9 @@ def test_backend_refuses(pump: str) -> None:
         proxy.close()
 
 
-def test_next_endpoint_is_tried_after_a_refusal(echo_server: EchoServer, pump: str) -> None:
-    dead = free_port()
+def test_next_endpoint_is_tried_after_a_refusal(echo_server: EchoServer, pump: str,
+                                                refusing_port: int) -> None:
+    dead = refusing_port
     proxy = ProxyThread(echo_server.port, pump)
     try:
         proxy.set_endpoints([Endpoint("127.0.0.1", dead), Endpoint("127.0.0.1",
@@ -620,16 +630,18 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
         backend.close()
 
 
-def fill(sock: socket.socket) -> None:
-    """Send until ``sock``'s send buffer is full: the proxy has stopped reading from it,
-    which it does only while the other side does not take what it already read."""
+def fill_until(sock: socket.socket, done: Callable[[], bool]) -> None:
+    """Send on ``sock`` until ``done()``: a full send buffer alone does not say the proxy
+    stopped reading (it may only be behind, and catch up into buffers with room)."""
     sock.setblocking(False)
     chunk = b"x" * 65536
-    while True:
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, "the proxy never stopped reading"
         try:
             sock.send(chunk)
         except BlockingIOError:
-            return
+            select.select([], [sock], [], 0.05)
 
 
 @pytest.mark.parametrize("side", ["client", "backend"])
@@ -640,14 +652,10 @@ def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
     once (not at the idle timeout) and passed on."""
     release = threading.Event()
     backend_conns: list[socket.socket] = []
-    filled = threading.Event()
 
     def backend_side(conn: socket.socket) -> None:
         backend_conns.append(conn)
-        if side == "backend":
-            fill(conn)
-            filled.set()
-        release.wait(30)
+        release.wait(30)  # reads nothing; the test thread sends on it for side="backend"
 
     backend = EchoServer(handler=backend_side)
     proxy = ProxyThread(backend.port, pump)
@@ -658,12 +666,7 @@ def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
         def proxy_stopped_reading() -> bool:  # the state under test: waiting to write
             return proxy.run(lambda: any((r.up if side == "client" else r.down).writing
                                          for r in proxy.engine.relays))
-        if side == "client":
-            fill(client)
-            wait_for(proxy_stopped_reading, what="the proxy to wait on the backend")
-        else:
-            assert filled.wait(30), "the backend never filled its buffers"
-            wait_for(proxy_stopped_reading, what="the proxy to wait on the client")
+        fill_until(client if side == "client" else backend_conns[0], proxy_stopped_reading)
         reset_is_passed_on(side, client, backend_conns[0], proxy)
     finally:
         release.set()
@@ -791,7 +794,9 @@ def test_a_client_that_resets_while_its_backend_connects_ends_the_attempt(
     blackhole.listen(0)
     stalled = blackhole.getsockname()[1]
     filler = socket.create_connection(("127.0.0.2", stalled), timeout=10)
-    proxy = ProxyThread(stalled, "copy", target_host="127.0.0.2", connect_timeout=0.5,
+    # The reset must come before the connect timeout (else the attempt moves on to the
+    # refusing endpoints first): 3 s outlasts a stalled test thread.
+    proxy = ProxyThread(stalled, "copy", target_host="127.0.0.2", connect_timeout=3.0,
                         max_conns=1)
     try:
         proxy.set_endpoints([Endpoint(f"127.0.0.{i}", stalled) for i in (2, 3, 4)])

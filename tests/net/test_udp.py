@@ -159,7 +159,7 @@ def test_many_replies_to_one_request(make_backend: MakeBackend, make_proxy: Make
 
 def test_idle_flow_expires_then_a_new_flow_serves(backend: UdpBackend,
                                                   make_proxy: MakeProxy) -> None:
-    proxy = make_proxy([backend.endpoint], idle_timeout=0.3)
+    proxy = make_proxy([backend.endpoint], idle_timeout=2.0)  # outlasts a stalled test thread
     with client() as sock:
         sock.sendto(b"one", ("127.0.0.1", proxy.port))
         assert sock.recvfrom(2048)[0] == b"one"
