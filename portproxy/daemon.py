@@ -403,8 +403,12 @@ class Daemon:
             handover.finish()  # into self._draining, gathered below
         runtimes = list(self.forwards.values())
         for runtime in runtimes:
-            runtime.stop_accepting(stopping=True)
+            runtime.stop_accepting()
         everyone = [*runtimes, *self._draining.values()]  # with those a reload removed
+        for runtime in everyone:
+            if runtime.udp is not None and (runtime in runtimes or runtime.udp.successors):
+                # Not those a reload removed: their clients were turned away already.
+                runtime.udp.serve_while_stopping()
         active = sum(r.tcp.active for r in everyone if r.tcp is not None)
         flows = sum(r.udp.flows for r in everyone if r.udp is not None)
         log.info("draining %d open connection(s) and %d UDP flow(s)", active, flows)

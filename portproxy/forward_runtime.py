@@ -41,12 +41,9 @@ class ForwardRuntime:
     def engines(self) -> list[Any]:
         return [e for e in (self.tcp, self.udp) if e is not None]
 
-    def stop_accepting(self, stopping: bool = False) -> None:
-        """``stopping``: the process is (SIGTERM), not a reload removing this forward."""
-        if self.tcp is not None:
-            self.tcp.stop_accepting()
-        if self.udp is not None:
-            self.udp.stop_accepting(stopping)
+    def stop_accepting(self) -> None:
+        for engine in self.engines:
+            engine.stop_accepting()
 
     async def drain(self, timeout: float) -> None:
         await asyncio.gather(*(engine.drain(timeout) for engine in self.engines))

@@ -1,7 +1,9 @@
 """The live state of one forward's target: the latest endpoints and how to choose one.
 
-Shared by the TCP and UDP engines of a ``tcp+udp`` forward, so both see the same endpoints,
-balancing cursor and passive-health record.
+Shared by the TCP and UDP engines of a ``tcp+udp`` forward, so both see the same endpoints
+and balancing cursor. Passive health is kept per protocol: an endpoint's TCP and UDP sides
+fail apart (a DNS server whose TCP listener is down still answers over UDP), and a success
+of one must not clear the other's failures.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class TargetState:
         self.resolver = resolver
         self.balancer = balancer
         self.health = PassiveHealth(clock)
+        """Failed TCP connects."""
+        self.udp_health = PassiveHealth(clock)
+        """Refused UDP datagrams (ICMP port unreachable)."""
         self.endpoints = EndpointSet()
         self.resolved = False
         self.active: dict[tuple[str, int], int] = {}
@@ -61,6 +66,7 @@ class TargetState:
         self.endpoints = endpoints
         self.resolved = True
         self.health.forget_missing(endpoints)
+        self.udp_health.forget_missing(endpoints)
         if self._gauge is not None:
             self._gauge.set(len(endpoints))
         # A copy: a callback may unsubscribe itself (a finished hand-over), and removing from
@@ -73,11 +79,13 @@ class TargetState:
         async for endpoints in self.resolver.watch():
             self.update(endpoints)
 
-    def candidates(self, client_ip: str) -> list[Endpoint]:
+    def candidates(self, client_ip: str, health: PassiveHealth | None = None
+                   ) -> list[Endpoint]:
         """The endpoints to try for a new client, in order: the balancer's pick among the
-        healthy ones, then those benched after failures (all of them, when every one is)."""
+        healthy ones, then those benched after failures (all of them, when every one is).
+        ``health``: the record to go by (``udp_health`` for UDP; TCP's by default)."""
         endpoints = self.endpoints
-        benched = self.health.benched(endpoints.endpoints)
+        benched = (health or self.health).benched(endpoints.endpoints)
         if not benched or len(benched) == len(endpoints):
             return self.balancer.order(endpoints, client_ip, self.active)
         # Balanced among the healthy only: ordering all and moving the benched to the end

@@ -25,8 +25,9 @@ Shape (the same surface as ``TcpForwarder``, so the daemon drives both alike):
   replies must leave from them, so beside a new instance sharing the port through
   SO_REUSEPORT the kernel keeps hashing part of the new clients (and their retries, from
   the same port) to them. When the process is stopping those are served like any other
-  (dropped, they would have no way out until the socket closes); a forward removed by a
-  reload drops them (``draining``), as its closed TCP listener would refuse them.
+  while a flow it had at the stop lasts (dropped, they would have no way in until the
+  socket closes); otherwise they go to the forward's successor (a reload replaced it) or
+  are dropped (``draining``: a reload removed it, as its closed TCP listener refuses them).
 - Payload bytes also count in ``portproxy_bytes_total`` (PROXY headers excluded).
 
 Drops are counted in ``portproxy_udp_dropped_total{reason}``; the reasons are listed on
@@ -110,6 +111,7 @@ class UdpForwarder:
         self.forward = forward
         self.name = forward.name
         self.target = target
+        self.health = target.udp_health
         self.access_log = access_log
         options = forward.options
         self.allow = options.allow
@@ -131,9 +133,10 @@ class UdpForwarder:
         """Swapped in for ``buffer`` while replies are read in the middle of relaying a
         client's datagram (``_relay_queued``)."""
         self.accepting = True
-        self.serve_new_clients = False
-        """Draining because the process stops: new clients reaching the still open listening
-        sockets get flows (see the module's notes on the drain)."""
+        self._stop_flows: set[Flow] = set()
+        """The process is stopping: the flows it had then, still open. Until they end, new
+        clients reaching the listening sockets (open for those flows' replies) get flows
+        too, rather than be dropped with no other way in (see the module's notes)."""
         self.expiry = FlowExpiry(self.loop, self.table, self.idle_timeout, self._close)
         self.poller = FlowPoller(self.loop, self._on_reply)
         self._idle = asyncio.Event()
@@ -258,11 +261,14 @@ class UdpForwarder:
         """After sending ``data`` on ``flow`` failed with ``exc``: whether a second try went
         out (``resend_after_refusal``; the drop is counted when not). A refusal reported on
         the send is an earlier datagram's ICMP, so the flow may first move to an endpoint
-        that answers (``_refused``). A flow none of whose datagrams went out ends: kept, it
-        would hold a socket and a max-flows place for its idle timeout, and with
-        responses=N wait for replies to nothing."""
+        that answers (``_move_off_refusing``). A flow none of whose datagrams went out
+        ends: kept, it would hold a socket and a max-flows place for its idle timeout, and
+        with responses=N wait for replies to nothing."""
         if isinstance(exc, ConnectionRefusedError):
-            self._refused(flow, ended_ok=False)
+            self._note_refusal(flow)
+            if not self._move_off_refusing(flow) and self.responses:
+                # That datagram's replies will not come; this one's are added once sent.
+                flow.awaiting = max(0, flow.awaiting - self.responses)
         if resend_after_refusal(flow, data, self.count, exc):
             return True
         if not flow.bytes_up and self.table.peek(flow.client) is flow:
@@ -306,7 +312,7 @@ class UdpForwarder:
             handled, flow = self._hand_over(lsock, client, ancdata)
             if handled:
                 return flow
-            if not self.serve_new_clients or self._idle.is_set():
+            if not self._stop_flows:
                 self.count.draining.inc()
                 return None
         if self.predecessors and not self.target.resolved:
@@ -370,7 +376,7 @@ class UdpForwarder:
         """A socket connected to a candidate endpoint for ``client`` (counted when none);
         ``candidates``: the target's order for it, when the caller has it already."""
         if candidates is None:
-            candidates = self.target.candidates(unmapped(client[0]))
+            candidates = self.target.candidates(unmapped(client[0]), self.health)
         if not candidates:
             self.count.no_endpoints.inc()
             return None
@@ -431,9 +437,11 @@ class UdpForwarder:
         # before this datagram was read.
         self._relay_queued(flow)
         if self.table.peek(flow.client) is not flow:
-            # That was the last reply awaited (responses=N): the flow ended "answered". As
-            # with that order of events, the datagram starts a new flow.
+            # That was the last reply awaited (responses=N), or a refusal ended it: as with
+            # that order of events, the datagram starts a new flow.
             return self._new_flow(lsock, flow.client, ancdata, wildcard)
+        if flow.generation == self.generation:
+            return flow  # a refusal among those replies moved it to a current endpoint
         connected = self._connect(flow.client)
         if connected is None:
             self.table.remove(flow.client)
@@ -446,27 +454,23 @@ class UdpForwarder:
                  log_address(flow.client), old, flow.endpoint, extra={"forward": self.name})
         return flow
 
-    def _refused(self, flow: Flow, ended_ok: bool) -> bool:
-        """ICMP port unreachable came back on ``flow``'s socket: count it, skip the endpoint
-        a while for new flows (as a refused TCP connect does), and keep the flow off it
-        when another endpoint answers; with one endpoint, or all refusing, the flow stays
-        (a backend restarting on the same port gets its next datagram from the same port).
-        With responses=N the refused datagram will have no reply: a flow left awaiting
-        none ends (``ended_ok``: the reply path; a send carries on with a new datagram).
-        Returns whether the flow left its socket (ended or moved)."""
+    def _note_refusal(self, flow: Flow) -> None:
+        """ICMP port unreachable came back on ``flow``'s socket: count it, and skip the
+        endpoint a while for new flows, as a refused TCP connect does."""
         self.count.refused_by(flow.endpoint)
-        self.target.health.failed(flow.endpoint)
-        if self.responses:
-            flow.awaiting = max(0, flow.awaiting - self.responses)
-            if ended_ok and not flow.awaiting:
-                if self.table.peek(flow.client) is flow:
-                    self.table.remove(flow.client)
-                    self._close(flow, "refused")
-                return True
-        candidates = self.target.candidates(unmapped(flow.client[0]))
-        if not candidates or self.target.health.is_benched(candidates[0]):
-            return False  # none known to answer (this one is benched now): stay
-        connected = self._connect(flow.client, candidates)
+        self.health.failed(flow.endpoint)
+
+    def _move_off_refusing(self, flow: Flow) -> bool:
+        """Move ``flow`` to the first candidate endpoint if that one is not benched too;
+        whether it moved. With one endpoint, or all refusing, the flow stays (a backend
+        restarting on the same port then gets its next datagram from the same port)."""
+        candidates = self.target.candidates(unmapped(flow.client[0]), self.health)
+        if not candidates or self.health.is_benched(candidates[0]):
+            return False  # none known to answer (this one is benched now)
+        try:
+            connected = connect_first(candidates[:CONNECT_ATTEMPTS])
+        except OSError:
+            return False  # out of descriptors or ports: the old socket still works
         if connected is None:
             return False
         self._move(flow, connected)
@@ -512,6 +516,8 @@ class UdpForwarder:
 
     def _close(self, flow: Flow, result: str) -> None:
         """Release a flow already removed from the table."""
+        if self._stop_flows:
+            self._stop_flows.discard(flow)
         self.poller.remove(flow)
         flow.sock.close()
         self.target.closed(flow.endpoint)
@@ -529,14 +535,16 @@ class UdpForwarder:
         sock, view, buffers = flow.sock, self.view, (self.buffer,)
         count, responses = self.count, self.responses
         sent = 0
+        refused = False
         for _ in range(batch):
             try:
                 size, ancdata, _flags, _ = sock.recvmsg_into(buffers, DROPS_ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
-            except ConnectionRefusedError:  # ICMP port unreachable
-                if self._refused(flow, ended_ok=True):
-                    return  # ended, or moved to another endpoint: this socket is gone
+            except ConnectionRefusedError:
+                # ICMP port unreachable. The kernel reports it before replies already
+                # queued, and clears it: read those first, then act on it below.
+                refused = True
                 continue
             except OSError:
                 count.error.value += 1
@@ -559,27 +567,51 @@ class UdpForwarder:
                 break
         if sent:
             count.datagrams_down.value += sent
-            self.target.health.succeeded(flow.endpoint)  # it answers: no longer skipped
+            self.health.succeeded(flow.endpoint)  # it answers: no longer skipped
         if responses and flow.awaiting <= 0:
             # Every reply the client's datagrams asked for has come: the flow is done
             # (replies after this reach a closed socket and are dropped by the kernel).
             self.table.remove(flow.client)
             self._close(flow, "answered")
-        elif sent:
+            return
+        if sent:
             self.table.touch(flow.client)
+        if refused:
+            # A first pass reads one datagram per flow (see FlowPoller): the replies queued
+            # behind the error are read now, before the flow leaves this socket.
+            self._on_reply(flow, REPLY_BATCH)
+            if self.table.peek(flow.client) is not flow or flow.sock is not sock:
+                return  # all awaited replies came ("answered"), or a second refusal acted
+            self._note_refusal(flow)
+            if responses:
+                # A datagram of it will have no reply, and those still awaited went to the
+                # same endpoint: end it, as nginx ends a session on an upstream error (the
+                # client's retry starts a new flow, on an endpoint that answers).
+                if self.table.peek(flow.client) is flow:
+                    self.table.remove(flow.client)
+                    self._close(flow, "refused")
+            else:  # the client's next datagram goes to an endpoint that answers
+                self._move_off_refusing(flow)
 
     # -- stopping -------------------------------------------------------------------------
-    def stop_accepting(self, stopping: bool = False) -> None:
+    def stop_accepting(self) -> None:
         """Start draining. While flows exist the listening sockets stay open, because their
         replies leave through them (``drain`` or ``abort_all`` closes them later); with no
         flow they close at once, which also releases them when the daemon gives up on a
-        forward it has just built. Until they close, new clients still reaching them are
-        served when the process is ``stopping`` (the first call decides), else dropped."""
-        if self.accepting:
-            self.serve_new_clients = stopping
+        forward it has just built. New clients still reaching them are dropped, or handed
+        to a successor; ``serve_while_stopping`` changes that."""
         self.accepting = False
         if not self.table:
             self._close_sockets()
+
+    def serve_while_stopping(self) -> None:
+        """The process is stopping (SIGTERM): the listening sockets stay open while the
+        flows there are now end, and new clients still reaching them meanwhile (beside a new
+        instance, the kernel keeps hashing part of them, with their retries from the same
+        port, to these sockets) are served like any other. Bounded by those flows, not by
+        the new ones: a stopping instance that kept getting new clients would otherwise
+        serve them until the drain timeout and then cut them off."""
+        self._stop_flows = {flow for _, flow in self.table.items() if flow.owner is self}
 
     async def drain(self, timeout: float) -> None:
         """Serve existing flows until each has been quiet for ``DRAIN_QUIET`` seconds (or

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from tests.e2e.cli import PortproxyProcess
@@ -30,5 +31,67 @@ def test_a_stopping_instance_serves_new_clients_until_its_socket_closes(tmp_path
             fresh.settimeout(ANSWER_TIMEOUT)
             assert ask(fresh, port, b"new") == b"r:new"
             assert proc.wait(20) == 0  # once both flows have been quiet for 2 s
+        finally:
+            proc.stop()
+
+
+def test_new_clients_are_served_only_while_the_flows_of_the_stop_last(tmp_path: Path) -> None:
+    # Serving every new client kept the table from ever emptying: with clients arriving
+    # steadily, even a lone instance (docker stop) served them until the drain timeout,
+    # then cut them off. Once the flows it had at the stop have ended, it turns new ones
+    # away, its socket closes, and it exits.
+    port = free_port(kind=socket.SOCK_DGRAM)
+    config = tmp_path / "c.toml"
+    stop_sending = threading.Event()
+    with UdpBackend(handler=tagged(b"r:")) as backend, client() as kept:
+        configure(config, port, backend)
+        config.write_text(config.read_text().replace('"20s"', '"60s"'))  # drain timeout
+        proc = PortproxyProcess(["run", "--config", str(config), "--access-log"])
+
+        def newcomers() -> None:  # a new client port every 0.1 s, while the process lives
+            for i in range(600):
+                if stop_sending.wait(0.1):
+                    return
+                with client() as sock:
+                    sock.sendto(b"%d" % i, ("127.0.0.1", port))
+        sender = threading.Thread(target=newcomers)
+        try:
+            started(proc, port)
+            assert ask(kept, port, b"before") == b"r:before"
+            proc.signal(signal.SIGTERM)
+            proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
+            sender.start()
+            assert proc.wait(30) == 0  # not the 60 s drain timeout
+            assert "result=drain_timeout" not in proc.output
+        finally:
+            stop_sending.set()
+            if sender.is_alive():
+                sender.join(10)
+            proc.stop()
+
+
+def test_a_forward_replaced_by_a_reload_serves_new_clients_when_stopping(
+        tmp_path: Path) -> None:
+    # Its successor, with no flow, closes its socket at the stop, so every new client then
+    # reaches the replaced forward's, still open for its flow; handing them over to the
+    # closed successor failed, and they were all dropped.
+    port = free_port(kind=socket.SOCK_DGRAM)
+    config = tmp_path / "c.toml"
+    with UdpBackend(handler=tagged(b"1:")) as first, UdpBackend(handler=tagged(b"2:")) \
+            as second, client() as kept, client() as fresh:
+        configure(config, port, first)
+        proc = PortproxyProcess(["run", "--config", str(config)])
+        try:
+            started(proc, port)
+            assert ask(kept, port, b"before") == b"1:before"
+            configure(config, port, second)
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("removed: draining")
+            proc.signal(signal.SIGTERM)
+            proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
+            assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
+            fresh.settimeout(ANSWER_TIMEOUT)
+            assert ask(fresh, port, b"new") == b"1:new"
+            assert proc.wait(20) == 0
         finally:
             proc.stop()

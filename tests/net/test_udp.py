@@ -321,16 +321,71 @@ def test_a_refused_flow_moves_to_an_endpoint_that_answers(make_backend: MakeBack
             sock.close()
 
 
-def test_a_refusal_ends_a_flow_awaiting_no_other_reply(make_proxy: MakeProxy) -> None:
-    # responses=N: a refused datagram will have no reply. Its flow used to wait for one
-    # until the idle timeout: a DNS proxy whose backend is down held a socket and a
-    # max-flows place for every query.
-    proxy = make_proxy([closed_port()], responses=1)
+def test_a_refusal_ends_a_flow_awaiting_replies(make_backend: MakeBackend,
+                                               make_proxy: MakeProxy) -> None:
+    # responses=N: a refused datagram will have no reply, and those still awaited went to
+    # the same endpoint. The flow used to wait for them until the idle timeout: a DNS proxy
+    # whose backend is down held a socket and a max-flows place for every query. Here the
+    # first query is never answered (a resolver's A and AAAA in a row, the backend dying
+    # in between), so the refusal leaves one reply still awaited.
+    backend = make_backend(handler=lambda data, _source: [])
+    proxy = make_proxy([backend.endpoint], responses=1)
     with client() as sock:
-        sock.sendto(b"query", ("127.0.0.1", proxy.port))
+        sock.sendto(b"A", ("127.0.0.1", proxy.port))
+        wait_for(lambda: backend.received, what="the first query to arrive")
+        backend.close()
+        sock.sendto(b"AAAA", ("127.0.0.1", proxy.port))
         wait_for(lambda: proxy.flows == 0, what="the refused flow to end")
     assert proxy.dropped("refused") == 1
     assert [result for _, _, result in proxy.closed_flows] == ["refused"]
+
+
+def test_replies_queued_before_a_refusal_are_relayed(make_backend: MakeBackend,
+                                                     make_proxy: MakeProxy) -> None:
+    # The kernel reports a pending ICMP error before the replies already queued on the
+    # flow's socket. Acting on it at once (moving the flow to the other endpoint closes the
+    # socket) lost them.
+    answer = threading.Event()
+
+    def held(data: bytes, _source: object) -> list[bytes]:
+        answer.wait(30)
+        return [b"late " + data]
+
+    dying, live = make_backend(handler=held), make_backend()
+    proxy = make_proxy([dying.endpoint])
+    with client() as sock:
+        sock.sendto(b"question", ("127.0.0.1", proxy.port))
+        wait_for(lambda: dying.received, what="the question to arrive")
+        proxy.set_endpoints([dying.endpoint, live.endpoint])  # somewhere to move to
+        release = threading.Event()
+        blocked = threading.Event()
+
+        def block_the_loop() -> None:  # the reply and the refusal land while it waits
+            blocked.set()
+            release.wait(30)
+            flow = next(f for _, f in proxy.engine.table.items())
+            flow.sock.send(b"probe")  # to the closed port: ICMP port unreachable
+
+        proxy.loop.call_soon_threadsafe(block_the_loop)
+        assert blocked.wait(30)
+        answer.set()
+        wait_for(lambda: reply_queued(proxy), what="the reply to wait on the flow's socket")
+        dying.close()
+        release.set()
+        assert sock.recvfrom(2048)[0] == b"late question"
+        wait_for(lambda: proxy.dropped("refused") == 1, what="the refusal to be counted")
+        sock.sendto(b"next", ("127.0.0.1", proxy.port))  # moved: the live endpoint answers
+        assert sock.recvfrom(2048)[0] == b"next"
+    assert proxy.datagrams("downstream") == 2
+
+
+def reply_queued(proxy: UdpProxy) -> bool:
+    """Whether a datagram waits on the (only) flow's socket; read from outside the loop,
+    which is blocked meanwhile."""
+    flow = next(f for _, f in proxy.engine.table.items())
+    waiting = bytearray(4)
+    fcntl.ioctl(flow.sock.fileno(), termios.FIONREAD, waiting)
+    return struct.unpack("i", waiting)[0] > 0
 
 
 @pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])

@@ -200,6 +200,28 @@ def test_round_robin_spreads_evenly_over_the_healthy_and_tries_the_benched_last(
     assert {e: firsts.count(e) for e in (A, B, C, D)} == {A: 10, B: 10, C: 10, D: 10}
 
 
+def test_tcp_and_udp_failures_are_kept_apart() -> None:
+    # One target serves both engines of a tcp+udp forward, but an endpoint's TCP and UDP
+    # sides fail apart: a UDP refusal must not bench its TCP side, nor a UDP reply clear
+    # the bench of a TCP side that does not connect (every other client waited a connect
+    # timeout).
+    clock = FakeClock()
+    target = target_of([A, B], clock, BalancePolicy.SOURCE_IP)
+    client = next(f"192.0.2.{i}" for i in range(99) if target.candidates(f"192.0.2.{i}")[0] == A)
+    target.health.failed(A)  # a TCP connect failed
+    assert target.candidates(client) == [B, A]
+    assert target.candidates(client, target.udp_health) == [A, B]
+    target.udp_health.succeeded(A)  # a UDP reply
+    assert target.candidates(client) == [B, A]
+    target.udp_health.failed(B)
+    assert target.candidates(client, target.udp_health) == [A, B]
+    target.health.succeeded(A)
+    assert target.candidates(client) == [A, B]
+    target.update(EndpointSet.of([A]))  # gone from the set: forgotten by both
+    target.update(EndpointSet.of([A, B]))
+    assert not target.udp_health.is_benched(B)
+
+
 def test_source_ip_over_the_healthy_keeps_other_clients_in_place() -> None:
     clock = FakeClock()
     target = target_of([A, B, C, D], clock, BalancePolicy.SOURCE_IP)
