@@ -405,9 +405,12 @@ class Daemon:
         for runtime in runtimes:
             runtime.stop_accepting()
         everyone = [*runtimes, *self._draining.values()]  # with those a reload removed
+        serving = {r.udp for r in runtimes if r.udp is not None}
         for runtime in everyone:
-            if runtime.udp is not None and (runtime in runtimes or runtime.udp.successors):
-                # Not those a reload removed: their clients were turned away already.
+            # Not those a reload removed (their clients were turned away already), even if
+            # an earlier reload had made them a successor.
+            if runtime.udp is not None and (runtime in runtimes
+                                            or runtime.udp.has_successor_in(serving)):
                 runtime.udp.serve_while_stopping()
         active = sum(r.tcp.active for r in everyone if r.tcp is not None)
         flows = sum(r.udp.flows for r in everyone if r.udp is not None)

@@ -166,6 +166,8 @@ class PassiveHealth:
         self._base = base
         self._cap = cap
         self._failures: dict[tuple[str, int], tuple[int, float]] = {}
+        self.failing = self._failures
+        """Read-only view: empty when no endpoint has failed (a check cheaper than a call)."""
 
     def failed(self, endpoint: Endpoint) -> None:
         count, _ = self._failures.get(endpoint.key, (0, 0.0))

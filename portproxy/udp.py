@@ -58,8 +58,8 @@ from portproxy.spec import Forward, Protocol, ProxyProtocol
 from portproxy.target import TargetState
 from portproxy.tcp import AccessLog
 from portproxy.udp_flow import (
+    DRAIN_QUIET,
     NO_LOCAL_PORT_ERRNOS,
-    REPLY_BATCH,
     Client,
     Flow,
     FlowExpiry,
@@ -98,6 +98,9 @@ CONNECT_ATTEMPTS = 3
 #: Batches read from a replaced forward's listening socket as it closes: a full listener
 #: buffer of small datagrams is a few thousand.
 QUEUED_BATCHES = 128
+#: Replies read from a flow's socket before the flow leaves it: more than its buffer
+#: (FLOW_BUFFER, doubled by the kernel) holds of the smallest datagrams.
+QUEUED_REPLIES = 4096
 
 
 class UdpForwarder:
@@ -265,10 +268,19 @@ class UdpForwarder:
         ends: kept, it would hold a socket and a max-flows place for its idle timeout, and
         with responses=N wait for replies to nothing."""
         if isinstance(exc, ConnectionRefusedError):
-            self._note_refusal(flow)
-            if not self._move_off_refusing(flow) and self.responses:
-                # That datagram's replies will not come; this one's are added once sent.
-                flow.awaiting = max(0, flow.awaiting - self.responses)
+            # Replies queued behind the error first, as on the read path; meanwhile this
+            # datagram counts as awaited, so that they cannot end the flow "answered".
+            sock = flow.sock
+            flow.awaiting += self.responses
+            self._relay_queued(flow)
+            flow.awaiting -= self.responses
+            if self.table.peek(flow.client) is not flow:
+                return False  # a second refusal among them ended it (counted there)
+            if flow.sock is sock:  # (else that second refusal moved it already)
+                self._note_refusal(flow)
+                if not self._move_off_refusing(flow) and self.responses:
+                    # That datagram's replies will not come; this one's are added once sent.
+                    flow.awaiting = max(0, flow.awaiting - self.responses)
         if resend_after_refusal(flow, data, self.count, exc):
             return True
         if not flow.bytes_up and self.table.peek(flow.client) is flow:
@@ -502,14 +514,14 @@ class UdpForwarder:
 
     def _relay_queued(self, flow: Flow) -> None:
         """Relay what is queued on ``flow``'s socket, through ``_on_reply`` (same counters and
-        ``responses`` accounting), at most a poller batch of it: off the per-datagram path,
-        run only when a flow leaves its socket."""
+        ``responses`` accounting): off the per-datagram path, run only when a flow leaves
+        its socket."""
         # ``_on_reply`` reads into ``buffer``, which still holds the client's datagram that
         # ``_on_datagram`` sends after this returns: lend it the spare buffer meanwhile.
         self.buffer, self.spare = self.spare, self.buffer
         self.view, self.spare_view = self.spare_view, self.view
         try:
-            self._on_reply(flow, REPLY_BATCH)
+            self._on_reply(flow, QUEUED_REPLIES)
         finally:
             self.buffer, self.spare = self.spare, self.buffer
             self.view, self.spare_view = self.spare_view, self.view
@@ -518,6 +530,11 @@ class UdpForwarder:
         """Release a flow already removed from the table."""
         if self._stop_flows:
             self._stop_flows.discard(flow)
+            if not self._stop_flows and self.table:
+                # New clients are turned away from now on. Those let in meanwhile get as
+                # long as a quiet flow would, however busy, or one of them could hold the
+                # sockets open to the drain timeout.
+                self.loop.call_later(DRAIN_QUIET, self._end_admitted_while_stopping)
         self.poller.remove(flow)
         flow.sock.close()
         self.target.closed(flow.endpoint)
@@ -567,7 +584,8 @@ class UdpForwarder:
                 break
         if sent:
             count.datagrams_down.value += sent
-            self.health.succeeded(flow.endpoint)  # it answers: no longer skipped
+            if self.health.failing:  # it answers: no longer skipped (a lookup only then)
+                self.health.succeeded(flow.endpoint)
         if responses and flow.awaiting <= 0:
             # Every reply the client's datagrams asked for has come: the flow is done
             # (replies after this reach a closed socket and are dropped by the kernel).
@@ -579,7 +597,7 @@ class UdpForwarder:
         if refused:
             # A first pass reads one datagram per flow (see FlowPoller): the replies queued
             # behind the error are read now, before the flow leaves this socket.
-            self._on_reply(flow, REPLY_BATCH)
+            self._on_reply(flow, QUEUED_REPLIES)
             if self.table.peek(flow.client) is not flow or flow.sock is not sock:
                 return  # all awaited replies came ("answered"), or a second refusal acted
             self._note_refusal(flow)
@@ -612,6 +630,29 @@ class UdpForwarder:
         the new ones: a stopping instance that kept getting new clients would otherwise
         serve them until the drain timeout and then cut them off."""
         self._stop_flows = {flow for _, flow in self.table.items() if flow.owner is self}
+
+    def _end_admitted_while_stopping(self) -> None:
+        for client, flow in self.table.items():
+            if self.table.peek(client) is not flow:
+                continue  # ended meanwhile (a refusal among the replies relayed below)
+            self._relay_queued(flow)  # the replies already here still go out
+            if self.table.peek(client) is flow:
+                self.table.remove(client)
+                self._close(flow, "drained")
+
+    def has_successor_in(self, engines: set[UdpForwarder]) -> bool:
+        """Whether a successor of this replaced forward, or of its successors in turn (later
+        reloads), is one of ``engines``."""
+        seen: set[int] = set()
+        todo = list(self.successors)
+        while todo:
+            successor = todo.pop()
+            if successor in engines:
+                return True
+            if id(successor) not in seen:
+                seen.add(id(successor))
+                todo.extend(successor.successors)
+        return False
 
     async def drain(self, timeout: float) -> None:
         """Serve existing flows until each has been quiet for ``DRAIN_QUIET`` seconds (or

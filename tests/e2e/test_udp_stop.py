@@ -8,6 +8,8 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.cli import PortproxyProcess
 from tests.e2e.test_udp_reload import ANSWER_TIMEOUT, ask, configure, started, tagged
 from tests.net.harness import free_port
@@ -39,7 +41,8 @@ def test_new_clients_are_served_only_while_the_flows_of_the_stop_last(tmp_path: 
     # Serving every new client kept the table from ever emptying: with clients arriving
     # steadily, even a lone instance (docker stop) served them until the drain timeout,
     # then cut them off. Once the flows it had at the stop have ended, it turns new ones
-    # away, its socket closes, and it exits.
+    # away, ends those it let in 2 s later however busy (one client here never pauses),
+    # its socket closes, and it exits.
     port = free_port(kind=socket.SOCK_DGRAM)
     config = tmp_path / "c.toml"
     stop_sending = threading.Event()
@@ -48,12 +51,14 @@ def test_new_clients_are_served_only_while_the_flows_of_the_stop_last(tmp_path: 
         config.write_text(config.read_text().replace('"20s"', '"60s"'))  # drain timeout
         proc = PortproxyProcess(["run", "--config", str(config), "--access-log"])
 
-        def newcomers() -> None:  # a new client port every 0.1 s, while the process lives
-            for i in range(600):
-                if stop_sending.wait(0.1):
-                    return
-                with client() as sock:
-                    sock.sendto(b"%d" % i, ("127.0.0.1", port))
+        def newcomers() -> None:  # every 0.1 s while the process lives: a new client
+            with client() as busy:  # port, and one more datagram from a busy client
+                for i in range(600):
+                    if stop_sending.wait(0.1):
+                        return
+                    busy.sendto(b"busy %d" % i, ("127.0.0.1", port))
+                    with client() as sock:
+                        sock.sendto(b"%d" % i, ("127.0.0.1", port))
         sender = threading.Thread(target=newcomers)
         try:
             started(proc, port)
@@ -92,6 +97,39 @@ def test_a_forward_replaced_by_a_reload_serves_new_clients_when_stopping(
             assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
             fresh.settimeout(ANSWER_TIMEOUT)
             assert ask(fresh, port, b"new") == b"1:new"
+            assert proc.wait(20) == 0
+        finally:
+            proc.stop()
+
+
+def test_a_replaced_forward_whose_successor_was_removed_turns_new_clients_away(
+        tmp_path: Path) -> None:
+    # A second reload removed the successor: the address is no longer configured, so at
+    # the stop the replaced forward, still draining its flow, must not take new clients
+    # (it did, while its list of successors still named the removed forward).
+    port, other = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
+    config = tmp_path / "c.toml"
+    with UdpBackend(handler=tagged(b"1:")) as first, UdpBackend(handler=tagged(b"2:")) \
+            as second, client() as kept, client() as fresh:
+        configure(config, port, first)
+        proc = PortproxyProcess(["run", "--config", str(config)])
+        try:
+            started(proc, port)
+            assert ask(kept, port, b"before") == b"1:before"
+            configure(config, port, second)  # replaced: it drains its flow
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("removed: draining")
+            configure(config, other, second)  # and its successor removed
+            proc.signal(signal.SIGHUP)
+            proc.wait_for_line("removed: draining", nth=2)
+            assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
+            proc.signal(signal.SIGTERM)
+            proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
+            assert ask(kept, port, b"still") == b"1:still"
+            fresh.settimeout(ANSWER_TIMEOUT)
+            fresh.sendto(b"new", ("127.0.0.1", port))
+            with pytest.raises(TimeoutError):
+                fresh.recv(100)
             assert proc.wait(20) == 0
         finally:
             proc.stop()

@@ -340,16 +340,22 @@ def test_a_refusal_ends_a_flow_awaiting_replies(make_backend: MakeBackend,
     assert [result for _, _, result in proxy.closed_flows] == ["refused"]
 
 
+@pytest.mark.parametrize("noticed_on", ["read", "send"])
 def test_replies_queued_before_a_refusal_are_relayed(make_backend: MakeBackend,
-                                                     make_proxy: MakeProxy) -> None:
+                                                     make_proxy: MakeProxy,
+                                                     noticed_on: str) -> None:
     # The kernel reports a pending ICMP error before the replies already queued on the
-    # flow's socket. Acting on it at once (moving the flow to the other endpoint closes the
-    # socket) lost them.
-    answer = threading.Event()
+    # flow's socket: on the next read, or on the next send when a client datagram is
+    # handled first. Acting on it at once (moving the flow to the other endpoint closes
+    # the socket) lost them; so did reading only a poller batch (64) of them.
+    answer, answered = threading.Event(), threading.Event()
 
-    def held(data: bytes, _source: object) -> list[bytes]:
+    def held(data: bytes, source: tuple[str, int]) -> list[bytes]:
         answer.wait(30)
-        return [b"late " + data]
+        for i in range(100):
+            dying.sock.sendto(b"late %d" % i, source)
+        answered.set()
+        return []
 
     dying, live = make_backend(handler=held), make_backend()
     proxy = make_proxy([dying.endpoint])
@@ -360,7 +366,7 @@ def test_replies_queued_before_a_refusal_are_relayed(make_backend: MakeBackend,
         release = threading.Event()
         blocked = threading.Event()
 
-        def block_the_loop() -> None:  # the reply and the refusal land while it waits
+        def block_the_loop() -> None:  # the replies and the refusal land while it waits
             blocked.set()
             release.wait(30)
             flow = next(f for _, f in proxy.engine.table.items())
@@ -368,24 +374,27 @@ def test_replies_queued_before_a_refusal_are_relayed(make_backend: MakeBackend,
 
         proxy.loop.call_soon_threadsafe(block_the_loop)
         assert blocked.wait(30)
+        if noticed_on == "send":  # ready before the flow's socket: handled first
+            sock.sendto(b"next", ("127.0.0.1", proxy.port))
+            wait_for(lambda: queued(proxy.engine.listeners["127.0.0.1"]),
+                     what="the datagram to wait on the listener")
         answer.set()
-        wait_for(lambda: reply_queued(proxy), what="the reply to wait on the flow's socket")
+        assert answered.wait(30)  # on loopback, sent is delivered: all wait on the flow
+        assert queued(flow_socket(proxy))
         dying.close()
         release.set()
-        assert sock.recvfrom(2048)[0] == b"late question"
+        late = [sock.recvfrom(2048)[0] for _ in range(100)]
+        assert late == [b"late %d" % i for i in range(100)]
         wait_for(lambda: proxy.dropped("refused") == 1, what="the refusal to be counted")
-        sock.sendto(b"next", ("127.0.0.1", proxy.port))  # moved: the live endpoint answers
-        assert sock.recvfrom(2048)[0] == b"next"
-    assert proxy.datagrams("downstream") == 2
+        if noticed_on == "read":
+            sock.sendto(b"next", ("127.0.0.1", proxy.port))
+        assert sock.recvfrom(2048)[0] == b"next"  # moved: the live endpoint answered
+    assert proxy.datagrams("downstream") == 101
 
 
-def reply_queued(proxy: UdpProxy) -> bool:
-    """Whether a datagram waits on the (only) flow's socket; read from outside the loop,
-    which is blocked meanwhile."""
-    flow = next(f for _, f in proxy.engine.table.items())
-    waiting = bytearray(4)
-    fcntl.ioctl(flow.sock.fileno(), termios.FIONREAD, waiting)
-    return struct.unpack("i", waiting)[0] > 0
+def flow_socket(proxy: UdpProxy) -> socket.socket:
+    """The (only) flow's socket, read from outside the loop, which is blocked meanwhile."""
+    return next(f for _, f in proxy.engine.table.items()).sock
 
 
 @pytest.mark.parametrize("listen_host", ["", "0.0.0.0"], ids=["dual-stack", "ipv4-any"])
