@@ -3,9 +3,11 @@ new instance (SO_REUSEPORT) the kernel keeps hashing part of the new clients to 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,15 +77,15 @@ def test_new_clients_are_served_only_while_the_flows_of_the_stop_last(tmp_path: 
             proc.stop()
 
 
-def test_a_forward_replaced_by_a_reload_serves_new_clients_when_stopping(
-        tmp_path: Path) -> None:
-    # Its successor, with no flow, closes its socket at the stop, so every new client then
-    # reaches the replaced forward's, still open for its flow; handing them over to the
-    # closed successor failed, and they were all dropped.
-    port = free_port(kind=socket.SOCK_DGRAM)
+@contextlib.contextmanager
+def replaced(tmp_path: Path, port: int
+             ) -> Iterator[tuple[PortproxyProcess, Path, UdpBackend, socket.socket]]:
+    """A UDP forward to a backend answering "1:", with a flow (``kept``), replaced by a
+    reload with one to a backend answering "2:": (the process, its config file, the second
+    backend, kept) while the replaced forward drains that flow."""
     config = tmp_path / "c.toml"
     with UdpBackend(handler=tagged(b"1:")) as first, UdpBackend(handler=tagged(b"2:")) \
-            as second, client() as kept, client() as fresh:
+            as second, client() as kept:
         configure(config, port, first)
         proc = PortproxyProcess(["run", "--config", str(config)])
         try:
@@ -92,14 +94,29 @@ def test_a_forward_replaced_by_a_reload_serves_new_clients_when_stopping(
             configure(config, port, second)
             proc.signal(signal.SIGHUP)
             proc.wait_for_line("removed: draining")
-            proc.signal(signal.SIGTERM)
-            proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
-            assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
-            fresh.settimeout(ANSWER_TIMEOUT)
-            assert ask(fresh, port, b"new") == b"1:new"
-            assert proc.wait(20) == 0
+            yield proc, config, second, kept
         finally:
             proc.stop()
+
+
+def stop_while_the_flow_lasts(proc: PortproxyProcess, port: int, kept: socket.socket) -> None:
+    assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
+    proc.signal(signal.SIGTERM)
+    proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
+    assert ask(kept, port, b"still") == b"1:still"
+
+
+def test_a_forward_replaced_by_a_reload_serves_new_clients_when_stopping(
+        tmp_path: Path) -> None:
+    # Its successor, with no flow, closes its socket at the stop, so every new client then
+    # reaches the replaced forward's, still open for its flow; handing them over to the
+    # closed successor failed, and they were all dropped.
+    port = free_port(kind=socket.SOCK_DGRAM)
+    with replaced(tmp_path, port) as (proc, _config, _second, kept), client() as fresh:
+        stop_while_the_flow_lasts(proc, port, kept)
+        fresh.settimeout(ANSWER_TIMEOUT)
+        assert ask(fresh, port, b"new") == b"1:new"
+        assert proc.wait(20) == 0
 
 
 def test_a_replaced_forward_whose_successor_was_removed_turns_new_clients_away(
@@ -108,28 +125,13 @@ def test_a_replaced_forward_whose_successor_was_removed_turns_new_clients_away(
     # the stop the replaced forward, still draining its flow, must not take new clients
     # (it did, while its list of successors still named the removed forward).
     port, other = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
-    config = tmp_path / "c.toml"
-    with UdpBackend(handler=tagged(b"1:")) as first, UdpBackend(handler=tagged(b"2:")) \
-            as second, client() as kept, client() as fresh:
-        configure(config, port, first)
-        proc = PortproxyProcess(["run", "--config", str(config)])
-        try:
-            started(proc, port)
-            assert ask(kept, port, b"before") == b"1:before"
-            configure(config, port, second)  # replaced: it drains its flow
-            proc.signal(signal.SIGHUP)
-            proc.wait_for_line("removed: draining")
-            configure(config, other, second)  # and its successor removed
-            proc.signal(signal.SIGHUP)
-            proc.wait_for_line("removed: draining", nth=2)
-            assert ask(kept, port, b"during") == b"1:during"  # the flow is not quiet
-            proc.signal(signal.SIGTERM)
-            proc.wait_for_line("draining 0 open connection(s) and 1 UDP flow(s)")
-            assert ask(kept, port, b"still") == b"1:still"
-            fresh.settimeout(ANSWER_TIMEOUT)
-            fresh.sendto(b"new", ("127.0.0.1", port))
-            with pytest.raises(TimeoutError):
-                fresh.recv(100)
-            assert proc.wait(20) == 0
-        finally:
-            proc.stop()
+    with replaced(tmp_path, port) as (proc, config, second, kept), client() as fresh:
+        configure(config, other, second)  # the successor removed
+        proc.signal(signal.SIGHUP)
+        proc.wait_for_line("removed: draining", nth=2)
+        stop_while_the_flow_lasts(proc, port, kept)
+        fresh.settimeout(ANSWER_TIMEOUT)
+        fresh.sendto(b"new", ("127.0.0.1", port))
+        with pytest.raises(TimeoutError):
+            fresh.recv(100)
+        assert proc.wait(20) == 0
