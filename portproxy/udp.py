@@ -275,7 +275,10 @@ class UdpForwarder:
             self._relay_queued(flow)
             flow.awaiting -= self.responses
             if self.table.peek(flow.client) is not flow:
-                return False  # a second refusal among them ended it (counted there)
+                # Ended among them (a second refusal, or more replies than awaited): this
+                # datagram goes with it, counted as refused like the one before it.
+                self.count.refused.value += 1
+                return False
             if flow.sock is sock:  # (else that second refusal moved it already)
                 self._note_refusal(flow)
                 if not self._move_off_refusing(flow) and self.responses:
