@@ -96,8 +96,9 @@ class FlowPoller:
     an error state that epoll reports as EPOLLERR, and libuv (under uvloop, which the CLI
     prefers) stops watching a polled descriptor for good on EPOLLERR, so the flow would
     never see another reply. Here EPOLLERR simply makes the flow's reader run, whose
-    ``recvmsg`` collects the error (ECONNREFUSED: counted, flow kept). It is also cheaper:
-    registering a flow is one ``epoll_ctl``, and one loop callback serves every ready flow.
+    ``recvmsg`` collects the error (ECONNREFUSED: see ``UdpForwarder._on_reply``). It is
+    also cheaper: registering a flow is one ``epoll_ctl``, and one loop callback serves
+    every ready flow.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
@@ -154,7 +155,8 @@ class UdpCounters:
     denied         a client outside ``allow`` (checked when a flow would be created)
     no_endpoints   no endpoint to create a flow for, or to move a flow to
     draining       a new client during drain (existing flows are still served)
-    refused        the backend answered ICMP port unreachable (the flow and listener live on)
+    refused        the backend answered ICMP port unreachable (the listener lives on; the flow
+                   moves to an endpoint that answers, or ends with responses=N)
     overload       a full socket buffer either way: the kernel's own count of datagrams dropped on
                    a full listener or flow socket (SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no
                    socket for a new flow
