@@ -165,33 +165,33 @@ class PassiveHealth:
         self._clock = clock
         self._base = base
         self._cap = cap
-        self._failures: dict[tuple[str, int], tuple[int, float]] = {}
-        self.failing = self._failures
-        """Read-only view: empty when no endpoint has failed (a check cheaper than a call)."""
+        self.failing: dict[tuple[str, int], tuple[int, float]] = {}
+        """Per endpoint key: consecutive failures, and until when it is skipped. Read-only
+        outside this class; empty when none failed (a check cheaper than a call)."""
 
     def failed(self, endpoint: Endpoint) -> None:
-        count, _ = self._failures.get(endpoint.key, (0, 0.0))
+        count, _ = self.failing.get(endpoint.key, (0, 0.0))
         # The count stops where the delay has long reached the cap: a backend down for an
         # hour fails thousands of times, and 2.0 ** 1024 no longer fits in a float.
         count = min(count + 1, _MAX_FAILURES_COUNTED)
         delay = min(self._cap, self._base * 2.0 ** (count - 1))
-        self._failures[endpoint.key] = (count, self._clock() + delay)
+        self.failing[endpoint.key] = (count, self._clock() + delay)
 
     def succeeded(self, endpoint: Endpoint) -> None:
-        if self._failures:
-            self._failures.pop(endpoint.key, None)
+        if self.failing:
+            self.failing.pop(endpoint.key, None)
 
     def is_benched(self, endpoint: Endpoint) -> bool:
-        entry = self._failures.get(endpoint.key)
+        entry = self.failing.get(endpoint.key)
         return entry is not None and entry[1] > self._clock()
 
     def benched(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         """Those of ``endpoints`` skipped now, in their order."""
-        if not self._failures:
+        if not self.failing:
             return []
         return [e for e in endpoints if self.is_benched(e)]
 
     def forget_missing(self, current: EndpointSet) -> None:
         keys = {e.key for e in current.endpoints}
-        for key in [k for k in self._failures if k not in keys]:
-            del self._failures[key]
+        for key in [k for k in self.failing if k not in keys]:
+            del self.failing[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import select
@@ -595,6 +596,28 @@ def reset_is_passed_on(side: str, client: socket.socket, backend_conn: socket.so
     wait_for(lambda: proxy.closed("reset") == 1, what="the connection to end as reset")
 
 
+@contextlib.contextmanager
+def one_connection(pump: str, backend_side: Callable[[socket.socket], None],
+                   release: threading.Event | None = None, backend_rcvbuf: int = 0
+                   ) -> Iterator[tuple[ProxyThread, socket.socket]]:
+    """A backend running ``backend_side`` on its one connection, a proxy to it and a client
+    connected through it: (the proxy, the client). ``release`` is set at the end, before
+    anything closes, for a ``backend_side`` that waits on it."""
+    backend = EchoServer(handler=backend_side)
+    if backend_rcvbuf:  # the accepted socket inherits it
+        backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, backend_rcvbuf)
+    proxy = ProxyThread(backend.port, pump)
+    client = proxy.connect()
+    try:
+        yield proxy, client
+    finally:
+        if release is not None:
+            release.set()
+        client.close()
+        proxy.close()
+        backend.close()
+
+
 @pytest.mark.parametrize("side", ["client", "backend"])
 def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str) -> None:
     """A side sends its FIN, then a reset, while the other side stays silent: the proxy
@@ -611,10 +634,7 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
         backend_conns.append(conn)
         release.wait(30)
 
-    backend = EchoServer(handler=backend_side)
-    proxy = ProxyThread(backend.port, pump)
-    client = proxy.connect()
-    try:
+    with one_connection(pump, backend_side, release) as (proxy, client):
         if side == "client":
             client.sendall(b"hello")
             client.shutdown(socket.SHUT_WR)
@@ -623,11 +643,6 @@ def test_a_half_closed_side_that_resets_ends_the_connection(pump: str, side: str
             assert recv_all(client) == b"bye"  # the backend's FIN came through
             wait_for(lambda: backend_conns, what="the backend's socket")
         reset_is_passed_on(side, client, backend_conns[0], proxy)
-    finally:
-        release.set()
-        client.close()
-        proxy.close()
-        backend.close()
 
 
 def fill_until(sock: socket.socket, done: Callable[[], bool]) -> None:
@@ -657,10 +672,7 @@ def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
         backend_conns.append(conn)
         release.wait(30)  # reads nothing; the test thread sends on it for side="backend"
 
-    backend = EchoServer(handler=backend_side)
-    proxy = ProxyThread(backend.port, pump)
-    client = proxy.connect()
-    try:
+    with one_connection(pump, backend_side, release) as (proxy, client):
         wait_for(lambda: backend_conns, what="the backend's socket")
 
         def proxy_stopped_reading() -> bool:  # the state under test: waiting to write
@@ -668,11 +680,6 @@ def test_a_side_that_resets_while_the_other_does_not_read_ends_the_connection(
                                          for r in proxy.engine.relays))
         fill_until(client if side == "client" else backend_conns[0], proxy_stopped_reading)
         reset_is_passed_on(side, client, backend_conns[0], proxy)
-    finally:
-        release.set()
-        client.close()
-        proxy.close()
-        backend.close()
 
 
 def test_a_clean_end_of_both_ways_while_waiting_to_write_loses_nothing(pump: str) -> None:
@@ -690,11 +697,7 @@ def test_a_clean_end_of_both_ways_while_waiting_to_write_loses_nothing(pump: str
         release.wait(30)
         received.append(recv_all(conn))
 
-    backend = EchoServer(handler=backend_side)
-    backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    proxy = ProxyThread(backend.port, pump)
-    client = proxy.connect()
-    try:
+    with one_connection(pump, backend_side, release, backend_rcvbuf=4096) as (proxy, client):
         assert recv_all(client) == b"bye"  # the backend's FIN came through
         # Small buffers towards the backend, so the payload (with the FIN behind it) fits
         # in the proxy's receive queue but not on the way to the backend.
@@ -716,11 +719,6 @@ def test_a_clean_end_of_both_ways_while_waiting_to_write_loses_nothing(pump: str
         wait_for(lambda: received, what="the backend to read to the end")
         assert sha(received[0]) == sha(payload)
         wait_for(lambda: proxy.closed("ok") == 1, what="the connection to end cleanly")
-    finally:
-        release.set()
-        client.close()
-        proxy.close()
-        backend.close()
 
 
 def send_with_urgent_byte(sock: socket.socket, before: bytes, after: bytes) -> None:
@@ -744,10 +742,7 @@ def test_urgent_data_is_forwarded_in_line(pump: str, sender: str) -> None:
             send_with_urgent_byte(conn, before, after)
         received.append(recv_all(conn))
 
-    backend = EchoServer(handler=backend_side)
-    proxy = ProxyThread(backend.port, pump)
-    client = proxy.connect()
-    try:
+    with one_connection(pump, backend_side) as (_proxy, client):
         if sender == "client":
             send_with_urgent_byte(client, before, after)
             assert recv_all(client) == b""
@@ -757,10 +752,6 @@ def test_urgent_data_is_forwarded_in_line(pump: str, sender: str) -> None:
             client.shutdown(socket.SHUT_WR)
             got = recv_all(client)
         assert (len(got), sha(got)) == (len(expected), sha(expected))
-    finally:
-        client.close()
-        proxy.close()
-        backend.close()
 
 
 def test_a_connect_cut_by_the_drain_timeout_gets_its_access_line(echo_server: EchoServer
