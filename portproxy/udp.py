@@ -599,16 +599,18 @@ class UdpForwarder:
             self.table.touch(flow.client)
         if refused:
             # A first pass reads one datagram per flow (see FlowPoller): the replies queued
-            # behind the error are read now, before the flow leaves this socket.
+            # behind the error are read now, before the flow may leave this socket.
             self._on_reply(flow, QUEUED_REPLIES)
             if self.table.peek(flow.client) is not flow or flow.sock is not sock:
                 return  # all awaited replies came ("answered"), or a second refusal acted
             self._note_refusal(flow)
             if responses:
-                # A datagram of it will have no reply, and those still awaited went to the
-                # same endpoint: end it, as nginx ends a session on an upstream error (the
-                # client's retry starts a new flow, on an endpoint that answers).
-                if self.table.peek(flow.client) is flow:
+                # The refused datagram will have no reply: it counts as answered by nothing,
+                # and a flow then awaiting none ends, as an answered one does. One still
+                # awaiting replies stays where they will come from (an ICMP error does not
+                # end a flow); its client's retries end it the same way if they are refused.
+                flow.awaiting -= responses
+                if flow.awaiting <= 0:
                     self.table.remove(flow.client)
                     self._close(flow, "refused")
             else:  # the client's next datagram goes to an endpoint that answers

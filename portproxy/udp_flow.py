@@ -156,7 +156,8 @@ class UdpCounters:
     no_endpoints   no endpoint to create a flow for, or to move a flow to
     draining       a new client during drain (existing flows are still served)
     refused        the backend answered ICMP port unreachable (the listener lives on; the flow
-                   moves to an endpoint that answers, or ends with responses=N)
+                   moves to an endpoint that answers; with responses=N, it ends once it
+                   awaits no reply)
     overload       a full socket buffer either way: the kernel's own count of datagrams dropped on
                    a full listener or flow socket (SO_RXQ_OVFL), EAGAIN/ENOBUFS on send; or no
                    socket for a new flow

@@ -321,13 +321,24 @@ def test_a_refused_flow_moves_to_an_endpoint_that_answers(make_backend: MakeBack
             sock.close()
 
 
-def test_a_refusal_ends_a_flow_awaiting_replies(make_backend: MakeBackend,
-                                               make_proxy: MakeProxy) -> None:
-    # responses=N: a refused datagram will have no reply, and those still awaited went to
-    # the same endpoint. The flow used to wait for them until the idle timeout: a DNS proxy
-    # whose backend is down held a socket and a max-flows place for every query. Here the
-    # first query is never answered (a resolver's A and AAAA in a row, the backend dying
-    # in between), so the refusal leaves one reply still awaited.
+def test_a_refusal_ends_a_flow_awaiting_no_other_reply(make_proxy: MakeProxy) -> None:
+    # responses=N: a refused datagram will have no reply. Its flow used to wait for one
+    # until the idle timeout: a DNS proxy whose backend is down held a socket and a
+    # max-flows place for every query.
+    proxy = make_proxy([closed_port()], responses=1)
+    with client() as sock:
+        sock.sendto(b"query", ("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.flows == 0, what="the refused flow to end")
+    assert proxy.dropped("refused") == 1
+    assert [result for _, _, result in proxy.closed_flows] == ["refused"]
+
+
+def test_a_refusal_keeps_a_flow_still_awaiting_a_reply(make_backend: MakeBackend,
+                                                      make_proxy: MakeProxy) -> None:
+    # An ICMP error does not end a flow (the design's contract): with responses=1, the
+    # first query (unanswered so far) may still be answered; the refused second one
+    # counts as answered by nothing. A flow ending on the first refusal whatever it still
+    # awaited would break that.
     backend = make_backend(handler=lambda data, _source: [])
     proxy = make_proxy([backend.endpoint], responses=1)
     with client() as sock:
@@ -335,9 +346,12 @@ def test_a_refusal_ends_a_flow_awaiting_replies(make_backend: MakeBackend,
         wait_for(lambda: backend.received, what="the first query to arrive")
         backend.close()
         sock.sendto(b"AAAA", ("127.0.0.1", proxy.port))
-        wait_for(lambda: proxy.flows == 0, what="the refused flow to end")
-    assert proxy.dropped("refused") == 1
-    assert [result for _, _, result in proxy.closed_flows] == ["refused"]
+        wait_for(lambda: proxy.dropped("refused") == 1, what="the refusal to be counted")
+        assert proxy.flows == 1  # decided with the count, in the same callback
+        sock.sendto(b"AAAA again", ("127.0.0.1", proxy.port))  # a retry, refused too
+        wait_for(lambda: proxy.dropped("refused") == 2, what="the second refusal")
+        assert proxy.flows == 1  # still one awaited: the first query's
+    assert proxy.closed_flows == []
 
 
 @pytest.mark.parametrize("noticed_on", ["read", "send"])
